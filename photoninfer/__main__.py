@@ -1,0 +1,5 @@
+import sys
+
+from photoninfer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""Command line: `photoninfer serve | generate | chat`. With no --model, the bundled SmolLM2 is used."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from photoninfer.config import EngineConfig
+from photoninfer.errors import PhotonInferError
+from photoninfer.sampling_params import SamplingParams
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    defaults = EngineConfig()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF model directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer path if different from --model")
+    g.add_argument("--dtype", default=defaults.dtype, help="auto | float32 | bfloat16 | float16")
+    g.add_argument("--device", default=defaults.device, help="auto | cpu | cuda")
+    g.add_argument("--block-size", type=int, default=defaults.block_size)
+    g.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV cache size in blocks")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=defaults.kv_cache_memory_gb, help="CPU KV cache size")
+    g.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
+    g.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.sampling_seed, stop=args.stop,
+    )
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from photoninfer.llm import LLM
+
+    llm = LLM(**vars(engine_config_from_args(args)))
+    params = sampling_params_from_args(args)
+    prompts = args.prompt
+    if args.chat_template:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outputs = llm.generate(prompts, params)
+    for prompt, output in zip(prompts, outputs):
+        if len(prompts) > 1:
+            print(f"### {prompt}")
+        print(output.outputs[0].text)
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    from photoninfer.terminal_chat import chat_loop
+
+    chat_loop(engine_config_from_args(args), sampling_params_from_args(args), system_prompt=args.system)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="photoninfer", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one or more prompts and print the text")
+    add_engine_args(gen)
+    add_sampling_args(gen, max_tokens=128)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: batched together)")
+    gen.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user chat message")
+    gen.set_defaults(func=run_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal, tokens printed as they arrive")
+    add_engine_args(chat)
+    add_sampling_args(chat, max_tokens=512)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.set_defaults(func=run_chat)
+
+    try:
+        from photoninfer.server.serve import add_serve_parser
+    except ImportError:  # the server is optional at import time only while it is being built
+        add_serve_parser = None
+    if add_serve_parser is not None:
+        add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except PhotonInferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Incremental detokenization with stop-string handling, for streaming.
+
+Decoding the whole output after every token costs O(n) per step. Instead we decode a short window of
+recent token ids. The window starts one chunk before the newest tokens (and before the first output
+token, it starts inside the prompt). That way tokenizers which drop a leading space at the start of a
+decode still give the first generated token its space. Byte-level BPE tokens can end halfway through a
+UTF-8 character; decode then shows U+FFFD at the end, so that part of the text waits until a later
+token completes the character.
+"""
+
+from __future__ import annotations
+
+REPLACEMENT_CHAR = "\ufffd"
+# How many prompt tokens go in front of the first output token. One would do for the leading-space
+# problem. A few more allow for a last prompt token that is itself only part of a character.
+PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's generated token ids into text, token by token.
+
+    `output_text` only ever grows: a streaming server can send `output_text[len(previously_sent):]`.
+    It never shows a stop string (unless `include_stop_str_in_output`) and never shows the end of the
+    text while that end could still be the start of a stop string.
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], *, skip_special_tokens: bool = True,
+                 stop: list[str] = (), include_stop_str_in_output: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        if isinstance(stop, str):
+            stop = [stop]
+        self.stop = [s for s in stop if s]  # an empty stop string would match at once
+        self.include_stop_str_in_output = include_stop_str_in_output
+
+        self.output_text = ""
+        self.stop_reason: str | None = None
+        self.finished = False  # set by a stop match or finish(); add_token then refuses
+        self._held = ""  # decoded text kept back because it may be the start of a stop string
+
+        # _ids holds the prompt context and then every output token. The window to decode is
+        # _ids[_prefix:]. _read marks where the text already handed on ends, and _emitted is how much
+        # of the window's decoded text has been handed on.
+        context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        context_text = self._decode(context)
+        if context_text.endswith(REPLACEMENT_CHAR):
+            # The prompt ends inside a character. The output's first bytes would finish it, but a full
+            # decode of the output alone would not, so leave the prompt out of the window.
+            context, context_text = [], ""
+        self._ids = context
+        self._prefix = 0
+        self._read = len(context)
+        self._emitted = len(context_text)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def decode_token(self, token_id: int) -> str:
+        """One token's own text, for logprob display. Special tokens show; a part of a character shows as U+FFFD."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def add_token(self, token_id: int) -> None:
+        """Take one generated token. Must not be called after a stop string matched or after finish()."""
+        if self.finished:
+            raise RuntimeError(
+                f"add_token called on a finished sequence (stop_reason={self.stop_reason!r})")
+        self._ids.append(token_id)
+        text = self._decode(self._ids[self._prefix:])
+        if text.endswith(REPLACEMENT_CHAR):
+            # The last character is incomplete (or the bytes are simply invalid). Everything before the
+            # trailing U+FFFDs ends on a whole character, so later tokens can't change it: pass that on.
+            stable = len(text.rstrip(REPLACEMENT_CHAR))
+            new_text = text[self._emitted:stable]
+            self._emitted = max(self._emitted, stable)
+        else:
+            new_text = text[self._emitted:]
+            # The text ends on a whole character: move the window up, keeping the previous chunk of
+            # tokens in front as context.
+            self._prefix, self._read = self._read, len(self._ids)
+            self._emitted = len(self._decode(self._ids[self._prefix:self._read]))
+        self._add_text(new_text, final=False)
+
+    def finish(self) -> None:
+        """The sequence ended for another reason (EOS, length): show everything still held back."""
+        if self.finished:
+            return
+        # Trailing incomplete bytes come out as U+FFFD, just as a full decode shows them.
+        text = self._decode(self._ids[self._prefix:])
+        self._add_text(text[self._emitted:], final=True)
+        self.finished = True
+
+    def _add_text(self, new_text: str, *, final: bool) -> None:
+        # A stop match must start inside held + new text: the visible text never ends with the start of
+        # a stop string, and a match wholly inside the held text would have been found earlier.
+        buf = self._held + new_text
+        match = self._find_stop(buf)
+        if match is not None:
+            start, stop = match
+            end = start + len(stop) if self.include_stop_str_in_output else start
+            self.output_text += buf[:end]
+            self._held = ""
+            self.stop_reason = stop
+            self.finished = True
+            return
+        hold = 0 if final else self._stop_prefix_len(buf)
+        self.output_text += buf[:len(buf) - hold]
+        self._held = buf[len(buf) - hold:]
+
+    def _find_stop(self, buf: str) -> tuple[int, str] | None:
+        """The stop string that starts first in buf (on a tie, the shorter one: it was complete first)."""
+        best = None
+        for s in self.stop:
+            i = buf.find(s)
+            if i >= 0 and (best is None or (i, len(s)) < (best[0], len(best[1]))):
+                best = (i, s)
+        return best
+
+    def _stop_prefix_len(self, buf: str) -> int:
+        """Length of the longest end of buf that is the start of some stop string."""
+        longest = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(buf)), longest, -1):
+                if buf.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest

@@ -1,0 +1,262 @@
+"""LLMEngine: requests in, RequestOutputs out. One `step()` = schedule -> run -> postprocess."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from photoninfer.config import EngineConfig, resolve_device, resolve_dtype
+from photoninfer.engine.block_manager import BlockManager
+from photoninfer.engine.detokenizer import IncrementalDetokenizer
+from photoninfer.engine.scheduler import Scheduler
+from photoninfer.engine.sequence import Sequence
+from photoninfer.errors import InvalidRequestError
+from photoninfer.model.loader import default_model_path, load_checkpoint
+from photoninfer.model.tokenizer import load_tokenizer
+from photoninfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from photoninfer.runner.model_runner import ModelRunner
+from photoninfer.runner.sampler import SampleResult, SamplingRow
+from photoninfer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    steps_total: int
+    last_step_num_seqs: int
+    last_step_num_tokens: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions: int
+
+
+@dataclass
+class _Request:
+    """Per-request state the engine keeps beside the scheduler's Sequence."""
+
+    seq: Sequence
+    prompt: Optional[str]
+    detokenizer: IncrementalDetokenizer
+    generator: Optional[torch.Generator]
+    metrics: RequestMetrics
+    logprobs: Optional[list] = None
+    cumulative_logprob: Optional[float] = None
+    banned_while_short: tuple[int, ...] = ()  # EOS / stop token ids, masked until min_tokens is reached
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.config = config
+        model_path = config.model or default_model_path()
+        self.model_name = os.path.basename(os.path.normpath(model_path))
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        checkpoint = load_checkpoint(model_path)
+        self.model_config = checkpoint.config
+        self.tokenizer = load_tokenizer(config.tokenizer or model_path)
+        self.runner = ModelRunner(checkpoint, config, self.device, self.dtype)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.max_model_len = self._resolve_max_model_len(config)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.requests: dict[str, _Request] = {}
+        self._steps = self._last_seqs = self._last_tokens = self._prompt_tokens = self._gen_tokens = 0
+
+    def _resolve_max_model_len(self, config: EngineConfig) -> int:
+        model_max = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > model_max:
+            raise InvalidRequestError(
+                f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings {model_max}",
+                param="max_model_len",
+            )
+        cache_tokens = self.block_manager.num_blocks * self.block_manager.block_size
+        max_len = min(config.max_model_len or model_max, cache_tokens)
+        if max_len < (config.max_model_len or model_max):
+            logger.warning("max_model_len limited to %d tokens: that is all the KV cache holds", max_len)
+        return max_len
+
+    # ---- requests ----------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams,
+                    arrival_time: Optional[float] = None) -> None:
+        """Validate and queue a request. Raises InvalidRequestError before anything is queued."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        params.validate()
+        text, token_ids = self._tokenize(prompt)
+        max_tokens = self._check_length(len(token_ids), params)
+        seq = Sequence(request_id, token_ids, params, arrival_time or time.time(), max_tokens)
+        self.requests[request_id] = _Request(
+            seq=seq,
+            prompt=text,
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer.hf, token_ids, skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+            ),
+            generator=self._generator(params.seed),
+            metrics=RequestMetrics(arrival_time=seq.arrival_time),
+            logprobs=[] if params.logprobs is not None else None,
+            cumulative_logprob=0.0 if params.logprobs is not None else None,
+            banned_while_short=tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))),
+        )
+        self.scheduler.add(seq)
+
+    def _tokenize(self, prompt: Union[str, list[int]]) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, (list, tuple)):
+            token_ids, text = list(prompt), None
+            vocab = self.model_config.vocab_size
+            bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}", param="prompt")
+        else:
+            raise InvalidRequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", param="prompt")
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        return text, token_ids
+
+    def _check_length(self, prompt_len: int, params: SamplingParams) -> int:
+        """Returns the effective max_tokens; rejects prompts that cannot fit the context window."""
+        if prompt_len >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {prompt_len} tokens, but the maximum context length is {self.max_model_len} tokens "
+                f"(at least one token must be generated)", param="prompt")
+        if params.max_tokens is None:
+            return self.max_model_len - prompt_len
+        if prompt_len + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {prompt_len} tokens and max_tokens is {params.max_tokens}: {prompt_len + params.max_tokens} "
+                f"tokens exceed the maximum context length of {self.max_model_len}", param="max_tokens")
+        return params.max_tokens
+
+    def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        if seed is None:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        return generator
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.finish(request.seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.time()
+        rows = {}
+        for item in sched.scheduled:
+            request = self.requests[item.seq.request_id]
+            request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
+            if item.samples:
+                rows[item.seq.seq_id] = self._sampling_row(request)
+        results = self.runner.run(sched, rows)
+        self.scheduler.postprocess(sched, {seq_id: r.token_id for seq_id, r in results.items()})
+        self._record_step(sched, len(results))
+        outputs = []
+        for item in sched.scheduled:
+            result = results.get(item.seq.seq_id)
+            if result is not None:
+                outputs.append(self._process_token(self.requests[item.seq.request_id], result))
+        return outputs
+
+    def _sampling_row(self, request: _Request) -> SamplingRow:
+        seq = request.seq
+        short = seq.num_output_tokens < seq.params.min_tokens
+        return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, request.generator,
+                           banned_token_ids=request.banned_while_short if short else ())
+
+    def _record_step(self, sched, num_sampled: int) -> None:
+        self._steps += 1
+        self._last_seqs = len(sched.scheduled)
+        self._last_tokens = sched.num_batched_tokens
+        self._gen_tokens += num_sampled
+        self._prompt_tokens += sum(
+            max(0, min(i.end, i.seq.num_prompt_tokens) - i.start) for i in sched.scheduled
+        )
+
+    def _process_token(self, request: _Request, result: SampleResult) -> RequestOutput:
+        seq, params = request.seq, request.seq.params
+        token = result.token_id
+        request.metrics.first_token_time = request.metrics.first_token_time or time.time()
+        if request.logprobs is not None:
+            request.logprobs.append(self._logprob_entry(result))
+            request.cumulative_logprob += result.logprob
+        if token in self.eos_token_ids and not params.ignore_eos:
+            self._finish(request, "stop", None)
+        elif token in params.stop_token_ids:
+            self._finish(request, "stop", token)
+        else:
+            request.detokenizer.add_token(token)
+            if request.detokenizer.stop_reason is not None:
+                self._finish(request, "stop", request.detokenizer.stop_reason)
+            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+                self._finish(request, "length", None)
+        return self._output(request)
+
+    def _logprob_entry(self, result: SampleResult) -> dict[int, Logprob]:
+        decode = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+        entry = {result.token_id: Logprob(result.logprob, result.rank, decode(result.token_id))}
+        for rank, (token_id, logprob) in enumerate(result.top_logprobs or [], start=1):
+            entry.setdefault(token_id, Logprob(logprob, rank, decode(token_id)))
+        return entry
+
+    def _finish(self, request: _Request, reason: str, stop_reason: object) -> None:
+        if reason != "stop" or stop_reason is None or isinstance(stop_reason, int):
+            request.detokenizer.finish()
+        self.scheduler.finish(request.seq, reason, stop_reason)
+        request.metrics.finished_time = time.time()
+        del self.requests[request.seq.request_id]
+
+    def _output(self, request: _Request) -> RequestOutput:
+        seq = request.seq
+        completion = CompletionOutput(
+            index=0,
+            text=request.detokenizer.output_text,
+            token_ids=list(seq.output_token_ids),
+            cumulative_logprob=request.cumulative_logprob,
+            logprobs=list(request.logprobs) if request.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        return RequestOutput(seq.request_id, request.prompt, seq.prompt_token_ids, [completion],
+                             finished=seq.is_finished, metrics=request.metrics)
+
+    # ---- introspection ------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.block_manager.num_blocks,
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            steps_total=self._steps,
+            last_step_num_seqs=self._last_seqs,
+            last_step_num_tokens=self._last_tokens,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._gen_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+        )

@@ -1,0 +1,75 @@
+"""Sequence: one stream of tokens being generated, and the state the scheduler tracks for it."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import Optional
+
+from photoninfer.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, never scheduled
+    RUNNING = "running"  # holds KV blocks, scheduled every step
+    PREEMPTED = "preempted"  # lost its KV blocks; waits to be recomputed from scratch
+    FINISHED = "finished"
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """Prompt + generated tokens. `num_computed_tokens` tokens already have their K/V in the paged cache.
+
+    Prefill, chunked prefill, decode and recompute after preemption are all the same thing:
+    the scheduler gives the sequence some of its `num_tokens - num_computed_tokens` uncomputed tokens.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float,
+                 max_tokens: Optional[int] = None):
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.max_tokens = max_tokens if max_tokens is not None else params.max_tokens  # resolved by the engine
+        self.arrival_time = arrival_time
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.finish_reason: Optional[str] = None
+        self.stop_reason: Optional[object] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )

@@ -1,0 +1,101 @@
+"""Offline API shaped like vLLM's: `LLM(model=...).generate(prompts, SamplingParams(...))` and `.chat(...)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Optional, Sequence, Union
+
+from tqdm import tqdm
+
+from photoninfer.config import EngineConfig
+from photoninfer.engine.llm_engine import LLMEngine
+from photoninfer.errors import ConfigError, InvalidRequestError
+from photoninfer.outputs import RequestOutput
+from photoninfer.sampling_params import SamplingParams
+
+Prompt = Union[str, list[int]]
+Messages = list[dict]
+
+
+class LLM:
+    """Runs a batch of prompts to completion with continuous batching. Keyword arguments are EngineConfig fields."""
+
+    def __init__(self, model: Optional[str] = None, **engine_kwargs):
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(engine_kwargs) - fields)
+        if unknown:
+            raise ConfigError(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. A prompt is a string or a list of token ids."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        request_ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                request_ids.append(self._add(prompt, p))
+        except Exception:
+            for rid in request_ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: Union[Messages, Sequence[Messages]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.engine.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        sampling_params = list(sampling_params)
+        if len(sampling_params) != count:
+            raise InvalidRequestError(f"got {len(sampling_params)} SamplingParams for {count} prompts", param="sampling_params")
+        return sampling_params
+
+    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+        request_id = str(next(self._ids))
+        # n > 1: independent sequences; seeded ones get seed, seed+1, ... so they differ
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else None
+            sub = dataclasses.replace(params, n=1, seed=seed)
+            self.engine.add_request(f"{request_id}.{i}", prompt, sub)
+        return request_id
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm)
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+                    bar.update(1 if output.request_id.endswith(".0") else 0)
+        bar.close()
+        return [self._merge(rid, finished) for rid in request_ids]
+
+    @staticmethod
+    def _merge(request_id: str, finished: dict[str, RequestOutput]) -> RequestOutput:
+        parts = [finished[k] for k in sorted((k for k in finished if k.rsplit(".", 1)[0] == request_id),
+                                             key=lambda k: int(k.rsplit(".", 1)[1]))]
+        first = parts[0]
+        outputs = []
+        for i, part in enumerate(parts):
+            completion = part.outputs[0]
+            completion.index = i
+            outputs.append(completion)
+        return RequestOutput(request_id, first.prompt, first.prompt_token_ids, outputs, True, first.metrics)

@@ -1,0 +1,149 @@
+"""The decoder: Llama-3.x, SmolLM2 and Qwen3 in one model, told apart by ModelConfig flags
+(q/k-norm, rope scaling, tied embeddings, attention bias).
+
+q/k/v and gate/up are fused into single Linear layers when the checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from photoninfer.config import ModelConfig
+from photoninfer.errors import ModelLoadError
+from photoninfer.model.layers import Linear, RMSNorm, RotaryEmbedding
+from photoninfer.runner.attention import AttentionMetadata, make_attention_backend
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, device: torch.device):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.backend = make_attention_backend(device, scale=self.head_dim**-0.5)
+
+    def forward(self, x, positions, rope: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3 normalizes each head before rotating it
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, device: torch.device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, residual, positions, rope, kv_cache, meta):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, rope, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class CausalLM(nn.Module):
+    """Embeddings -> N decoder layers -> final norm; `compute_logits` applies the LM head."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, device) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden]. kv_caches[i]: [2, blocks, block, Hkv, D]."""
+        x, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, positions, self.rope, kv_cache, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    # ---- weight loading ----------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str, total: Optional[int] = None):
+        """Copy HF-named tensors into the fused parameters. Every parameter must be filled exactly once."""
+        targets = dict(self._weight_targets())
+        filled: set[str] = set()
+        for name, tensor in tqdm(weights, total=total, desc="Loading weights", unit="tensor", leave=False):
+            if name not in targets:
+                if name == "lm_head.weight" and self.lm_head is None:
+                    continue  # some tied checkpoints still store the head
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise ModelLoadError(f"{source}: unexpected tensor {name!r} for {self.config.architecture}")
+            param, rows = targets[name]
+            dest = param.data[rows] if rows is not None else param.data
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            filled.add(name)
+        missing = sorted(set(targets) - filled)
+        if missing:
+            raise ModelLoadError(f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+
+    def _weight_targets(self) -> Iterator[tuple[str, tuple[nn.Parameter, Optional[slice]]]]:
+        """HF tensor name -> (our parameter, row slice inside it for fused layers)."""
+        cfg = self.config
+        yield "model.embed_tokens.weight", (self.embed_tokens.weight, None)
+        yield "model.norm.weight", (self.norm.weight, None)
+        if self.lm_head is not None:
+            yield "lm_head.weight", (self.lm_head.weight, None)
+        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        qkv_rows = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            for part, rows in qkv_rows.items():
+                yield f"{p}self_attn.{part}_proj.weight", (attn.qkv_proj.weight, rows)
+                if attn.qkv_proj.bias is not None:
+                    yield f"{p}self_attn.{part}_proj.bias", (attn.qkv_proj.bias, rows)
+            yield f"{p}self_attn.o_proj.weight", (attn.o_proj.weight, None)
+            if attn.q_norm is not None:
+                yield f"{p}self_attn.q_norm.weight", (attn.q_norm.weight, None)
+                yield f"{p}self_attn.k_norm.weight", (attn.k_norm.weight, None)
+            yield f"{p}mlp.gate_proj.weight", (mlp.gate_up_proj.weight, slice(0, inter))
+            yield f"{p}mlp.up_proj.weight", (mlp.gate_up_proj.weight, slice(inter, 2 * inter))
+            yield f"{p}mlp.down_proj.weight", (mlp.down_proj.weight, None)
+            yield f"{p}input_layernorm.weight", (layer.input_layernorm.weight, None)
+            yield f"{p}post_attention_layernorm.weight", (layer.post_attention_layernorm.weight, None)

@@ -1,0 +1,122 @@
+"""Sampler statistics with fixed seeds: truncation sets and frequencies match the requested distribution."""
+
+import math
+
+import pytest
+import torch
+
+from photoninfer.errors import InvalidRequestError
+from photoninfer.runner.sampler import Sampler, SamplingRow, apply_penalties, truncated_probs
+from photoninfer.sampling_params import SamplingParams
+
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+N = 6000
+
+
+def draw(params: SamplingParams, n=N, logits=LOGITS, seed=0) -> torch.Tensor:
+    sampler = Sampler(seed=seed, device=torch.device("cpu"))
+    rows = [SamplingRow(params, [], [], None)] * n
+    results = sampler(logits.expand(n, -1).contiguous(), rows)
+    return torch.bincount(torch.tensor([r.token_id for r in results]), minlength=logits.numel()).float() / n
+
+
+def expected(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    return truncated_probs(logits / temperature, top_k, top_p, min_p)
+
+
+def assert_close_to(freq, probs):
+    # 5 standard errors of a binomial proportion: fails for a wrong distribution, not for noise
+    tol = 5 * torch.sqrt(probs * (1 - probs) / N) + 1e-9
+    assert torch.all((freq - probs).abs() <= tol), (freq, probs)
+    assert torch.all(freq[probs == 0] == 0), "sampled a token outside the truncated set"
+
+
+def test_plain_temperature_sampling_matches_softmax():
+    assert_close_to(draw(SamplingParams(temperature=0.7)), torch.softmax(LOGITS / 0.7, -1))
+
+
+def test_top_k_keeps_exactly_k_tokens():
+    probs = expected(LOGITS, top_k=3)
+    assert int((probs > 0).sum()) == 3
+    assert_close_to(draw(SamplingParams(temperature=1.0, top_k=3)), probs)
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    full = torch.softmax(LOGITS, -1)
+    probs = expected(LOGITS, top_p=0.8)
+    kept = int((probs > 0).sum())
+    assert full[: kept - 1].sum() < 0.8 <= full[:kept].sum()
+    assert_close_to(draw(SamplingParams(temperature=1.0, top_p=0.8)), probs)
+
+
+def test_min_p_drops_tokens_below_fraction_of_the_best():
+    full = torch.softmax(LOGITS, -1)
+    probs = expected(LOGITS, min_p=0.2)
+    assert torch.equal(probs > 0, full >= 0.2 * full.max())
+    assert_close_to(draw(SamplingParams(temperature=1.0, min_p=0.2)), probs)
+
+
+def test_greedy_is_argmax_and_seed_gives_same_draws():
+    assert draw(SamplingParams(temperature=0.0), n=50)[0] == 1.0
+    a = draw(SamplingParams(temperature=1.0, seed=5), n=200, seed=1)
+    b = draw(SamplingParams(temperature=1.0, seed=5), n=200, seed=1)
+    assert torch.equal(a, b)
+
+
+def test_seeded_rows_do_not_depend_on_their_neighbours():
+    def run(n_neighbours):
+        sampler = Sampler(seed=0, device=torch.device("cpu"))
+        gen = torch.Generator().manual_seed(42)
+        row = SamplingRow(SamplingParams(temperature=1.0, seed=42), [], [], gen)
+        other = SamplingRow(SamplingParams(temperature=1.0), [], [], None)
+        tokens = []
+        for _ in range(30):
+            rows = [other] * n_neighbours + [row]
+            res = sampler(LOGITS.expand(len(rows), -1).contiguous(), rows)
+            tokens.append(res[-1].token_id)
+        return tokens
+
+    assert run(0) == run(5)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    apply_penalties(logits, SamplingRow(SamplingParams(repetition_penalty=2.0), [0], [1], None))
+    assert logits.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens():
+    logits = torch.zeros(4)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    apply_penalties(logits, SamplingRow(params, [3, 3], [1, 1, 2], None))
+    assert logits.tolist() == [0.0, -1.0, -0.75, 0.0]  # the prompt token 3 is not penalized
+
+
+def test_banned_tokens_are_never_sampled():
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    rows = [SamplingRow(SamplingParams(temperature=0.0), [], [], None, banned_token_ids=(0,))]
+    assert sampler(LOGITS.unsqueeze(0), rows)[0].token_id == 1
+
+
+def test_logprobs_report_raw_distribution_rank_and_top_n():
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    rows = [SamplingRow(SamplingParams(temperature=0.0, logprobs=3, repetition_penalty=1.5), [0], [], None)]
+    res = sampler(LOGITS.unsqueeze(0), rows)[0]
+    raw = torch.log_softmax(LOGITS, -1)
+    assert math.isclose(res.logprob, float(raw[res.token_id]), rel_tol=1e-6)
+    assert res.rank == int((raw > raw[res.token_id]).sum()) + 1
+    assert [t for t, _ in res.top_logprobs] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"), ({"min_p": 2}, "min_p"), ({"max_tokens": 0}, "max_tokens"),
+    ({"presence_penalty": 3}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"logprobs": 50}, "logprobs"), ({"stop": [""]}, "stop"), ({"seed": 1.5}, "seed"),
+    ({"temperature": float("nan")}, "temperature"), ({"n": 0}, "n"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+])
+def test_invalid_sampling_params_raise_with_param_name(kwargs, param):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**kwargs)
+    assert err.value.param == param and param in str(err.value)

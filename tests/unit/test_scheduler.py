@@ -1,0 +1,146 @@
+"""Scheduler + BlockManager on fake requests: plain Python, no model."""
+
+import pytest
+
+from photoninfer.engine.block_manager import BlockManager
+from photoninfer.engine.scheduler import Scheduler
+from photoninfer.engine.sequence import Sequence, SequenceStatus
+from photoninfer.sampling_params import SamplingParams
+
+
+def make_seq(name, prompt_len, max_tokens=8):
+    return Sequence(name, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), 0.0)
+
+
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=64):
+    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget)
+
+
+def run_step(sched, token=7):
+    """Schedule, pretend the model ran, sample `token` for sequences that reached their end."""
+    out = sched.schedule()
+    sampled = {s.seq.seq_id: token for s in out.scheduled if s.samples}
+    sched.postprocess(out, sampled)
+    return out
+
+
+def scheduled_map(out):
+    return {s.seq.request_id: s.num_new_tokens for s in out.scheduled}
+
+
+def test_admission_respects_token_budget_and_max_num_seqs():
+    sched = make_scheduler(max_num_seqs=2, budget=100)
+    for i in range(4):
+        sched.add(make_seq(f"r{i}", 10))
+    out = run_step(sched)
+    assert scheduled_map(out) == {"r0": 10, "r1": 10}  # max_num_seqs caps admission
+    assert [s.request_id for s in sched.waiting] == ["r2", "r3"]
+    assert all(s.status is SequenceStatus.RUNNING for s in sched.running)
+
+
+def test_budget_limits_admission_and_chunks_the_last_admitted_prompt():
+    sched = make_scheduler(budget=16)
+    sched.add(make_seq("a", 10))
+    sched.add(make_seq("b", 10))
+    out = run_step(sched)
+    assert scheduled_map(out) == {"a": 10, "b": 6}
+    assert [s.samples for s in out.scheduled] == [True, False]
+    b = sched.running[1]
+    assert b.num_computed_tokens == 6 and b.num_output_tokens == 0
+
+
+def test_long_prompt_is_prefilled_in_chunks_then_decodes():
+    sched = make_scheduler(budget=8)
+    seq = make_seq("long", 20)
+    sched.add(seq)
+    chunks = [scheduled_map(run_step(sched))["long"] for _ in range(3)]
+    assert chunks == [8, 8, 4]
+    assert seq.num_output_tokens == 1  # sampled only when the last chunk completed the prompt
+    assert scheduled_map(run_step(sched)) == {"long": 1}
+    assert seq.num_computed_tokens == 21 and seq.num_output_tokens == 2
+
+
+def test_prefill_chunk_is_mixed_with_decodes_in_one_step():
+    sched = make_scheduler(budget=8)
+    sched.add(make_seq("a", 3))
+    run_step(sched)  # a prefilled, decoding now
+    sched.add(make_seq("b", 30))
+    out = run_step(sched)
+    assert scheduled_map(out) == {"a": 1, "b": 7}  # decode first, prompt chunk fills the rest
+
+
+def test_preemption_frees_newest_and_resumes_by_recompute():
+    sched = make_scheduler(num_blocks=6, block_size=4, budget=64)
+    old, new = make_seq("old", 8), make_seq("new", 8)
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)  # 2 blocks each, 2 free
+    for _ in range(4):  # both grow into a third block, then "old" needs a 4th
+        run_step(sched)
+    preempted = False
+    for _ in range(8):
+        out = run_step(sched)
+        if out.preempted:
+            preempted = True
+            assert [s.request_id for s in out.preempted] == ["new"]
+            assert new.status is SequenceStatus.PREEMPTED and new.num_computed_tokens == 0
+            assert new.block_table == [] and sched.waiting[0] is new
+            break
+    assert preempted
+    outputs_before = list(new.output_token_ids)
+    sched.finish(old, "length")  # frees room: "new" is recomputed, prompt + its generated tokens
+    out = run_step(sched)
+    assert scheduled_map(out) == {"new": new.num_prompt_tokens + len(outputs_before)}
+    assert new.output_token_ids[: len(outputs_before)] == outputs_before
+    assert new.num_output_tokens == len(outputs_before) + 1
+
+
+def test_abort_frees_blocks_at_once():
+    sched = make_scheduler(num_blocks=10)
+    seq = make_seq("a", 12)
+    sched.add(seq)
+    run_step(sched)
+    assert sched.block_manager.num_free_blocks == 10 - 3  # 12 computed tokens in blocks of 4
+    sched.finish(seq, "abort")
+    assert sched.block_manager.num_free_blocks == 10 and not sched.has_unfinished()
+    assert seq.finish_reason == "abort"
+
+
+def test_abort_while_waiting_removes_from_queue():
+    sched = make_scheduler()
+    seq = make_seq("a", 5)
+    sched.add(seq)
+    sched.finish(seq, "abort")
+    assert not sched.waiting and sched.schedule().is_empty
+
+
+def test_no_block_leaked_after_many_requests_finish():
+    sched = make_scheduler(num_blocks=12, block_size=4, max_num_seqs=4, budget=10)
+    seqs = [make_seq(f"r{i}", 3 + (i * 7) % 13, max_tokens=3 + i % 5) for i in range(12)]
+    for s in seqs:
+        sched.add(s)
+    for _ in range(500):
+        if not sched.has_unfinished():
+            break
+        run_step(sched)
+        for s in list(sched.running):
+            if s.num_output_tokens >= s.params.max_tokens:
+                sched.finish(s, "length")
+    assert not sched.has_unfinished()
+    assert all(s.num_output_tokens == s.params.max_tokens for s in seqs)
+    assert sched.block_manager.num_free_blocks == 12
+    assert all(c == 0 for c in sched.block_manager.ref_counts)
+
+
+def test_block_manager_refcounts_and_errors():
+    bm = BlockManager(4, 2)
+    seq = make_seq("a", 3)
+    assert bm.num_new_blocks_needed(seq, 3) == 2
+    bm.allocate(seq, 3)
+    assert len(seq.block_table) == 2 and bm.num_free_blocks == 2
+    bm.allocate(seq, 4)  # still fits in 2 blocks
+    assert len(seq.block_table) == 2
+    with pytest.raises(RuntimeError, match="out of KV blocks"):
+        bm.allocate(seq, 9)
+    bm.free(seq)
+    assert bm.num_free_blocks == 4
