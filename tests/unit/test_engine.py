@@ -1,0 +1,107 @@
+"""LLMEngine behaviour on a tiny random-weight model: stops, seeds, aborts, limits, bad requests."""
+
+import pytest
+
+from photoninfer import LLM, SamplingParams
+from photoninfer.errors import InvalidRequestError
+
+
+@pytest.fixture(scope="module")
+def llm(make_tiny_model):
+    return LLM(make_tiny_model("llama3"), dtype="float32", device="cpu", max_model_len=256)
+
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+def greedy(llm, **kwargs):
+    params = SamplingParams(temperature=0.0, max_tokens=kwargs.pop("max_tokens", 24), ignore_eos=True, **kwargs)
+    return llm.generate(PROMPT, params)[0].outputs[0]
+
+
+def test_max_tokens_ends_with_length(llm):
+    out = greedy(llm, max_tokens=7)
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+
+
+def test_stop_string_is_cut_from_the_text(llm):
+    full = greedy(llm).text
+    stop = full[8:12]
+    cut = full.find(stop)
+    out = greedy(llm, stop=[stop])
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[:cut]
+    with_stop = greedy(llm, stop=[stop], include_stop_str_in_output=True)
+    assert with_stop.text == full[: cut + len(stop)]
+
+
+def test_stop_token_id_ends_generation(llm):
+    full = greedy(llm).token_ids
+    stop_token = full[5]
+    out = greedy(llm, stop_token_ids=[stop_token])
+    assert out.token_ids == full[: full.index(stop_token) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_token
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm):
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=7, max_tokens=20, ignore_eos=True)
+    alone = llm.generate(PROMPT, seeded)[0].outputs[0].token_ids
+    again = llm.generate(PROMPT, seeded)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, seed=s)
+              for n, s in [(5, None), (30, 3), (11, None), (17, 99)]]
+    batch = llm.generate(["Hello", PROMPT, "Once upon a time", "a b c d e f", PROMPT], others[:1] + [seeded] + others[1:])
+    assert alone == again == batch[1].outputs[0].token_ids
+    other_seed = SamplingParams(temperature=1.0, top_p=0.95, seed=8, max_tokens=20, ignore_eos=True)
+    assert llm.generate(PROMPT, other_seed)[0].outputs[0].token_ids != alone
+
+
+def test_n_gives_several_completions(llm):
+    out = llm.generate(PROMPT, SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=10, ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_logprobs_carry_chosen_token_and_top_n(llm):
+    out = greedy(llm, max_tokens=5, logprobs=3)
+    assert len(out.logprobs) == 5
+    for token, entry in zip(out.token_ids, out.logprobs):
+        assert token in entry and entry[token].rank == 1  # greedy picks the top token
+        assert len(entry) == 3
+        assert sorted(lp.rank for lp in entry.values()) == [1, 2, 3]
+    assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs)))
+
+
+def test_abort_frees_blocks_and_stops_output(llm):
+    engine = llm.engine
+    engine.add_request("to-abort", PROMPT, SamplingParams(max_tokens=100, ignore_eos=True))
+    engine.add_request("keeps-going", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.step()
+    assert engine.stats().kv_blocks_used > 0
+    engine.abort_request("to-abort")
+    engine.abort_request("unknown-id")  # ignored
+    seen = set()
+    while engine.has_unfinished_requests():
+        seen |= {o.request_id for o in engine.step()}
+    assert seen == {"keeps-going"}
+    assert engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("prompt,params,match", [
+    ("", SamplingParams(), "prompt is empty"),
+    ([], SamplingParams(), "prompt is empty"),
+    ([1, 2, 10**9], SamplingParams(), "token ids"),
+    (123, SamplingParams(), "string or a list"),
+    ("hi", SamplingParams(max_tokens=10_000), "maximum context length of 256"),
+    ([1] * 300, SamplingParams(max_tokens=1), "300 tokens"),
+])
+def test_bad_requests_are_rejected_before_queueing(llm, prompt, params, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        llm.engine.add_request("bad", prompt, params)
+    assert not llm.engine.has_unfinished_requests() and "bad" not in llm.engine.requests
+
+
+def test_duplicate_request_id_is_rejected(llm):
+    llm.engine.add_request("dup", PROMPT, SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        llm.engine.add_request("dup", PROMPT, SamplingParams(max_tokens=2))
+    llm.engine.abort_request("dup")
