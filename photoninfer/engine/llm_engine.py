@@ -15,7 +15,7 @@ from photoninfer.engine.block_manager import BlockManager
 from photoninfer.engine.detokenizer import IncrementalDetokenizer
 from photoninfer.engine.scheduler import Scheduler
 from photoninfer.engine.sequence import Sequence
-from photoninfer.errors import InvalidRequestError
+from photoninfer.errors import ConfigError, InvalidRequestError
 from photoninfer.model.loader import default_model_path, load_checkpoint
 from photoninfer.model.tokenizer import load_tokenizer
 from photoninfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -78,9 +78,8 @@ class LLMEngine:
     def _resolve_max_model_len(self, config: EngineConfig) -> int:
         model_max = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > model_max:
-            raise InvalidRequestError(
-                f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings {model_max}",
-                param="max_model_len",
+            raise ConfigError(
+                f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings {model_max}"
             )
         cache_tokens = self.block_manager.num_blocks * self.block_manager.block_size
         max_len = min(config.max_model_len or model_max, cache_tokens)

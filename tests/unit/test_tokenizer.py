@@ -1,0 +1,108 @@
+"""Tokenizer: GGUF and HF-directory loading, UTF-8 round trips, the ChatML template, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import shutil
+
+import pytest
+
+from photoninfer.errors import ConfigError, ModelLoadError
+from photoninfer.model.tokenizer import Tokenizer, load_tokenizer
+
+TEXTS = [
+    "Hello, world!",
+    "Crème brûlée, naïve café, São Paulo, Ångström",
+    "Emoji: 😀👍🏽 👨‍👩‍👧 🇫🇷",
+    "中文测试：你好，世界。日本語のテキスト。한국어 문장",
+    "  leading spaces, tabs\tand\nnew lines\n\n",
+    "mixed: αβγ ∑∫ — “quotes” … 🚀 東京",
+]
+
+
+@pytest.fixture(scope="module")
+def dir_tokenizer(smol_tokenizer_dir) -> Tokenizer:
+    return load_tokenizer(smol_tokenizer_dir)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(smol_gguf_tokenizer, dir_tokenizer, text):
+    ids = smol_gguf_tokenizer.encode(text)
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert smol_gguf_tokenizer.decode(ids) == text
+    assert dir_tokenizer.encode(text) == ids  # the saved directory tokenizes exactly like the GGUF
+    assert dir_tokenizer.decode(ids) == text
+
+
+def test_special_ids_and_vocab(smol_gguf_tokenizer, dir_tokenizer):
+    for tok in (smol_gguf_tokenizer, dir_tokenizer):
+        assert isinstance(tok, Tokenizer)
+        assert tok.eos_token_id == tok.hf.convert_tokens_to_ids("<|im_end|>") == 2
+        assert tok.bos_token_id == tok.hf.convert_tokens_to_ids("<|im_start|>") == 1
+        assert tok.vocab_size == 49152
+
+
+def test_special_tokens_encode_and_skip_on_decode(smol_gguf_tokenizer):
+    tok = smol_gguf_tokenizer
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)
+    assert ids[0] == 1 and ids[-1] == 2  # markers are single special tokens, not split into characters
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>"
+    assert tok.decode(ids) == "user\nhi"
+
+
+def test_chat_template_gguf(smol_gguf_tokenizer):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    prompt = smol_gguf_tokenizer.apply_chat_template(messages)
+    assert "<|im_start|>user\nWhat is 2+2?<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>system\n")  # SmolLM2's template adds a default system prompt
+
+    without = smol_gguf_tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    assert not without.endswith("<|im_start|>assistant\n") and prompt.startswith(without)
+
+
+def test_chat_template_survives_save_pretrained(smol_gguf_tokenizer, dir_tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 👋"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    assert dir_tokenizer.apply_chat_template(messages) == smol_gguf_tokenizer.apply_chat_template(messages)
+
+
+def test_no_chat_template_is_a_clear_error(smol_tokenizer_dir, tmp_path):
+    plain = shutil.copytree(smol_tokenizer_dir, tmp_path / "plain")
+    if (plain / "chat_template.jinja").exists():
+        (plain / "chat_template.jinja").unlink()
+    config_path = plain / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+
+    tok = load_tokenizer(str(plain))
+    assert tok.encode("hi") == load_tokenizer(smol_tokenizer_dir).encode("hi")
+    with pytest.raises(ConfigError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_error_nonexistent_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="missing_tok.*does not exist"):
+        load_tokenizer(str(tmp_path / "missing_tok"))
+
+
+def test_error_dir_without_tokenizer_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_error_file_that_is_not_gguf(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("a\nb\n")
+    with pytest.raises(ModelLoadError, match=r"vocab\.txt"):
+        load_tokenizer(str(path))
+
+
+def test_error_broken_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{broken")
+    with pytest.raises(ModelLoadError, match=re.escape(str(tmp_path))):
+        load_tokenizer(str(tmp_path))
