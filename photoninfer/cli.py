@@ -60,8 +60,8 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
 def run_generate(args: argparse.Namespace) -> None:
     from photoninfer.llm import LLM
 
+    params = sampling_params_from_args(args)  # bad values fail before the model is loaded
     llm = LLM(**vars(engine_config_from_args(args)))
-    params = sampling_params_from_args(args)
     prompts = args.prompt
     if args.chat_template:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
@@ -76,7 +76,8 @@ def run_generate(args: argparse.Namespace) -> None:
 def run_chat(args: argparse.Namespace) -> None:
     from photoninfer.terminal_chat import chat_loop
 
-    chat_loop(engine_config_from_args(args), sampling_params_from_args(args), system_prompt=args.system)
+    params = sampling_params_from_args(args)
+    chat_loop(engine_config_from_args(args), params, system_prompt=args.system)
 
 
 def build_parser() -> argparse.ArgumentParser:
