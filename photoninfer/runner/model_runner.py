@@ -86,5 +86,5 @@ class ModelRunner:
                 sample_rows.append(len(tokens) - 1)
                 sample_seq_ids.append(seq.seq_id)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        meta = AttentionMetadata(as_tensor(slots), query_start, seq_lens, block_tables)
+        meta = AttentionMetadata.build(as_tensor(slots), query_start, seq_lens, block_tables, self.block_size)
         return as_tensor(tokens), as_tensor(positions), meta, as_tensor(sample_rows), sample_seq_ids

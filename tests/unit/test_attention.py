@@ -1,0 +1,58 @@
+"""The torch paged-attention reference against plain causal attention over contiguous K/V."""
+
+import torch
+
+from photoninfer.runner.attention import AttentionMetadata, TorchPagedAttention
+
+BLOCK = 4
+HQ, HKV, D = 6, 2, 8
+
+
+def naive_attention(q, k, v, scale):
+    """q: [n, Hq, D] for the last n positions; k, v: [L, Hkv, D] contiguous."""
+    n, L = q.shape[0], k.shape[0]
+    k = k.repeat_interleave(HQ // HKV, dim=1)
+    v = v.repeat_interleave(HQ // HKV, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    causal = torch.arange(L)[None, :] <= torch.arange(L - n, L)[:, None]
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), v)
+
+
+def test_paged_attention_matches_contiguous_attention_for_mixed_batches():
+    g = torch.Generator().manual_seed(0)
+    # (tokens already cached, tokens computed this step): decodes, a first prefill, a later chunk
+    seqs = [(9, 1), (0, 7), (5, 6), (30, 1), (3, 1)]
+    num_blocks = 40
+    k_cache = torch.zeros(num_blocks, BLOCK, HKV, D)
+    v_cache = torch.zeros(num_blocks, BLOCK, HKV, D)
+    free = torch.randperm(num_blocks, generator=g).tolist()  # scattered, non-contiguous blocks
+    full_k, full_v, tables = [], [], []
+    slots, query_start, seq_lens = [], [0], []
+    q_rows, new_k, new_v = [], [], []
+    for cached, new in seqs:
+        total = cached + new
+        table = [free.pop() for _ in range(-(-total // BLOCK))]
+        k = torch.randn(total, HKV, D, generator=g)
+        v = torch.randn(total, HKV, D, generator=g)
+        flat_k, flat_v = k_cache.view(-1, HKV, D), v_cache.view(-1, HKV, D)
+        for pos in range(cached):  # what earlier steps wrote
+            slot = table[pos // BLOCK] * BLOCK + pos % BLOCK
+            flat_k[slot], flat_v[slot] = k[pos], v[pos]
+        slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(cached, total)]
+        q_rows.append(torch.randn(new, HQ, D, generator=g))
+        new_k.append(k[cached:])
+        new_v.append(v[cached:])
+        full_k.append(k)
+        full_v.append(v)
+        tables.append(table)
+        query_start.append(query_start[-1] + new)
+        seq_lens.append(total)
+    meta = AttentionMetadata.build(torch.tensor(slots), query_start, seq_lens, tables, BLOCK)
+    assert meta.decode_rows.numel() == 3 and len(meta.prefills) == 2
+    scale = D**-0.5
+    out = TorchPagedAttention(scale).forward(torch.cat(q_rows), torch.cat(new_k), torch.cat(new_v),
+                                             k_cache, v_cache, meta)
+    for i, q in enumerate(q_rows):
+        expected = naive_attention(q, full_k[i], full_v[i], scale)
+        torch.testing.assert_close(out[query_start[i]:query_start[i + 1]], expected, rtol=1e-5, atol=1e-5)
