@@ -9,6 +9,7 @@ import torch
 
 from photoninfer.config import EngineConfig, ModelConfig
 from photoninfer.engine.scheduler import SchedulerOutput
+from photoninfer.errors import ConfigError
 from photoninfer.model.llama import CausalLM
 from photoninfer.model.loader import Checkpoint
 from photoninfer.runner.attention import AttentionMetadata
@@ -43,13 +44,29 @@ class ModelRunner:
 
     def _blocks_that_fit(self, config: EngineConfig) -> int:
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            # leave room for activations of a full token budget (logits dominate)
-            reserve = total * (1 - config.gpu_memory_utilization) + config.max_num_batched_tokens * self.model_config.vocab_size * 8
-            budget = max(free - reserve, 0)
+            budget = self._gpu_kv_budget(config)
         else:
             budget = config.kv_cache_memory_gb * 2**30
-        return max(int(budget // self._bytes_per_block()), 1)
+        num_blocks = int(budget // self._bytes_per_block())
+        if num_blocks < 1:
+            raise ConfigError(
+                f"no memory left for the KV cache on {self.device} (budget {budget / 2**20:.0f} MiB after weights "
+                f"and activations); raise --gpu-memory-utilization or --kv-cache-memory-gb, or lower "
+                f"--max-num-batched-tokens / --max-num-seqs"
+            )
+        return num_blocks
+
+    def _gpu_kv_budget(self, config: EngineConfig) -> float:
+        """This engine may hold gpu_memory_utilization of the card: weights and live tensors are already
+        counted by memory_allocated; a reserve is kept for one step's activations and logits."""
+        cfg = self.model_config
+        torch.cuda.empty_cache()  # blocks cached by torch's allocator count as free for us
+        free, total = torch.cuda.mem_get_info(self.device)
+        activations = config.max_num_batched_tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4
+        logits = config.max_num_seqs * cfg.vocab_size * 4 * 3
+        reserve = activations + logits + 256 * 2**20
+        allowed = total * config.gpu_memory_utilization - torch.cuda.memory_allocated(self.device)
+        return max(min(allowed, free) - reserve, 0)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
         cfg = self.model_config
