@@ -9,6 +9,7 @@ import sys
 from photoninfer.config import EngineConfig
 from photoninfer.errors import PhotonInferError
 from photoninfer.sampling_params import SamplingParams
+from photoninfer.server.serve import add_serve_parser
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -98,12 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=run_chat)
 
-    try:
-        from photoninfer.server.serve import add_serve_parser
-    except ImportError:  # the server is optional at import time only while it is being built
-        add_serve_parser = None
-    if add_serve_parser is not None:
-        add_serve_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

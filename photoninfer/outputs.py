@@ -24,8 +24,8 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: Optional[float] = None
     logprobs: Optional[list[TokenLogprobs]] = None
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None while running
-    stop_reason: Optional[object] = None  # the stop string or stop token id that ended it
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error" | None while running
+    stop_reason: Optional[object] = None  # the stop string or stop token id that ended it; the error text
 
     @property
     def finished(self) -> bool:

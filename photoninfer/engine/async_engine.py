@@ -66,6 +66,8 @@ class RequestStream:
         if not self.pending and self.queue.empty():
             raise StopAsyncIteration
         item = await self.queue.get()
+        if item is None:  # aborted while we waited
+            raise StopAsyncIteration
         if isinstance(item, BaseException):
             raise item
         return item
@@ -89,6 +91,7 @@ class RequestStream:
         if self.pending:
             self.aborted = True
             self._engine._abort(self)
+            self.queue.put_nowait(None)  # wakes a reader blocked on the queue (e.g. abort from shutdown)
 
 
 @dataclasses.dataclass
@@ -219,6 +222,9 @@ class AsyncLLMEngine:
                 continue  # aborted meanwhile
             stream, index = route
             completion = output.outputs[0]
+            if completion.finish_reason == "error":  # the engine isolated a failure of this request
+                self._fail([output.request_id], RuntimeError(completion.stop_reason))
+                continue
             if completion.token_ids and stream.first_token_time is None:
                 stream.first_token_time = now
             stream.queue.put_nowait((index, output))
@@ -284,7 +290,10 @@ class AsyncLLMEngine:
             return
         self._stats = self.engine.stats()
         if self.on_step is not None:
-            self.on_step(self._stats)
+            try:
+                self.on_step(self._stats)
+            except Exception:  # metrics must never take the engine down
+                logger.exception("on_step callback failed")
         snapshots = [_snapshot(output) for output in outputs]
         for output in outputs:
             if output.finished:

@@ -59,7 +59,7 @@ class LLMEngine:
         config.validate()
         self.config = config
         model_path = config.model or default_model_path()
-        self.model_name = os.path.basename(os.path.normpath(model_path))
+        self.model_name = os.path.basename(os.path.normpath(model_path)).removesuffix(".gguf")
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         checkpoint = load_checkpoint(model_path)
@@ -178,9 +178,22 @@ class LLMEngine:
         outputs = []
         for item in sched.scheduled:
             result = results.get(item.seq.seq_id)
-            if result is not None:
-                outputs.append(self._process_token(self.requests[item.seq.request_id], result))
+            if result is None:
+                continue
+            request = self.requests[item.seq.request_id]
+            try:
+                outputs.append(self._process_token(request, result))
+            except Exception as exc:  # one request's failure must not take the rest of the batch down
+                logger.exception("request %s failed", request.seq.request_id)
+                outputs.append(self._fail_request(request, exc))
         return outputs
+
+    def _fail_request(self, request: _Request, exc: Exception) -> RequestOutput:
+        """End a request whose processing raised: finish_reason "error", stop_reason the error text."""
+        self.scheduler.finish(request.seq, "error", f"{type(exc).__name__}: {exc}")
+        request.metrics.finished_time = time.time()
+        self.requests.pop(request.seq.request_id, None)
+        return self._output(request)
 
     def _sampling_row(self, request: _Request) -> SamplingRow:
         seq = request.seq

@@ -105,3 +105,22 @@ def test_duplicate_request_id_is_rejected(llm):
     with pytest.raises(InvalidRequestError, match="already in use"):
         llm.engine.add_request("dup", PROMPT, SamplingParams(max_tokens=2))
     llm.engine.abort_request("dup")
+
+
+def test_a_failing_request_ends_with_error_and_the_others_go_on(llm):
+    engine = llm.engine
+    engine.add_request("broken", PROMPT, SamplingParams(max_tokens=10, ignore_eos=True))
+    engine.add_request("healthy", PROMPT, SamplingParams(max_tokens=4, ignore_eos=True))
+
+    def explode(token_id):
+        raise UnicodeDecodeError("utf-8", b"", 0, 1, "simulated detokenizer failure")
+
+    engine.requests["broken"].detokenizer.add_token = explode
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out.outputs[0]
+    assert finals["broken"].finish_reason == "error" and "simulated" in finals["broken"].stop_reason
+    assert finals["healthy"].finish_reason == "length" and len(finals["healthy"].token_ids) == 4
+    assert engine.stats().kv_blocks_used == 0

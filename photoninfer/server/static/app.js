@@ -91,7 +91,6 @@
     settingsClose: $("settings-close"),
     systemPrompt: $("system-prompt"),
     temperature: $("temperature"),
-    temperatureValue: $("temperature-value"),
     maxTokens: $("max-tokens"),
     apiKey: $("api-key"),
     engineState: $("engine-state"),
@@ -328,9 +327,9 @@
         content.className = "content markdown";
         content.innerHTML = '<span class="typing" aria-label="waiting for the first token"><i></i><i></i><i></i></span>';
       } else {
-        content.className = "content markdown";
+        content.className = "content markdown" + (msg.pending ? " streaming" : "");
         // renderMarkdown escapes all model text before adding markup.
-        content.innerHTML = renderMarkdown(msg.content) + (msg.pending ? '<span class="cursor" aria-hidden="true"></span>' : "");
+        content.innerHTML = renderMarkdown(msg.content);
       }
       renderStats(msg, el.querySelector(".answer-stats"));
     } else {
@@ -759,7 +758,6 @@
   function bindSettings() {
     els.systemPrompt.value = settings.systemPrompt;
     els.temperature.value = settings.temperature;
-    els.temperatureValue.textContent = "";
     els.maxTokens.value = settings.maxTokens;
     els.apiKey.value = settings.apiKey;
     const update = () => {
@@ -767,7 +765,8 @@
       const temp = parseFloat(els.temperature.value);
       settings.temperature = Number.isFinite(temp) ? Math.min(2, Math.max(0, temp)) : DEFAULT_SETTINGS.temperature;
       const mt = parseInt(els.maxTokens.value, 10);
-      settings.maxTokens = Number.isFinite(mt) && mt > 0 ? mt : DEFAULT_SETTINGS.maxTokens;
+      // blank = no limit: the server then generates up to the end of the context
+      settings.maxTokens = Number.isFinite(mt) && mt > 0 ? mt : els.maxTokens.value.trim() === "" ? "" : DEFAULT_SETTINGS.maxTokens;
       const keyChanged = settings.apiKey !== els.apiKey.value.trim();
       settings.apiKey = els.apiKey.value.trim();
       saveJson(LS_SETTINGS, settings);

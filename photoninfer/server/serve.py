@@ -1,0 +1,76 @@
+"""`photoninfer serve`: load the model, start the engine thread and the OpenAI-compatible HTTP server.
+
+SIGTERM / Ctrl-C: uvicorn stops accepting connections and waits for in-flight requests (streams included)
+to finish, up to --shutdown-timeout seconds; then the engine thread stops and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+import uvicorn
+
+from photoninfer.server.guard import DEFAULT_MAX_BODY_BYTES
+
+logger = logging.getLogger("photoninfer.server")
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    from photoninfer.cli import add_engine_args
+
+    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    g.add_argument("--port", type=int, default=5728, help="port to listen on (0 picks a free one)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    g.add_argument("--served-model-name", default=None, help="model name clients use (default: the model file)")
+    g.add_argument("--max-queue", type=int, default=1024,
+                   help="waiting requests allowed before new ones get HTTP 429 (default 1024)")
+    g.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"largest request body accepted, else HTTP 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    g.add_argument("--shutdown-timeout", type=float, default=60.0,
+                   help="seconds to let in-flight requests finish after SIGTERM before aborting them")
+    parser.set_defaults(func=run_serve)
+    return parser
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server that logs where the chat page is once the socket is listening."""
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and self.servers and self.servers[0].sockets:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            shown = f"[{shown}]" if ":" in shown else shown
+            logger.info("PhotonInfer is ready: chat page at http://%s:%d/  (API under /v1, docs at /docs)",
+                        shown, port)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from photoninfer.cli import engine_config_from_args
+    from photoninfer.engine.async_engine import AsyncLLMEngine
+    from photoninfer.engine.llm_engine import LLMEngine
+    from photoninfer.server.app import ServerSettings, create_app
+
+    if args.max_queue is not None and args.max_queue < 1:
+        raise SystemExit("--max-queue must be at least 1")
+    logger.info("loading the model ...")
+    engine = LLMEngine(engine_config_from_args(args))
+    async_engine = AsyncLLMEngine(engine, max_queue=args.max_queue)
+    settings = ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key,
+                              max_body_bytes=args.max_body_bytes)
+    app = create_app(async_engine, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=logging.getLogger().level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; by then the work is
+    # done, so let that re-raised signal end the process with status 0 instead of killing it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
+    _Server(config).run()
+    logger.info("server stopped")
+    return 0

@@ -1,0 +1,255 @@
+"""AsyncLLMEngine against a tiny fake engine (milliseconds, no model): routing of outputs to callers, fan-out,
+all-or-none admission, aborts, the queue limit, and a loop that survives a failing request."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+
+import pytest
+
+from photoninfer.engine.async_engine import AsyncLLMEngine, QueueFullError, RequestFailedError
+from photoninfer.errors import InvalidRequestError
+from photoninfer.outputs import CompletionOutput, RequestOutput
+from photoninfer.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@dataclasses.dataclass
+class FakeStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 100
+    kv_blocks_used: int = 0
+    steps_total: int = 0
+    last_step_num_seqs: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+
+
+class StepError(Exception):
+    def __init__(self, message, request_id=None):
+        super().__init__(message)
+        if request_id is not None:
+            self.request_id = request_id
+
+
+class FakeEngine:
+    """Generates token i+1 at step i; "reject" prompts fail admission, "poison" prompts make step() raise."""
+
+    def __init__(self, max_running: int = 100, blame_poison: bool = True):
+        self.requests: dict[str, tuple[str, SamplingParams, list[int]]] = {}
+        self.max_running = max_running
+        self.blame_poison = blame_poison
+        self.aborted: list[str] = []
+        self.steps = 0
+        self.gate = threading.Event()  # tests may hold steps until they release the gate
+        self.gate.set()
+
+    def add_request(self, request_id, prompt, params, arrival_time=None):
+        if prompt == "reject":
+            raise InvalidRequestError("prompt rejected", param="prompt")
+        self.requests[request_id] = (prompt, params, [])
+
+    def abort_request(self, request_id):
+        if self.requests.pop(request_id, None) is not None:
+            self.aborted.append(request_id)
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def step(self):
+        self.gate.wait()
+        time.sleep(0.001)  # a step takes time, as a real one does
+        self.steps += 1
+        running = list(self.requests.items())[: self.max_running]
+        for request_id, (prompt, _, _) in running:
+            if prompt == "poison":
+                raise StepError("boom", request_id if self.blame_poison else None)
+        outputs = []
+        for request_id, (prompt, params, tokens) in running:
+            tokens.append(len(tokens) + 1)
+            done = len(tokens) >= params.max_tokens
+            completion = CompletionOutput(0, " ".join(map(str, tokens)), tokens,
+                                          finish_reason="length" if done else None)
+            outputs.append(RequestOutput(request_id, prompt, [7, 8], [completion], done))
+            if done:
+                del self.requests[request_id]
+        return outputs
+
+    def stats(self):
+        running = min(len(self.requests), self.max_running)
+        return FakeStats(num_running=running, num_waiting=len(self.requests) - running,
+                         kv_blocks_used=len(self.requests), steps_total=self.steps)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=20))
+
+
+async def started(fake, **kwargs) -> AsyncLLMEngine:
+    engine = AsyncLLMEngine(fake, **kwargs)
+    engine.start()
+    return engine
+
+
+async def drain(stream) -> dict[int, RequestOutput]:
+    finals = {}
+    async for index, output in stream:
+        finals[index] = output
+    return finals
+
+
+def params(max_tokens=3):
+    return SamplingParams(max_tokens=max_tokens)
+
+
+def test_outputs_reach_their_callers_and_fan_out_indices():
+    async def main():
+        engine = await started(FakeEngine())
+        single = await engine.submit("a", [("hi", params(2))])
+        fanned = await engine.submit("b", [("x", params(3)), ("y", params(1))])
+        a, b = await asyncio.gather(drain(single), drain(fanned))
+        await engine.shutdown()
+        return a, b
+
+    a, b = run(main())
+    assert a[0].outputs[0].token_ids == [1, 2] and a[0].finished
+    assert sorted(b) == [0, 1]
+    assert b[0].request_id == "b-0" and b[0].outputs[0].token_ids == [1, 2, 3]
+    assert b[1].request_id == "b-1" and b[1].outputs[0].token_ids == [1]
+
+
+def test_rejected_admission_is_all_or_none():
+    fake = FakeEngine()
+
+    async def main():
+        engine = await started(fake)
+        fake.gate.clear()  # keep the engine from finishing anything meanwhile
+        with pytest.raises(InvalidRequestError):
+            await engine.submit("r", [("ok", params()), ("reject", params())])
+        assert fake.requests == {} and fake.aborted == ["r-0"]
+        fake.gate.set()
+        ok = await drain(await engine.submit("next", [("ok", params(1))]))
+        await engine.shutdown()
+        return ok
+
+    assert run(main())[0].finished
+
+
+def test_leaving_the_stream_early_aborts_the_request():
+    fake = FakeEngine()
+
+    async def main():
+        engine = await started(fake)
+        stream = await engine.submit("long", [("hi", params(10_000))])
+        async for _ in stream:
+            break
+        stream.abort()
+        for _ in range(100):
+            if not fake.requests:
+                break
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+
+    run(main())
+    assert fake.requests == {} and fake.aborted == ["long"]
+
+
+def test_cancelled_caller_aborts_its_request():
+    fake = FakeEngine()
+
+    async def main():
+        engine = await started(fake)
+
+        async def consume():
+            await drain(await engine.submit("c", [("hi", params(10_000))]))
+
+        task = asyncio.ensure_future(consume())
+        while not fake.requests:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        for _ in range(100):
+            if not fake.requests:
+                break
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+
+    run(main())
+    assert fake.aborted == ["c"]
+
+
+def test_queue_limit_raises_queue_full():
+    fake = FakeEngine(max_running=1)
+
+    async def main():
+        engine = await started(fake, max_queue=1)
+        running = await engine.submit("run", [("a", params(10_000))])
+        waiting = await engine.submit("wait", [("b", params(1))])
+        with pytest.raises(QueueFullError):
+            await engine.submit("third", [("c", params(1))])
+        running.abort()
+        assert (await drain(waiting))[0].finished
+        await engine.shutdown()
+
+    run(main())
+
+
+@pytest.mark.parametrize("blame", [True, False], ids=["exception-names-request", "anonymous-exception"])
+def test_loop_survives_a_failing_request(blame):
+    fake = FakeEngine(blame_poison=blame)
+
+    async def main():
+        engine = await started(fake)
+        good = await engine.submit("good", [("fine", params(50))])  # 50 steps: still running when bad arrives
+        bad = await engine.submit("bad", [("poison", params(3))])
+        with pytest.raises(RequestFailedError):
+            await drain(bad)
+        good_result = None
+        try:
+            good_result = await drain(good)
+        except RequestFailedError:
+            assert not blame, "only the named request may fail"
+        after = await drain(await engine.submit("after", [("fine", params(2))]))
+        assert engine.is_running
+        await engine.shutdown()
+        return good_result, after
+
+    good, after = run(main())
+    assert after[0].finished
+    if blame:
+        assert good[0].outputs[0].token_ids == list(range(1, 51))
+    assert "bad" in fake.aborted and fake.requests == {}
+
+
+def test_shutdown_without_abort_drains_in_flight_requests():
+    fake = FakeEngine()
+
+    async def main():
+        engine = await started(fake)
+        stream = await engine.submit("d", [("hi", params(5))])
+        consumer = asyncio.ensure_future(drain(stream))
+        await engine.shutdown(abort_in_flight=False)
+        return await consumer
+
+    assert run(main())[0].outputs[0].token_ids == [1, 2, 3, 4, 5]
+
+
+def test_shutdown_aborts_and_wakes_waiting_readers():
+    fake = FakeEngine()
+
+    async def main():
+        engine = await started(fake)
+        stream = await engine.submit("s", [("hi", params(10_000))])
+        consumer = asyncio.ensure_future(drain(stream))
+        await asyncio.sleep(0.05)
+        await engine.shutdown()
+        finals = await consumer  # must end, not hang
+        assert not engine.is_running
+        return finals, stream
+
+    finals, stream = run(main())
+    assert stream.outcome == "abort" and fake.requests == {} and fake.aborted == ["s"]

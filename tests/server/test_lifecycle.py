@@ -1,0 +1,82 @@
+"""Back-pressure and shutdown on a server with one sequence slot and a one-request queue:
+a full queue answers 429, and SIGTERM lets the in-flight stream finish before the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from server_harness import engine_status, wait_until_idle
+
+pytestmark = pytest.mark.timeout(180)
+
+LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 200, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def small_server(start_server):
+    return start_server(["--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "256",
+                         "--kv-cache-memory-gb", "0.05", "--shutdown-timeout", "60"]).wait_ready()
+
+
+def _wait_for(url: str, predicate, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = engine_status(url)
+        if predicate(status):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"engine never reached the expected state: {engine_status(url)}")
+
+
+def test_full_queue_answers_429(small_server):
+    url = small_server.url
+    with httpx.Client(base_url=url, timeout=120) as running_client:
+        with running_client.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}):
+            _wait_for(url, lambda s: s["running"] == 1)
+            waiting_result = {}
+            waiter = threading.Thread(target=lambda: waiting_result.update(
+                response=httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})))
+            waiter.start()
+            _wait_for(url, lambda s: s["waiting"] == 1)
+
+            rejected = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+            assert rejected.status_code == 429, rejected.text
+            error = rejected.json()["error"]
+            assert error["code"] == "queue_full" and "retry" in error["message"]
+            assert rejected.headers.get("retry-after") == "1"
+        # leaving the stream disconnects the running request: the waiting one gets the slot and finishes
+        waiter.join(timeout=60)
+    assert waiting_result["response"].status_code == 200
+    assert wait_until_idle(url)["kv_blocks_used"] == 0
+
+
+def test_sigterm_drains_the_in_flight_stream_then_exits_0(small_server):
+    url = small_server.url
+    body = {**LONG, "max_tokens": 24, "stream": True, "stream_options": {"include_usage": True}}
+    events = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            while not any("content" in e.get("choices", [{}])[0].get("delta", {}) for e in events if e.get("choices")):
+                line = next(lines)
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+            small_server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(httpx.ConnectError):  # no new connections once draining has begun
+                httpx.get(f"{url}/health", timeout=5)
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    assert events[-1] == "data: [DONE]"[6:]
+    assert events[-2]["usage"]["completion_tokens"] == 24
+    finishes = [e["choices"][0]["finish_reason"] for e in events[:-2] if e["choices"][0].get("finish_reason")]
+    assert finishes == ["length"]
+    assert small_server.proc.wait(timeout=60) == 0
+    assert "server stopped" in small_server.log()
