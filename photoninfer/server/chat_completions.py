@@ -6,7 +6,7 @@ import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from photoninfer.engine.async_engine import RequestStream
 from photoninfer.errors import InvalidRequestError
@@ -25,8 +25,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     stream = await ctx.submit(request_id, [prompt], params, body.n)
     if body.stream:
         events = _events(ctx, stream, body, top_n)
-        return StreamingResponse(ctx.sse(stream, events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return ctx.streaming_response(stream, events)
     finals = await ctx.collect(stream, request)
     return JSONResponse(_response(ctx, request_id, body, finals, top_n))
 

@@ -6,7 +6,7 @@ import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from photoninfer.engine.async_engine import RequestStream
 from photoninfer.server.errors import APIError
@@ -24,8 +24,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     echoes = [_prompt_text(ctx.tokenizer, p) for p in prompts] if body.echo else [""] * len(prompts)
     if body.stream:
         events = _events(ctx, stream, body, echoes)
-        return StreamingResponse(ctx.sse(stream, events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return ctx.streaming_response(stream, events)
     finals = await ctx.collect(stream, request)
     return JSONResponse(_response(ctx, request_id, body, finals, echoes))
 

@@ -12,6 +12,7 @@ import math
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from photoninfer.engine.async_engine import AsyncLLMEngine, Prompt, RequestFailedError, RequestStream
 from photoninfer.outputs import CompletionOutput, RequestOutput
@@ -78,6 +79,11 @@ class ServingContext:
             stream.abort()
             self.metrics.observe_request(stream)
         return finals
+
+    def streaming_response(self, stream: RequestStream, events: AsyncIterator[dict]) -> StreamingResponse:
+        """An SSE response; proxies are told not to buffer it, so tokens reach the client as they come."""
+        return StreamingResponse(self.sse(stream, events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def sse(self, stream: RequestStream, events: AsyncIterator[dict]) -> AsyncIterator[str]:
         """Frames events as server-sent events, ends with [DONE]; an engine failure becomes an error event.
