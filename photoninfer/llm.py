@@ -34,7 +34,7 @@ class LLM:
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, add_special_tokens: bool = True) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. A prompt is a string or a list of token ids."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -43,7 +43,7 @@ class LLM:
         request_ids = []
         try:
             for prompt, p in zip(prompts, params):
-                request_ids.append(self._add(prompt, p))
+                request_ids.append(self._add(prompt, p, add_special_tokens))
         except Exception:
             for rid in request_ids:
                 self.engine.abort_request(rid)
@@ -56,7 +56,7 @@ class LLM:
         """Apply the model's chat template to each conversation, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.engine.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, add_special_tokens=False)
 
     def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:
@@ -68,13 +68,13 @@ class LLM:
             raise InvalidRequestError(f"got {len(sampling_params)} SamplingParams for {count} prompts", param="sampling_params")
         return sampling_params
 
-    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+    def _add(self, prompt: Prompt, params: SamplingParams, add_special_tokens: bool) -> str:
         request_id = str(next(self._ids))
         # n > 1: independent sequences; seeded ones get seed, seed+1, ... so they differ
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else None
             sub = dataclasses.replace(params, n=1, seed=seed)
-            self.engine.add_request(f"{request_id}.{i}", prompt, sub)
+            self.engine.add_request(f"{request_id}.{i}", prompt, sub, add_special_tokens=add_special_tokens)
         return request_id
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -12,7 +12,7 @@ from photoninfer.sampling_params import SamplingParams
 HELP = "Type a message and press Enter. /reset clears the conversation, /exit (or Ctrl-D) quits."
 
 
-def stream_reply(engine: LLMEngine, request_id: str, prompt: str, params: SamplingParams, out=sys.stdout) -> str:
+def stream_reply(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams, out=sys.stdout) -> str:
     """Run one request to completion, writing text deltas to `out`; returns the full reply."""
     engine.add_request(request_id, prompt, params)
     text = ""
@@ -48,6 +48,6 @@ def chat_loop(config: EngineConfig, params: SamplingParams, system_prompt: str |
             print("(conversation cleared)", file=stdout)
             continue
         history.append({"role": "user", "content": message})
-        prompt = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        prompt = engine.tokenizer.encode_chat(history)
         reply = stream_reply(engine, f"chat-{turn}", prompt, params, out=stdout)
         history.append({"role": "assistant", "content": reply})

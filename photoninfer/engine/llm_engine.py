@@ -90,12 +90,16 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams,
-                    arrival_time: Optional[float] = None) -> None:
-        """Validate and queue a request. Raises InvalidRequestError before anything is queued."""
+                    arrival_time: Optional[float] = None, add_special_tokens: bool = True) -> None:
+        """Validate and queue a request. Raises InvalidRequestError before anything is queued.
+
+        A text prompt is tokenized with the tokenizer's special tokens (e.g. BOS) unless
+        `add_special_tokens` is False, as for a chat template's output that already holds them.
+        """
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         params.validate()
-        text, token_ids = self._tokenize(prompt)
+        text, token_ids = self._tokenize(prompt, add_special_tokens)
         max_tokens = self._check_length(len(token_ids), params)
         seq = Sequence(request_id, token_ids, params, arrival_time or time.time(), max_tokens)
         self.requests[request_id] = _Request(
@@ -113,9 +117,9 @@ class LLMEngine:
         )
         self.scheduler.add(seq)
 
-    def _tokenize(self, prompt: Union[str, list[int]]) -> tuple[Optional[str], list[int]]:
+    def _tokenize(self, prompt: Union[str, list[int]], add_special_tokens: bool) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
             text = prompt
         elif isinstance(prompt, (list, tuple)):
             token_ids, text = list(prompt), None

@@ -36,6 +36,11 @@ class Tokenizer:
             )
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a rendered conversation. The template already writes the special tokens (BOS
+        included), so the tokenizer must not add them again: Llama-3 would otherwise see two BOS."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
     @property
     def eos_token_id(self) -> Optional[int]:
         return self.hf.eos_token_id

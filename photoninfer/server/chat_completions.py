@@ -30,11 +30,11 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     return JSONResponse(_response(ctx, request_id, body, finals, top_n))
 
 
-def chat_prompt(tokenizer, body: ChatCompletionRequest) -> str:
-    """Renders the conversation with the model's chat template, ready for the assistant's turn."""
+def chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    """Token ids of the conversation rendered with the model's chat template, ready for the assistant's turn."""
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.encode_chat(messages, add_generation_prompt=True)
     except Exception as exc:  # templates raise on conversations they do not support (e.g. role order)
         raise InvalidRequestError(f"the model's chat template rejected these messages: {exc}", "messages") from exc
 

@@ -106,3 +106,20 @@ def test_error_broken_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(ModelLoadError, match=re.escape(str(tmp_path))):
         load_tokenizer(str(tmp_path))
+
+
+def test_chat_ids_carry_the_templates_special_tokens_once(smol_tokenizer_dir, tmp_path):
+    """A tokenizer that adds BOS itself (like Llama-3's) must not add it again to a rendered chat."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    bos = hf.convert_tokens_to_ids("<|im_start|>")  # the token SmolLM2's template starts with
+    hf.backend_tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    hf.save_pretrained(str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.encode("hi")[0] == bos  # the tokenizer does add it to plain text
+    messages = [{"role": "user", "content": "hi"}]
+    ids = tok.encode_chat(messages)
+    assert ids[0] == bos and ids[1] != bos
+    assert ids == list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
