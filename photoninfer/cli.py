@@ -1,4 +1,4 @@
-"""Command line: `photoninfer serve | generate | chat`. With no --model, the bundled SmolLM2 is used."""
+"""Command line: `photoninfer serve | generate | chat | bench`. With no --model, the bundled SmolLM2 is used."""
 
 from __future__ import annotations
 
@@ -81,6 +81,23 @@ def run_chat(args: argparse.Namespace) -> None:
     chat_loop(engine_config_from_args(args), params, system_prompt=args.system)
 
 
+def run_bench_command(args: argparse.Namespace) -> None:
+    import os
+
+    from photoninfer.bench.random_model import build_random_model
+    from photoninfer.bench.runner import format_report, run_bench
+
+    config = engine_config_from_args(args)
+    if args.random_shape:
+        cache = os.environ.get("PHOTONINFER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "photoninfer"))
+        config.model = build_random_model(args.random_shape, os.path.join(cache, "bench", args.random_shape))
+    levels = [int(c) for c in args.concurrency.split(",")]
+    peers = [p for p in args.peers.split(",") if p]
+    report = run_bench(config, levels, args.prompt_len, args.output_len, peers, args.out)
+    print(format_report(report))
+    print(f"written to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="photoninfer", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -98,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat, max_tokens=512)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=run_chat)
+
+    bench = sub.add_parser("bench", help="greedy throughput and TTFT, side by side with HF transformers, to JSON")
+    add_engine_args(bench)
+    bench.add_argument("--random-shape", default=None, help="benchmark random weights of a shape: llama-3.2-1b | tiny")
+    bench.add_argument("--concurrency", default="1,4,16,64", help="comma-separated numbers of simultaneous requests")
+    bench.add_argument("--prompt-len", type=int, default=100)
+    bench.add_argument("--output-len", type=int, default=256)
+    bench.add_argument("--peers", default="hf", help="comma-separated peers to run beside PhotonInfer: hf, or empty")
+    bench.add_argument("--out", default="bench_results/bench.json")
+    bench.set_defaults(func=run_bench_command)
 
     add_serve_parser(sub)
     return parser

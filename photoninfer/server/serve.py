@@ -10,9 +10,6 @@ import argparse
 import logging
 import signal
 
-import uvicorn
-
-from photoninfer.server.guard import DEFAULT_MAX_BODY_BYTES
 
 logger = logging.getLogger("photoninfer.server")
 
@@ -30,32 +27,40 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: the model file)")
     g.add_argument("--max-queue", type=int, default=1024,
                    help="waiting requests allowed before new ones get HTTP 429 (default 1024)")
-    g.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                   help=f"largest request body accepted, else HTTP 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    g.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body accepted, else HTTP 413 (default 4 MiB)")
     g.add_argument("--shutdown-timeout", type=float, default=60.0,
                    help="seconds to let in-flight requests finish after SIGTERM before aborting them")
     parser.set_defaults(func=run_serve)
     return parser
 
 
-class _Server(uvicorn.Server):
-    """uvicorn.Server that logs where the chat page is once the socket is listening."""
+def _server_class():
+    """uvicorn.Server that logs where the chat page is once the socket is listening (uvicorn is imported
+    here, not at module level, so the CLI's other commands start without the server's dependencies)."""
+    import uvicorn
 
-    async def startup(self, sockets=None) -> None:
-        await super().startup(sockets)
-        if self.started and self.servers and self.servers[0].sockets:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-            shown = f"[{shown}]" if ":" in shown else shown
-            logger.info("PhotonInfer is ready: chat page at http://%s:%d/  (API under /v1, docs at /docs)",
-                        shown, port)
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and self.servers and self.servers[0].sockets:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+                shown = f"[{shown}]" if ":" in shown else shown
+                logger.info("PhotonInfer is ready: chat page at http://%s:%d/  (API under /v1, docs at /docs)",
+                            shown, port)
+
+    return Server
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
     from photoninfer.cli import engine_config_from_args
     from photoninfer.engine.async_engine import AsyncLLMEngine
     from photoninfer.engine.llm_engine import LLMEngine
     from photoninfer.server.app import ServerSettings, create_app
+    from photoninfer.server.guard import DEFAULT_MAX_BODY_BYTES
 
     if args.max_queue is not None and args.max_queue < 1:
         raise SystemExit("--max-queue must be at least 1")
@@ -63,7 +68,7 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = LLMEngine(engine_config_from_args(args))
     async_engine = AsyncLLMEngine(engine, max_queue=args.max_queue)
     settings = ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key,
-                              max_body_bytes=args.max_body_bytes)
+                              max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
     app = create_app(async_engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=logging.getLogger().level,
                             timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)
@@ -71,6 +76,6 @@ def run_serve(args: argparse.Namespace) -> int:
     # done, so let that re-raised signal end the process with status 0 instead of killing it.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
-    _Server(config).run()
+    _server_class()(config).run()
     logger.info("server stopped")
     return 0
