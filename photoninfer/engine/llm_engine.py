@@ -202,7 +202,7 @@ class LLMEngine:
     def _sampling_row(self, request: _Request) -> SamplingRow:
         seq = request.seq
         short = seq.num_output_tokens < seq.params.min_tokens
-        return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, request.generator,
+        return SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, request.generator,
                            banned_token_ids=request.banned_while_short if short else ())
 
     def _record_step(self, sched, num_sampled: int) -> None:

@@ -22,10 +22,18 @@ class SamplingRow:
     """What the sampler needs to know about one sequence."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]  # prompt + output so far: the sequence's own list, not a copy (no O(n) per step)
+    num_prompt_tokens: int
     generator: Optional[torch.Generator]  # None: use the shared generator
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS while min_tokens is not reached
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
 
 
 @dataclass
@@ -79,12 +87,11 @@ def apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:
     presence/frequency penalties (OpenAI style) at generated tokens only."""
     p = row.params
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long,
-                            device=logits.device)
+        seen = torch.tensor(sorted(set(row.token_ids)), dtype=torch.long, device=logits.device)
         if seen.numel():
             vals = logits[seen]
             logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
+    if (p.presence_penalty or p.frequency_penalty) and len(row.token_ids) > row.num_prompt_tokens:
         out = torch.tensor(row.output_token_ids, dtype=torch.long, device=logits.device)
         counts = torch.zeros_like(logits).index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)

@@ -15,7 +15,7 @@ N = 6000
 
 def draw(params: SamplingParams, n=N, logits=LOGITS, seed=0) -> torch.Tensor:
     sampler = Sampler(seed=seed, device=torch.device("cpu"))
-    rows = [SamplingRow(params, [], [], None)] * n
+    rows = [SamplingRow(params, [], 0, None)] * n
     results = sampler(logits.expand(n, -1).contiguous(), rows)
     return torch.bincount(torch.tensor([r.token_id for r in results]), minlength=logits.numel()).float() / n
 
@@ -67,8 +67,8 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
     def run(n_neighbours):
         sampler = Sampler(seed=0, device=torch.device("cpu"))
         gen = torch.Generator().manual_seed(42)
-        row = SamplingRow(SamplingParams(temperature=1.0, seed=42), [], [], gen)
-        other = SamplingRow(SamplingParams(temperature=1.0), [], [], None)
+        row = SamplingRow(SamplingParams(temperature=1.0, seed=42), [], 0, gen)
+        other = SamplingRow(SamplingParams(temperature=1.0), [], 0, None)
         tokens = []
         for _ in range(30):
             rows = [other] * n_neighbours + [row]
@@ -81,26 +81,26 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     logits = torch.tensor([2.0, -2.0, 1.0])
-    apply_penalties(logits, SamplingRow(SamplingParams(repetition_penalty=2.0), [0], [1], None))
+    apply_penalties(logits, SamplingRow(SamplingParams(repetition_penalty=2.0), [0, 1], 1, None))
     assert logits.tolist() == [1.0, -4.0, 1.0]
 
 
 def test_presence_and_frequency_penalties_count_generated_tokens():
     logits = torch.zeros(4)
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
-    apply_penalties(logits, SamplingRow(params, [3, 3], [1, 1, 2], None))
+    apply_penalties(logits, SamplingRow(params, [3, 3, 1, 1, 2], 2, None))
     assert logits.tolist() == [0.0, -1.0, -0.75, 0.0]  # the prompt token 3 is not penalized
 
 
 def test_banned_tokens_are_never_sampled():
     sampler = Sampler(seed=0, device=torch.device("cpu"))
-    rows = [SamplingRow(SamplingParams(temperature=0.0), [], [], None, banned_token_ids=(0,))]
+    rows = [SamplingRow(SamplingParams(temperature=0.0), [], 0, None, banned_token_ids=(0,))]
     assert sampler(LOGITS.unsqueeze(0), rows)[0].token_id == 1
 
 
 def test_logprobs_report_raw_distribution_rank_and_top_n():
     sampler = Sampler(seed=0, device=torch.device("cpu"))
-    rows = [SamplingRow(SamplingParams(temperature=0.0, logprobs=3, repetition_penalty=1.5), [0], [], None)]
+    rows = [SamplingRow(SamplingParams(temperature=0.0, logprobs=3, repetition_penalty=1.5), [0], 1, None)]
     res = sampler(LOGITS.unsqueeze(0), rows)[0]
     raw = torch.log_softmax(LOGITS, -1)
     assert math.isclose(res.logprob, float(raw[res.token_id]), rel_tol=1e-6)
