@@ -74,10 +74,12 @@ class RotaryEmbedding(nn.Module):
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if rope_type == "llama3":
             inv_freq = llama3_scaled_inv_freq(inv_freq, scaling)
+        elif rope_type == "freq_factors":  # GGUF's rope_freqs tensor: the same scaling, precomputed
+            inv_freq = inv_freq / torch.tensor(scaling["freq_factors"], dtype=torch.float32)
         elif rope_type not in ("default", None):
             from photoninfer.errors import ConfigError
 
-            raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; supported: default, llama3")
+            raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; supported: default, llama3, freq_factors")
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_position, head_dim/2]
         self.register_buffer("sin", freqs.sin(), persistent=False)

@@ -333,6 +333,18 @@ def _gguf_rope_scaling(reader, arch: str, path: str) -> Optional[dict]:
     return scaling
 
 
+def _gguf_rope_freq_factors(tensors: dict, head_dim: int, path: str) -> Optional[dict]:
+    """llama.cpp stores Llama-3.1+ ("llama3") rope scaling as a tensor of per-frequency divisors of the
+    rotation speed, `rope_freqs.weight`, instead of metadata."""
+    t = tensors.get("rope_freqs.weight")
+    if t is None:
+        return None
+    factors = [float(x) for x in np.asarray(t.data, dtype=np.float32).reshape(-1)]
+    if len(factors) != head_dim // 2:
+        raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' has {len(factors)} values, expected {head_dim // 2}")
+    return {"rope_type": "freq_factors", "freq_factors": factors}
+
+
 def _gguf_config(reader, path: str) -> ModelConfig:
     arch = _gguf_field(reader, "general.architecture", path)
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -363,7 +375,7 @@ def _gguf_config(reader, path: str) -> ModelConfig:
             head_dim=int(_gguf_field(reader, f"{arch}.attention.key_length", path, hidden // heads)),
             rms_norm_eps=float(_gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, 1e-6)),
             rope_theta=float(_gguf_field(reader, f"{arch}.rope.freq_base", path, 10000.0)),
-            rope_scaling=_gguf_rope_scaling(reader, arch, path),
+            rope_scaling=_gguf_rope_freq_factors(tensors, hidden // heads, path) or _gguf_rope_scaling(reader, arch, path),
             max_position_embeddings=int(_gguf_field(reader, f"{arch}.context_length", path, 8192)),
             tie_word_embeddings="output.weight" not in tensors,
             attention_bias="blk.0.attn_q.bias" in tensors,
@@ -380,12 +392,8 @@ def _check_gguf_tensors(reader, path: str) -> int:
     supported = _supported_gguf_types()
     count = 0
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            # llama.cpp stores Llama-3.1+ rope scaling as per-frequency factors, not as metadata.
-            raise ModelLoadError(
-                f"{path}: tensor 'rope_freqs.weight' (llama3 rope scaling baked into a GGUF) is not supported; "
-                "load the HF safetensors directory of this model instead"
-            )
+        if t.name == "rope_freqs.weight":  # read into the config's rope_scaling, not a weight
+            continue
         if _hf_name(t.name) is None:
             logger.warning("%s: skipping unknown GGUF tensor %s", path, t.name)
             continue

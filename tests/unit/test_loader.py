@@ -285,17 +285,18 @@ def test_gguf_weights_equal_transformers_dequantized(smol_checkpoint, default_gg
 # ----------------------------------------------------------------------------------------------------------
 
 
-def write_gguf(path, tensors: dict, arch="llama", hidden=96, heads=3, kv_heads=1, layers=1, skip_keys=()) -> str:
+def write_gguf(path, tensors: dict, arch="llama", hidden=96, heads=3, kv_heads=1, layers=1, skip_keys=(),
+               ffn=128, context=256, theta=100000.0) -> str:
     """Write a GGUF with llama-style metadata. tensors: name -> (numpy array in HF shape order, GGML type)."""
     writer = gguf.GGUFWriter(str(path), arch)
     meta = {
         "block_count": lambda: writer.add_block_count(layers),
-        "context_length": lambda: writer.add_context_length(256),
+        "context_length": lambda: writer.add_context_length(context),
         "embedding_length": lambda: writer.add_embedding_length(hidden),
-        "feed_forward_length": lambda: writer.add_feed_forward_length(128),
+        "feed_forward_length": lambda: writer.add_feed_forward_length(ffn),
         "head_count": lambda: writer.add_head_count(heads),
         "head_count_kv": lambda: writer.add_head_count_kv(kv_heads),
-        "freq_base": lambda: writer.add_rope_freq_base(100000.0),
+        "freq_base": lambda: writer.add_rope_freq_base(theta),
         "rms_eps": lambda: writer.add_layer_norm_rms_eps(1e-5),
         "eos": lambda: writer.add_eos_token_id(2),
         "bos": lambda: writer.add_bos_token_id(1),
@@ -409,10 +410,52 @@ def test_gguf_error_missing_metadata_key(tmp_path):
         load_checkpoint(path)
 
 
-def test_gguf_error_rope_freqs_tensor(tmp_path):
-    tensors = {**EMBEDDING_ONLY, "rope_freqs.weight": (np.ones(16, np.float32), Q.F32)}
-    with pytest.raises(ModelLoadError, match=r"rope\.gguf.*rope_freqs"):
+def test_gguf_error_rope_freqs_of_the_wrong_length(tmp_path):
+    tensors = {**EMBEDDING_ONLY, "rope_freqs.weight": (np.ones(7, np.float32), Q.F32)}
+    with pytest.raises(ModelLoadError, match=r"rope\.gguf.*rope_freqs.*7 values, expected 16"):
         load_checkpoint(write_gguf(tmp_path / "rope.gguf", tensors))
+
+
+# GGUF names of one decoder layer's tensors, as llama.cpp's converter writes them
+_GGUF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def test_llama3_gguf_with_rope_freqs_generates_like_the_hf_directory(make_tiny_model, tmp_path):
+    """A Llama-3.x GGUF as llama.cpp writes it (permuted q/k, llama3 scaling as rope_freqs) gives the same
+    greedy tokens as the safetensors directory it came from."""
+    from photoninfer import LLM, SamplingParams
+    from photoninfer.model.layers import llama3_scaled_inv_freq
+
+    model_dir = make_tiny_model("llama3")
+    ckpt = load_checkpoint(model_dir)
+    cfg, hf = ckpt.config, dict(ckpt.weights())
+    tensors = {"token_embd.weight": (hf["model.embed_tokens.weight"].numpy(), Q.F32),
+               "output_norm.weight": (hf["model.norm.weight"].numpy(), Q.F32),
+               "output.weight": (hf["lm_head.weight"].numpy(), Q.F32)}
+    for i in range(cfg.num_hidden_layers):
+        for gguf_part, hf_part in _GGUF_LAYER.items():
+            w = hf[f"model.layers.{i}.{hf_part}.weight"].numpy()
+            if gguf_part == "attn_q":
+                w = llama_cpp_permute(w, cfg.num_attention_heads)
+            elif gguf_part == "attn_k":
+                w = llama_cpp_permute(w, cfg.num_key_value_heads)
+            tensors[f"blk.{i}.{gguf_part}.weight"] = (w, Q.F32)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    factors = inv_freq / llama3_scaled_inv_freq(inv_freq, cfg.rope_scaling)
+    assert factors.max() > 1.5  # the scaling really changes some frequencies
+    tensors["rope_freqs.weight"] = (factors.numpy(), Q.F32)
+    path = write_gguf(tmp_path / "llama3.gguf", tensors, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
+                      kv_heads=cfg.num_key_value_heads, layers=cfg.num_hidden_layers, ffn=cfg.intermediate_size,
+                      context=cfg.max_position_embeddings, theta=cfg.rope_theta)
+    assert load_checkpoint(path).config.rope_scaling["rope_type"] == "freq_factors"
+
+    prompts = [list(range(100, 100 + n)) for n in (3, 80, 200)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    from_dir = LLM(model_dir, device="cpu").generate(prompts, params)
+    from_gguf = LLM(path, tokenizer=model_dir, device="cpu").generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in from_gguf] == [o.outputs[0].token_ids for o in from_dir]
 
 
 def test_gguf_error_not_a_gguf(tmp_path):
