@@ -94,6 +94,7 @@ class EngineConfig:
     device: str = "auto"
     quantization: Optional[str] = None  # seam for the quantization issue
     block_size: int = 16
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: Optional[int] = None  # defaults to the model's max_position_embeddings

@@ -1,25 +1,37 @@
-"""BlockManager: hands out fixed-size blocks of the paged KV cache to sequences.
+"""BlockManager: hands out fixed-size blocks of the paged KV cache to sequences, and remembers full blocks
+so that later sequences starting with the same tokens reuse them (prefix caching).
 
-A block holds the K/V of `block_size` consecutive tokens of one sequence. Blocks carry reference
-counts so that a later prefix cache (or parallel sampling) can share a block between sequences;
-a block returns to the free list when its count drops to zero.
+A block holds the K/V of `block_size` consecutive tokens of one sequence. A full block is identified by
+its tokens and everything before them (a hash chain), so two sequences with a common prefix can point
+at the same blocks; reference counts say how many sequences hold a block. A block nobody holds goes
+back to the free list but keeps its contents and identity until it is handed out again: the free list
+is ordered least recently freed first, so cached prefixes are evicted last-used-last.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from typing import Optional
 
 from photoninfer.engine.sequence import Sequence
 
+BlockKey = tuple[int, tuple[int, ...]]  # (hash of the previous block's key, this block's token ids)
+
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"need positive num_blocks and block_size, got {num_blocks} and {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached_blocks: dict[BlockKey, int] = {}  # full blocks whose contents are known
+        self.block_keys: list[Optional[BlockKey]] = [None] * num_blocks
+        self.prefix_hit_tokens = 0  # tokens whose K/V came from the cache instead of being computed
+        # seq_id -> (blocks of that sequence already offered to the cache, hash of the last one's key)
+        self._cache_progress: dict[int, tuple[int, int]] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -36,8 +48,64 @@ class BlockManager:
         """How many more blocks `seq` needs so that its first `num_tokens` tokens have a KV slot."""
         return max(0, self.blocks_for(num_tokens) - len(seq.block_table))
 
-    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.num_new_blocks_needed(seq, num_tokens) <= self.num_free_blocks
+    # ---- prefix cache ---------------------------------------------------------------------------------
+
+    def _keys(self, token_ids: list[int], num_blocks: int, start: int = 0, parent: int = 0) -> list[BlockKey]:
+        """Keys of blocks start..num_blocks-1; `parent` is the hash of block start-1's key (0 for none)."""
+        keys = []
+        for i in range(start, num_blocks):
+            key = (parent, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]))
+            keys.append(key)
+            parent = hash(key)
+        return keys
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the longest prefix of `seq`'s tokens. The block of the last token is never
+        reused: its logits must be computed, and a shared block must not be written."""
+        if not self.enable_prefix_caching or seq.block_table:
+            return []
+        blocks = []
+        for key in self._keys(seq.token_ids, (seq.num_tokens - 1) // self.block_size):
+            block_id = self.cached_blocks.get(key)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+        return blocks
+
+    def can_allocate(self, seq: Sequence, num_tokens: int, prefix: list[int] = ()) -> bool:
+        """Whether `seq` (taking the cached `prefix` blocks first) can cover `num_tokens` tokens."""
+        reused_free = sum(1 for b in prefix if self.ref_counts[b] == 0)  # they leave the free list too
+        new = max(0, self.num_new_blocks_needed(seq, num_tokens) - len(prefix))
+        return reused_free + new <= self.num_free_blocks
+
+    def take_prefix(self, seq: Sequence, prefix: list[int]) -> None:
+        """Give `seq` the cached `prefix` blocks; their tokens count as computed."""
+        if not prefix:
+            return
+        for block_id in prefix:
+            if self.ref_counts[block_id] == 0:
+                del self.free_block_ids[block_id]
+            self.ref_counts[block_id] += 1
+            seq.block_table.append(block_id)
+        seq.num_computed_tokens = len(prefix) * self.block_size
+        self.prefix_hit_tokens += seq.num_computed_tokens
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Remember the blocks of `seq` that are now completely computed, for later sequences to reuse."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        done, parent = self._cache_progress.get(seq.seq_id, (0, 0))
+        if num_full <= done:
+            return
+        keys = self._keys(seq.token_ids, num_full, done, parent)
+        for key, block_id in zip(keys, seq.block_table[done:num_full]):
+            if self.block_keys[block_id] is None and key not in self.cached_blocks:  # else: a copy is cached
+                self.block_keys[block_id] = key
+                self.cached_blocks[key] = block_id
+        self._cache_progress[seq.seq_id] = (num_full, hash(keys[-1]))
+
+    # ---- allocation ------------------------------------------------------------------------------------
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow `seq.block_table` to cover `num_tokens` tokens. Call can_allocate first."""
@@ -45,19 +113,22 @@ class BlockManager:
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
         for _ in range(needed):
-            block_id = self.free_block_ids.popleft()
+            block_id, _ = self.free_block_ids.popitem(last=False)  # least recently freed: evict it
+            key = self.block_keys[block_id]
+            if key is not None:  # its cached contents are about to be overwritten
+                del self.cached_blocks[key]
+                self.block_keys[block_id] = None
             self.ref_counts[block_id] = 1
             seq.block_table.append(block_id)
 
     def free(self, seq: Sequence) -> None:
-        """Drop `seq`'s references; blocks nobody else holds go back to the free list.
-
-        Freed in reverse so the tail blocks (least likely to be shared later) are reused first.
-        """
+        """Drop `seq`'s references; blocks nobody else holds go back to the free list, keeping their
+        cached contents. Freed in reverse, so a sequence's tail is evicted before its prefix."""
         for block_id in reversed(seq.block_table):
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] < 0:
                 raise RuntimeError(f"block {block_id} freed more often than allocated")
             if self.ref_counts[block_id] == 0:
-                self.free_block_ids.append(block_id)
+                self.free_block_ids[block_id] = None
         seq.block_table = []
+        self._cache_progress.pop(seq.seq_id, None)

@@ -38,6 +38,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int
+    prefix_cache_hit_tokens: int = 0  # prompt tokens whose K/V were reused instead of computed
 
 
 @dataclass
@@ -66,7 +67,7 @@ class LLMEngine:
         self.model_config = checkpoint.config
         self.tokenizer = load_tokenizer(config.tokenizer or model_path)
         self.runner = ModelRunner(checkpoint, config, self.device, self.dtype)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.max_model_len = self._resolve_max_model_len(config)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -275,4 +276,5 @@ class LLMEngine:
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._gen_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_tokens=self.block_manager.prefix_hit_tokens,
         )

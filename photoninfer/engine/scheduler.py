@@ -129,10 +129,13 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
+            prefix = self.block_manager.cached_prefix(seq)  # K/V already in the cache: not recomputed
+            start = len(prefix) * self.block_manager.block_size
+            num_new = min(seq.num_tokens - start, budget)
+            if not self.block_manager.can_allocate(seq, start + num_new, prefix):
                 break  # first come, first served: do not let later requests jump the queue
             self.waiting.popleft()
+            self.block_manager.take_prefix(seq, prefix)
             self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -143,6 +146,7 @@ class Scheduler:
         """Advance progress of every scheduled sequence and append sampled tokens (keyed by seq_id)."""
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(item.seq)
             token = sampled.get(item.seq.seq_id)
             if token is not None:
                 item.seq.append_token(token)

@@ -42,6 +42,9 @@ class _EngineCollector:
             "photoninfer_prompt_tokens": ("Prompt tokens processed.", s.prompt_tokens_total),
             "photoninfer_generation_tokens": ("Tokens generated.", s.generation_tokens_total),
             "photoninfer_engine_steps": ("Engine steps run.", s.steps_total),
+            "photoninfer_prefix_cache_hit_tokens": ("Prompt tokens whose KV came from the prefix cache.",
+                                                    s.prefix_cache_hit_tokens),
+            "photoninfer_preemptions": ("Sequences preempted (KV dropped, recomputed later).", s.num_preemptions),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

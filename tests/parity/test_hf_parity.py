@@ -35,7 +35,7 @@ def reference(request, make_tiny_model):
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
     with torch.no_grad():
         expected = [hf_greedy(model, p) for p in prompts]
-    return path, prompts, expected
+    return path, prompts, expected, model
 
 
 # min_tokens bans EOS exactly like HF's min_new_tokens, so both sides generate NEW_TOKENS tokens
@@ -52,23 +52,38 @@ def check_matches(outputs, expected):
 
 
 def test_batched_greedy_equals_hf(reference):
-    path, prompts, expected = reference
+    path, prompts, expected, _ = reference
     llm = LLM(path, dtype="float32", device="cpu")
     check_matches(llm.generate(prompts, GREEDY), expected)
     assert llm.engine.stats().num_preemptions == 0
 
 
 def test_chunked_prefill_keeps_tokens(reference):
-    path, prompts, expected = reference
+    path, prompts, expected, _ = reference
     llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=48)
     check_matches(llm.generate(prompts, GREEDY), expected)
 
 
 def test_preemption_keeps_tokens(reference):
-    path, prompts, expected = reference
+    path, prompts, expected, _ = reference
     # the longest request needs ceil(312/16) = 20 blocks; the whole batch needs ~60
     llm = LLM(path, dtype="float32", device="cpu", num_kv_blocks=24, max_num_batched_tokens=128)
     check_matches(llm.generate(prompts, GREEDY), expected)
     stats = llm.engine.stats()
     assert stats.num_preemptions > 0
+    assert stats.kv_blocks_used == 0
+
+
+def test_prefix_cache_keeps_tokens(reference):
+    """Prompts sharing prefixes of 40..290 tokens with earlier ones reuse cached blocks, tokens unchanged."""
+    path, prompts, _, model = reference
+    longest = prompts[-1]
+    shared = [longest[:n] + prompts[i][:5] for i, n in enumerate([40, 100, 170, 290])]
+    with torch.no_grad():
+        expected = [hf_greedy(model, p) for p in shared]
+    llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=128)
+    llm.generate([longest], GREEDY)  # fills the cache with the long prompt's blocks
+    check_matches(llm.generate(shared, GREEDY), expected)
+    stats = llm.engine.stats()
+    assert stats.prefix_cache_hit_tokens >= (32 + 96 + 160 + 288)
     assert stats.kv_blocks_used == 0

@@ -10,7 +10,7 @@ import pytest
 
 from photoninfer import LLM, SamplingParams
 
-from server_harness import API_KEY, wait_until_idle
+from server_harness import API_KEY, metric_samples, wait_until_idle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -185,3 +185,19 @@ def test_page_docs_health_metrics_and_engine_panel(server, http):
                  "photoninfer_kv_blocks_total", "photoninfer_prompt_tokens_total",
                  "photoninfer_generation_tokens_total", "photoninfer_step_num_seqs_bucket"):
         assert name in metrics.text, name
+
+
+def test_repeated_conversation_prefix_comes_from_the_prefix_cache(client, model, http):
+    def hits():
+        return metric_samples(http.get("/metrics").text, "photoninfer_prefix_cache_hit_tokens")[
+            "photoninfer_prefix_cache_hit_tokens_total"]
+
+    history = [{"role": "system", "content": "You are a patient teacher who explains things step by step. " * 3},
+               {"role": "user", "content": "What is a prime number?"}]
+    first = client.chat.completions.create(model=model, messages=history, max_tokens=8, temperature=0)
+    before = hits()
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "Give an example."}]
+    client.chat.completions.create(model=model, messages=history, max_tokens=8, temperature=0)
+    # the second turn's prompt starts with the whole first prompt (about 70 tokens): its full blocks are reused
+    assert hits() - before >= 48

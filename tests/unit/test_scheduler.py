@@ -12,8 +12,8 @@ def make_seq(name, prompt_len, max_tokens=8):
     return Sequence(name, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), 0.0)
 
 
-def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=64):
-    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget)
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=64, prefix_caching=True):
+    return Scheduler(BlockManager(num_blocks, block_size, prefix_caching), max_num_seqs, budget)
 
 
 def run_step(sched, token=7):
@@ -69,30 +69,77 @@ def test_prefill_chunk_is_mixed_with_decodes_in_one_step():
     assert scheduled_map(out) == {"a": 1, "b": 7}  # decode first, prompt chunk fills the rest
 
 
-def test_preemption_frees_newest_and_resumes_by_recompute():
-    sched = make_scheduler(num_blocks=6, block_size=4, budget=64)
+def preempt_newest(prefix_caching):
+    """Two sequences outgrow 6 blocks of 4: the newer one is preempted. Returns (scheduler, old, new)."""
+    sched = make_scheduler(num_blocks=6, block_size=4, budget=64, prefix_caching=prefix_caching)
     old, new = make_seq("old", 8), make_seq("new", 8)
     sched.add(old)
     sched.add(new)
     run_step(sched)  # 2 blocks each, 2 free
     for _ in range(4):  # both grow into a third block, then "old" needs a 4th
         run_step(sched)
-    preempted = False
     for _ in range(8):
         out = run_step(sched)
         if out.preempted:
-            preempted = True
             assert [s.request_id for s in out.preempted] == ["new"]
             assert new.status is SequenceStatus.PREEMPTED and new.num_computed_tokens == 0
             assert new.block_table == [] and sched.waiting[0] is new
-            break
-    assert preempted
+            return sched, old, new
+    raise AssertionError("no preemption happened")
+
+
+def test_preemption_frees_newest_and_resumes_by_recompute():
+    sched, old, new = preempt_newest(prefix_caching=False)
     outputs_before = list(new.output_token_ids)
     sched.finish(old, "length")  # frees room: "new" is recomputed, prompt + its generated tokens
     out = run_step(sched)
     assert scheduled_map(out) == {"new": new.num_prompt_tokens + len(outputs_before)}
     assert new.output_token_ids[: len(outputs_before)] == outputs_before
     assert new.num_output_tokens == len(outputs_before) + 1
+
+
+def test_preempted_sequence_resumes_from_its_cached_blocks():
+    sched, old, new = preempt_newest(prefix_caching=True)
+    num_tokens = new.num_tokens
+    sched.finish(old, "length")
+    out = run_step(sched)
+    # every full block before the last token is reused; only the rest is recomputed
+    reused = (num_tokens - 1) // 4 * 4
+    assert scheduled_map(out) == {"new": num_tokens - reused}
+    assert sched.block_manager.prefix_hit_tokens == reused
+
+
+def test_common_prompt_prefix_shares_blocks():
+    sched = make_scheduler(num_blocks=20, block_size=4)
+    first = Sequence("first", list(range(1, 15)), SamplingParams(max_tokens=4), 0.0)  # 14 tokens: 3 full blocks
+    sched.add(first)
+    run_step(sched)
+    second = Sequence("second", list(range(1, 13)) + [99, 98], SamplingParams(max_tokens=4), 0.0)
+    sched.add(second)
+    out = run_step(sched)
+    assert scheduled_map(out) == {"first": 1, "second": 14 - 12}  # 12 common tokens = 3 cached blocks
+    assert second.block_table[:3] == first.block_table[:3]
+    assert [sched.block_manager.ref_counts[b] for b in first.block_table[:3]] == [2, 2, 2]
+    sched.finish(first, "abort")
+    sched.finish(second, "abort")
+    assert sched.block_manager.num_free_blocks == 20
+
+
+def test_cached_blocks_are_evicted_when_memory_is_needed():
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    seq = make_seq("a", 9)  # 3 blocks, 2 of them full and cached
+    sched.add(seq)
+    run_step(sched)
+    sched.finish(seq, "stop")
+    bm = sched.block_manager
+    assert bm.num_free_blocks == 4 and len(bm.cached_blocks) == 2
+    stale = set(bm.cached_blocks)
+    other = Sequence("b", list(range(50, 66)), SamplingParams(max_tokens=1), 0.0)  # needs all 4 blocks
+    sched.add(other)
+    run_step(sched)
+    assert len(other.block_table) == 4 and not stale & set(bm.cached_blocks)  # a's entries were dropped
+    again = make_seq("a-again", 9)
+    assert bm.cached_prefix(again) == []
 
 
 def test_abort_frees_blocks_at_once():
