@@ -100,6 +100,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         params.validate()
+        if params.n != 1:
+            raise InvalidRequestError(
+                f"LLMEngine runs one sequence per request, got n={params.n}; add n requests (as LLM and the "
+                "server do) or use LLM.generate", param="n")
         text, token_ids = self._tokenize(prompt, add_special_tokens)
         max_tokens = self._check_length(len(token_ids), params)
         seq = Sequence(request_id, token_ids, params, arrival_time or time.time(), max_tokens)

@@ -92,6 +92,7 @@ def test_abort_frees_blocks_and_stops_output(llm):
     ([1, 2, 10**9], SamplingParams(), "token ids"),
     (123, SamplingParams(), "string or a list"),
     ("hi", SamplingParams(max_tokens=10_000), "maximum context length of 256"),
+    ("hi", SamplingParams(n=2), "one sequence per request"),
     ([1] * 300, SamplingParams(max_tokens=1), "300 tokens"),
 ])
 def test_bad_requests_are_rejected_before_queueing(llm, prompt, params, match):
