@@ -120,3 +120,22 @@ def test_invalid_sampling_params_raise_with_param_name(kwargs, param):
     with pytest.raises(InvalidRequestError) as err:
         SamplingParams(**kwargs)
     assert err.value.param == param and param in str(err.value)
+
+
+def test_batched_truncation_keeps_the_same_sets_as_the_row_reference():
+    """Mixed rows in one batch, including a flat row whose nucleus is wider than the searched columns."""
+    from photoninfer.runner.sampler import NUCLEUS_SEARCH_WIDTH, batched_truncated_probs
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 3 * NUCLEUS_SEARCH_WIDTH
+    logits = torch.randn(7, vocab, generator=g) * 3
+    logits[6] = torch.randn(vocab, generator=g) * 0.01  # nearly uniform: top_p 0.9 needs ~2.7k tokens
+    params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.5),
+              SamplingParams(temperature=1.3, top_k=40, top_p=0.8), SamplingParams(min_p=0.1), SamplingParams(),
+              SamplingParams(temperature=0.9, top_p=0.999, min_p=0.01), SamplingParams(top_p=0.9)]
+    batched = batched_truncated_probs(logits, [SamplingRow(p, [], 0, None) for p in params])
+    for i, p in enumerate(params):
+        reference = truncated_probs(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
+        assert torch.equal(batched[i] > 0, reference > 0), i
+        torch.testing.assert_close(batched[i] / batched[i].sum(), reference)
+    assert int((batched[6] > 0).sum()) > NUCLEUS_SEARCH_WIDTH
