@@ -83,9 +83,13 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def _tokenizer_cache_dir(path: str) -> str:
-    """Where the HF form of a GGUF's tokenizer is kept, keyed by the file's path, size and mtime."""
+    """Where the HF form of a GGUF's tokenizer is kept, keyed by the file's path, size and mtime and by the
+    transformers version that converted it."""
+    import transformers
+
     stat = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    identity = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     root = os.environ.get("PHOTONINFER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "photoninfer"))
     return os.path.join(root, "tokenizers", key)
 
