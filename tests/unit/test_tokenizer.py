@@ -123,3 +123,16 @@ def test_chat_ids_carry_the_templates_special_tokens_once(smol_tokenizer_dir, tm
     ids = tok.encode_chat(messages)
     assert ids[0] == bos and ids[1] != bos
     assert ids == list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def test_gguf_tokenizer_is_converted_once_then_loaded_from_the_cache(default_gguf_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("PHOTONINFER_CACHE", str(tmp_path))
+    fresh = load_tokenizer(default_gguf_path)
+    cached_files = list(tmp_path.glob("tokenizers/*/tokenizer.json"))
+    assert len(cached_files) == 1
+    again = load_tokenizer(default_gguf_path)
+    text = "Cached 🚀 tokenizer — 日本語"
+    assert again.encode(text) == fresh.encode(text)
+    messages = [{"role": "user", "content": text}]
+    assert again.apply_chat_template(messages) == fresh.apply_chat_template(messages)
+    assert again.eos_token_id == fresh.eos_token_id
