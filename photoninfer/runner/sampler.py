@@ -27,14 +27,6 @@ class SamplingRow:
     generator: Optional[torch.Generator]  # None: use the shared generator
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS while min_tokens is not reached
 
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
 
 @dataclass
 class SampleResult:
@@ -152,7 +144,7 @@ def apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:
             vals = logits[seen]
             logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and len(row.token_ids) > row.num_prompt_tokens:
-        out = torch.tensor(row.output_token_ids, dtype=torch.long, device=logits.device)
+        out = torch.tensor(row.token_ids[row.num_prompt_tokens :], dtype=torch.long, device=logits.device)
         counts = torch.zeros_like(logits).index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
