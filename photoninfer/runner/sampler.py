@@ -123,6 +123,7 @@ def _rank_thresholds(probs: torch.Tensor, params: list[SamplingParams]) -> torch
     renormalized = kept / kept.sum(dim=-1, keepdim=True)  # top-p applies to the top-k set, renormalized
     top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=probs.device).unsqueeze(1)
     keep = in_top_k & (torch.cumsum(renormalized, dim=-1) - renormalized < top_p)
+    keep[:, 0] = True  # the best token always stays (a top_p below float32's range would drop it)
     threshold = best.gather(1, keep.sum(dim=-1, keepdim=True) - 1).squeeze(1)
     # A nucleus wider than the searched columns (a very flat distribution): sort those rows whole.
     short = [i for i, (kk, p) in enumerate(zip(top_k, params))
@@ -130,6 +131,7 @@ def _rank_thresholds(probs: torch.Tensor, params: list[SamplingParams]) -> torch
     if short:
         ordered = torch.sort(probs[short], dim=-1, descending=True).values
         keep_sorted = torch.cumsum(ordered, dim=-1) - ordered < top_p[short]
+        keep_sorted[:, 0] = True
         threshold[short] = ordered.gather(1, keep_sorted.sum(dim=-1, keepdim=True) - 1).squeeze(1)
     return threshold
 

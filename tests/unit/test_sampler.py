@@ -139,3 +139,11 @@ def test_batched_truncation_keeps_the_same_sets_as_the_row_reference():
         assert torch.equal(batched[i] > 0, reference > 0), i
         torch.testing.assert_close(batched[i] / batched[i].sum(), reference)
     assert int((batched[6] > 0).sum()) > NUCLEUS_SEARCH_WIDTH
+
+
+def test_a_vanishing_top_p_keeps_only_the_best_token():
+    """top_p = 5e-324 (found by the server fuzz test) rounds to 0 in float32: it must act like greedy, not crash."""
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    for top_k in (0, 3):
+        rows = [SamplingRow(SamplingParams(temperature=1.0, top_p=5e-324, top_k=top_k), [], 0, None)] * 20
+        assert {r.token_id for r in sampler(LOGITS.expand(20, -1).contiguous(), rows)} == {0}
