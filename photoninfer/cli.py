@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from photoninfer.config import EngineConfig
+from photoninfer.config import EngineConfig, cache_dir
 from photoninfer.errors import PhotonInferError
 from photoninfer.sampling_params import SamplingParams
 from photoninfer.server.serve import add_serve_parser
@@ -84,15 +84,12 @@ def run_chat(args: argparse.Namespace) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> None:
-    import os
-
     from photoninfer.bench.random_model import build_random_model
     from photoninfer.bench.runner import format_report, run_bench
 
     config = engine_config_from_args(args)
     if args.random_shape:
-        cache = os.environ.get("PHOTONINFER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "photoninfer"))
-        config.model = build_random_model(args.random_shape, os.path.join(cache, "bench", args.random_shape))
+        config.model = build_random_model(args.random_shape, cache_dir("bench", args.random_shape))
     levels = [int(c) for c in args.concurrency.split(",")]
     peers = [p for p in args.peers.split(",") if p]
     report = run_bench(config, levels, args.prompt_len, args.output_len, peers, args.out)

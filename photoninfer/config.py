@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -56,6 +57,12 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+
+def cache_dir(*parts: str) -> str:
+    """PhotonInfer's own cache ($PHOTONINFER_CACHE, else ~/.cache/photoninfer), joined with `parts`."""
+    root = os.environ.get("PHOTONINFER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "photoninfer"))
+    return os.path.join(root, *parts)
 
 
 _DTYPES = {

@@ -199,9 +199,7 @@ class LLMEngine:
 
     def _fail_request(self, request: _Request, exc: Exception) -> RequestOutput:
         """End a request whose processing raised: finish_reason "error", stop_reason the error text."""
-        self.scheduler.finish(request.seq, "error", f"{type(exc).__name__}: {exc}")
-        request.metrics.finished_time = time.time()
-        self.requests.pop(request.seq.request_id, None)
+        self._finish(request, "error", f"{type(exc).__name__}: {exc}")
         return self._output(request)
 
     def _sampling_row(self, request: _Request) -> SamplingRow:
@@ -224,7 +222,7 @@ class LLMEngine:
         token = result.token_id
         request.metrics.first_token_time = request.metrics.first_token_time or time.time()
         if request.logprobs is not None:
-            request.logprobs.append(self._logprob_entry(result))
+            request.logprobs.append(self._logprob_entry(request.detokenizer, result))
             request.cumulative_logprob += result.logprob
         if token in self.eos_token_ids and not params.ignore_eos:
             self._finish(request, "stop", None)
@@ -238,15 +236,16 @@ class LLMEngine:
                 self._finish(request, "length", None)
         return self._output(request)
 
-    def _logprob_entry(self, result: SampleResult) -> dict[int, Logprob]:
-        decode = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    @staticmethod
+    def _logprob_entry(detokenizer: IncrementalDetokenizer, result: SampleResult) -> dict[int, Logprob]:
+        decode = detokenizer.decode_token
         entry = {result.token_id: Logprob(result.logprob, result.rank, decode(result.token_id))}
         for rank, (token_id, logprob) in enumerate(result.top_logprobs or [], start=1):
             entry.setdefault(token_id, Logprob(logprob, rank, decode(token_id)))
         return entry
 
     def _finish(self, request: _Request, reason: str, stop_reason: object) -> None:
-        if reason != "stop" or stop_reason is None or isinstance(stop_reason, int):
+        if reason != "error":  # show text held back for a possible stop string (no-op after a stop match)
             request.detokenizer.finish()
         self.scheduler.finish(request.seq, reason, stop_reason)
         request.metrics.finished_time = time.time()

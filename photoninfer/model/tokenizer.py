@@ -9,6 +9,7 @@ import hashlib
 import os
 from typing import Optional
 
+from photoninfer.config import cache_dir
 from photoninfer.errors import ConfigError, ModelLoadError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -90,8 +91,7 @@ def _tokenizer_cache_dir(path: str) -> str:
     stat = os.stat(path)
     identity = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    root = os.environ.get("PHOTONINFER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "photoninfer"))
-    return os.path.join(root, "tokenizers", key)
+    return cache_dir("tokenizers", key)
 
 
 def _load_gguf_tokenizer(path: str):
