@@ -29,6 +29,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory-gb", type=float, default=defaults.kv_cache_memory_gb, help="CPU KV cache size")
     g.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
     g.add_argument("--seed", type=int, default=defaults.seed)
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs (every step runs eagerly)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -37,7 +38,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
-        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, enforce_eager=args.enforce_eager,
     )
 
 

@@ -109,6 +109,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0  # CPU: how much RAM the paged KV cache may take
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of the card the engine may take
     seed: int = 0
+    enforce_eager: bool = False  # CUDA: run every step eagerly (no CUDA graphs), as vLLM's flag
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

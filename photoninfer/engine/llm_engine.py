@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Optional, Union
-
-import torch
 
 from photoninfer.config import EngineConfig, resolve_device, resolve_dtype
 from photoninfer.engine.block_manager import BlockManager
@@ -48,7 +47,7 @@ class _Request:
     seq: Sequence
     prompt: Optional[str]
     detokenizer: IncrementalDetokenizer
-    generator: Optional[torch.Generator]
+    generator: Optional[random.Random]
     metrics: RequestMetrics
     logprobs: Optional[list] = None
     cumulative_logprob: Optional[float] = None
@@ -69,24 +68,12 @@ class LLMEngine:
         self.runner = ModelRunner(checkpoint, config, self.device, self.dtype)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.max_model_len = self._resolve_max_model_len(config)
+        self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, _Request] = {}
         self._steps = self._last_seqs = self._last_tokens = self._prompt_tokens = self._gen_tokens = 0
-
-    def _resolve_max_model_len(self, config: EngineConfig) -> int:
-        model_max = self.model_config.max_position_embeddings
-        if config.max_model_len is not None and config.max_model_len > model_max:
-            raise ConfigError(
-                f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings {model_max}"
-            )
-        cache_tokens = self.block_manager.num_blocks * self.block_manager.block_size
-        max_len = min(config.max_model_len or model_max, cache_tokens)
-        if max_len < (config.max_model_len or model_max):
-            logger.warning("max_model_len limited to %d tokens: that is all the KV cache holds", max_len)
-        return max_len
 
     # ---- requests ----------------------------------------------------------------------------------
 
@@ -152,12 +139,10 @@ class LLMEngine:
                 f"tokens exceed the maximum context length of {self.max_model_len}", param="max_tokens")
         return params.max_tokens
 
-    def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
-        if seed is None:
-            return None
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed)
-        return generator
+    @staticmethod
+    def _generator(seed: Optional[int]) -> Optional[random.Random]:
+        """A seeded request's own RNG (host side: one uniform number per step feeds the device's draw)."""
+        return None if seed is None else random.Random(seed)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""

@@ -28,12 +28,20 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as HF does), optionally fused with the residual add that precedes it."""
+    """RMSNorm computed in float32 (as HF does), optionally fused with the residual add that precedes it.
+
+    `use_kernel()` switches to the Triton kernels (CUDA); this torch code is their reference."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.kernels = None
+
+    def use_kernel(self) -> None:
+        from photoninfer.kernels import rmsnorm
+
+        self.kernels = rmsnorm
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -42,10 +50,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """Without `residual`: returns norm(x). With it: returns (norm(x + residual), x + residual)."""
+        if self.kernels is not None:
+            if residual is None:
+                return self.kernels.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+            return self.kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self.normalize(x)
         x = x + residual
         return self.normalize(x), x
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] -> silu(gate) * up; the reference of kernels.activation.silu_and_mul."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:

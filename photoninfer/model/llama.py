@@ -14,12 +14,11 @@ from tqdm import tqdm
 
 from photoninfer.config import ModelConfig
 from photoninfer.errors import ModelLoadError
-from photoninfer.model.layers import Linear, RMSNorm, RotaryEmbedding
-from photoninfer.runner.attention import AttentionMetadata, make_attention_backend
+from photoninfer.model.layers import Linear, RMSNorm, RotaryEmbedding, silu_and_mul
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, device: torch.device):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
@@ -27,18 +26,17 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.backend = make_attention_backend(device, scale=self.head_dim**-0.5)
 
-    def forward(self, x, positions, rope: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
+    def forward(self, x, positions, rope: RotaryEmbedding, kv_cache, backend, meta):
+        num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3 normalizes each head before rotating it
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = backend.forward(q, k, v, positions, rope, kv_cache, meta)  # rotates, writes K/V, attends
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class MLP(nn.Module):
@@ -47,49 +45,63 @@ class MLP(nn.Module):
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = silu_and_mul  # the Triton kernel on CUDA (CausalLM.use_kernels)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, device: torch.device):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, device)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, positions, rope, kv_cache, meta):
+    def forward(self, x, residual, positions, rope, kv_cache, backend, meta):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, rope, kv_cache, meta)
+        x = self.self_attn(x, positions, rope, kv_cache, backend, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
 
 class CausalLM(nn.Module):
-    """Embeddings -> N decoder layers -> final norm; `compute_logits` applies the LM head."""
+    """Embeddings -> N decoder layers -> final norm; `compute_logits` applies the LM head.
 
-    def __init__(self, cfg: ModelConfig, device: torch.device):
+    `attention` is the attention backend (runner/attention.py), set by the runner before the first forward."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.attention = None
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, device) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
 
+    def use_kernels(self) -> None:
+        """Fused Triton kernels for the norms and SiLU·mul (CUDA); the torch code stays their reference."""
+        from photoninfer.kernels.activation import silu_and_mul as silu_and_mul_kernel
+
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.use_kernel()
+            elif isinstance(module, MLP):
+                module.act = silu_and_mul_kernel
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden]. kv_caches[i]: [2, blocks, block, Hkv, D]."""
+                meta) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden]. kv_caches[i]: [2, blocks, block, Hkv, D];
+        `meta` is what the attention backend's prepare() built for this batch."""
         x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, self.rope, kv_cache, meta)
+            x, residual = layer(x, residual, positions, self.rope, kv_cache, self.attention, meta)
         x, _ = self.norm(x, residual)
         return x
 

@@ -1,17 +1,27 @@
 """Attention over the paged KV cache, behind a small backend interface chosen by device.
 
-The KV cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]. Token t of
-a sequence lives in block `block_table[t // block_size]`, offset `t % block_size`; its flat "slot" is
-block_id * block_size + offset. The torch reference here is the CPU backend and the ground truth the
-Triton kernels (CUDA backend, a later issue) are tested against.
+The KV cache of one layer is one tensor [2, num_blocks, block_size, num_kv_heads, head_dim] (K, then V).
+Token t of a sequence lives in block `block_table[t // block_size]`, offset `t % block_size`; its flat
+"slot" is block_id * block_size + offset.
+
+A backend has two methods:
+  prepare(batch) -> metadata   once per step, shared by all layers (each backend builds what it needs)
+  forward(q, k, v, positions, rope, kv_cache, meta) -> out
+                               rotates q and k, writes K/V into the cache, attends from the cache
+The torch reference (`TorchPagedAttention`) is the CPU backend and the ground truth that the Triton
+backend (CUDA) is tested against.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from photoninfer.runner.batch import ForwardBatch
 
 
 @dataclass
@@ -24,53 +34,21 @@ class PrefillSlice:
 
 
 @dataclass
-class AttentionMetadata:
-    """Describes one flattened batch: sequence i owns query rows query_start[i]:query_start[i+1].
+class TorchAttentionMetadata:
+    """The torch backend's own view of a batch: decoding sequences padded into one batch, the others
+    (prefill chunks, recompute) one by one. Index tensors are built once per step for all layers."""
 
-    The layout fields (slot_mapping, query_start, seq_lens, block_tables) are what a fused kernel needs;
-    the derived index tensors below are built once per step for the torch backend and shared by all layers.
-    """
-
-    slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V is written
-    query_start: list[int]  # [S+1] offsets into the T rows
-    seq_lens: list[int]  # [S] tokens in context after this step (computed before + new)
-    block_tables: list[list[int]]  # [S] block ids of each sequence
-    decode_rows: torch.Tensor = None  # [Sd] rows of sequences with exactly one query token
-    decode_slots: torch.Tensor = None  # [Sd, Lmax] their context slots, padded
-    decode_valid: torch.Tensor = None  # [Sd, Lmax] False on padding
+    slot_mapping: torch.Tensor  # [T]
+    decode_rows: Optional[torch.Tensor] = None  # [Sd] rows of sequences with exactly one query token
+    decode_slots: Optional[torch.Tensor] = None  # [Sd, Lmax] their context slots, padded
+    decode_valid: Optional[torch.Tensor] = None  # [Sd, Lmax] False on padding
     prefills: list[PrefillSlice] = field(default_factory=list)
 
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens)
 
-    @classmethod
-    def build(cls, slot_mapping: torch.Tensor, query_start: list[int], seq_lens: list[int],
-              block_tables: list[list[int]], block_size: int) -> "AttentionMetadata":
-        device = slot_mapping.device
-        meta = cls(slot_mapping, query_start, seq_lens, block_tables)
-        decode_rows, decode_slots = [], []
-        for i, seq_len in enumerate(seq_lens):
-            slots = context_slots(block_tables[i], seq_len, block_size, device)
-            start, end = query_start[i], query_start[i + 1]
-            if end - start == 1:
-                decode_rows.append(start)
-                decode_slots.append(slots)
-            else:
-                meta.prefills.append(PrefillSlice(start, end, slots))
-        if decode_rows:
-            meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-            meta.decode_slots = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True)
-            lengths = torch.tensor([len(s) for s in decode_slots], device=device)
-            meta.decode_valid = torch.arange(meta.decode_slots.shape[1], device=device) < lengths[:, None]
-        return meta
-
-
-def context_slots(block_table: list[int], seq_len: int, block_size: int, device) -> torch.Tensor:
-    """Flat cache slots of a sequence's first `seq_len` tokens."""
-    positions = torch.arange(seq_len, device=device)
-    blocks = torch.tensor(block_table, dtype=torch.long, device=device)
-    return blocks[positions // block_size] * block_size + positions % block_size
+def context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """[S, B] block tables -> [S, length] flat slots of tokens 0..length-1 (padding rows point at block 0)."""
+    positions = torch.arange(length, device=block_tables.device)
+    return block_tables[:, positions // block_size].long() * block_size + positions % block_size
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -81,18 +59,34 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 class TorchPagedAttention:
-    """Reference backend: writes K/V into the paged cache, then attends from the cache.
+    """Reference backend: rotates q/k, writes K/V into the paged cache, then attends from the cache."""
 
-    Decoding sequences (one query each) are attended together in one padded batch; sequences computing
-    several tokens (prefill chunks, recompute) are attended one by one with a causal mask.
-    """
-
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, block_size: int):
         self.scale = scale
+        self.block_size = block_size
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def prepare(self, batch: ForwardBatch) -> TorchAttentionMetadata:
+        meta = TorchAttentionMetadata(batch.slot_mapping)
+        query_start, seq_lens = batch.query_start_host, batch.seq_lens_host
+        q_lens = query_start[1:] - query_start[:-1]
+        decode = (q_lens == 1).nonzero()[0].tolist()
+        if decode:
+            index = torch.tensor(decode, device=batch.block_tables.device)
+            lens = batch.seq_lens[index]
+            meta.decode_rows = torch.tensor(query_start[decode], dtype=torch.long, device=batch.block_tables.device)
+            width = int(seq_lens[decode].max())
+            meta.decode_slots = context_slots(batch.block_tables[index], width, self.block_size)
+            meta.decode_valid = torch.arange(width, device=lens.device) < lens[:, None]
+        for i in (q_lens > 1).nonzero()[0].tolist():
+            slots = context_slots(batch.block_tables[i:i + 1], int(seq_lens[i]), self.block_size)[0]
+            meta.prefills.append(PrefillSlice(int(query_start[i]), int(query_start[i + 1]), slots))
+        return meta
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rope,
+                kv_cache: torch.Tensor, meta: TorchAttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
+        q, k = rope(positions, q, k)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         k_flat = k_cache.view(-1, *k_cache.shape[2:])
         v_flat = v_cache.view(-1, *v_cache.shape[2:])
@@ -129,6 +123,57 @@ class TorchPagedAttention:
         return out.transpose(0, 1)
 
 
-def make_attention_backend(device: torch.device, scale: float):
-    """One place that picks the attention implementation for a device (Triton on CUDA comes later)."""
-    return TorchPagedAttention(scale)
+@dataclass
+class TritonAttentionMetadata:
+    batch: ForwardBatch
+    max_num_partitions: int
+
+
+class TritonPagedAttention:
+    """CUDA backend: one fused kernel rotates q/k and writes K/V through the slot mapping, then a paged
+    decode kernel (split over the context, GQA-grouped) or a varlen prefill kernel attends."""
+
+    PARTITION = 512  # context tokens per split-K program of the decode kernel
+
+    def __init__(self, scale: float, block_size: int):
+        from photoninfer.kernels import paged_attention, rope
+
+        self.scale, self.block_size = scale, block_size
+        self._attention, self._rope = paged_attention, rope
+
+    def prepare(self, batch: ForwardBatch) -> TritonAttentionMetadata:
+        """The decode grid covers the longest context (a CUDA graph passes its context limit here)."""
+        return TritonAttentionMetadata(batch, max(1, -(-batch.max_seq_len // self.PARTITION)))
+
+    def forward(self, q, k, v, positions, rope, kv_cache, meta: TritonAttentionMetadata):
+        batch = meta.batch
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        self._rope.rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, batch.slot_mapping)
+        out = torch.empty_like(q)
+        if batch.is_decode_only:
+            self._attention.paged_decode_attention(
+                q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale, out,
+                max_num_partitions=meta.max_num_partitions, partition_size=self.PARTITION)
+        else:
+            self._attention.paged_prefill_attention(
+                q, k_cache, v_cache, batch.block_tables, batch.query_start_loc, batch.seq_lens, self.scale, out,
+                max_query_len=batch.max_query_len)
+        return out
+
+
+def triton_available() -> bool:
+    """Triton kernels are used on CUDA unless PHOTONINFER_TORCH_BACKEND=1 asks for the torch reference."""
+    if os.environ.get("PHOTONINFER_TORCH_BACKEND") == "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_attention_backend(device: torch.device, scale: float, block_size: int):
+    """One place that picks the attention implementation for a device."""
+    if device.type == "cuda" and triton_available():
+        return TritonPagedAttention(scale, block_size)
+    return TorchPagedAttention(scale, block_size)

@@ -1,5 +1,6 @@
-"""ModelRunner: owns the model weights and the paged KV cache; turns a SchedulerOutput into tensors,
-runs the forward pass and samples the sequences whose chunk reached their last token."""
+"""ModelRunner: owns the model weights and the paged KV cache; turns a SchedulerOutput into one flat batch,
+runs the forward pass (a CUDA graph replay for decode-only steps on a GPU) and samples the sequences whose
+chunk reached their last token."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from photoninfer.engine.scheduler import SchedulerOutput
 from photoninfer.errors import ConfigError
 from photoninfer.model.llama import CausalLM
 from photoninfer.model.loader import Checkpoint
-from photoninfer.runner.attention import AttentionMetadata
+from photoninfer.runner.attention import make_attention_backend, triton_available
+from photoninfer.runner.batch import BatchBuilder
+from photoninfer.runner.cuda_graph import DecodeGraphs
 from photoninfer.runner.sampler import SampleResult, Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
+
+GRAPH_MAX_CONTEXT = 8192  # decode steps with a longer context run eagerly (the graphs' block tables stop here)
 
 
 class ModelRunner:
@@ -25,17 +30,43 @@ class ModelRunner:
         self.model = self._load_model(checkpoint)
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config)
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.max_model_len = self._resolve_max_model_len(config)
         self.sampler = Sampler(config.seed, device)
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
-                    self.num_blocks * self._bytes_per_block() / 2**20)
+        self.model.attention = make_attention_backend(device, self.model_config.head_dim**-0.5, self.block_size)
+        if device.type == "cuda" and triton_available():
+            self.model.use_kernels()
+        self.batch_builder = BatchBuilder(
+            max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
+            -(-self.max_model_len // self.block_size), self.block_size, device)
+        tokens = self.num_blocks * self.block_size
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB), room for %.1f sequences of 4k tokens",
+                    self.num_blocks, self.block_size, tokens, self.num_blocks * self._bytes_per_block() / 2**20,
+                    tokens / 4096)
+        self.graphs = None
+        if device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.model.attention, config.max_num_seqs,
+                                       min(self.max_model_len, GRAPH_MAX_CONTEXT), self.block_size, device)
+            self.graphs.capture()
 
     def _load_model(self, checkpoint: Checkpoint) -> CausalLM:
         with torch.device(self.device):
-            model = CausalLM(self.model_config, self.device)
+            model = CausalLM(self.model_config)
         for param in model.parameters():  # buffers (the rope table) stay float32
             param.data = param.data.to(self.dtype)
         model.load_weights(checkpoint.weights(), source=checkpoint.path, total=checkpoint.num_tensors)
         return model.eval()
+
+    def _resolve_max_model_len(self, config: EngineConfig) -> int:
+        model_max = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > model_max:
+            raise ConfigError(
+                f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings {model_max}"
+            )
+        cache_tokens = self.num_blocks * self.block_size
+        max_len = min(config.max_model_len or model_max, cache_tokens)
+        if max_len < (config.max_model_len or model_max):
+            logger.warning("max_model_len limited to %d tokens: that is all the KV cache holds", max_len)
+        return max_len
 
     def _bytes_per_block(self) -> int:
         cfg = self.model_config
@@ -58,13 +89,16 @@ class ModelRunner:
 
     def _gpu_kv_budget(self, config: EngineConfig) -> float:
         """This engine may hold gpu_memory_utilization of the card: weights and live tensors are already
-        counted by memory_allocated; a reserve is kept for one step's activations and logits."""
+        counted by memory_allocated; a reserve is kept for one step's activations, the logits and the
+        CUDA graphs' pool (about one largest decode step)."""
         cfg = self.model_config
         torch.cuda.empty_cache()  # blocks cached by torch's allocator count as free for us
         free, total = torch.cuda.mem_get_info(self.device)
-        activations = config.max_num_batched_tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4
+        tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+        activations = tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4
         logits = config.max_num_seqs * cfg.vocab_size * 4 * 3
-        reserve = activations + logits + 256 * 2**20
+        graphs = 0 if config.enforce_eager else logits + config.max_num_seqs * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4
+        reserve = activations + logits + graphs + 256 * 2**20
         allowed = total * config.gpu_memory_utilization - torch.cuda.memory_allocated(self.device)
         return max(min(allowed, free) - reserve, 0)
 
@@ -78,30 +112,14 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput, rows: dict[int, SamplingRow]) -> dict[int, SampleResult]:
         """Compute every scheduled chunk; returns the sampled result per seq_id of sampling sequences."""
-        input_ids, positions, meta, sample_rows, sample_seq_ids = self._prepare(sched)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not sample_seq_ids:
-            return {}
-        logits = self.model.compute_logits(hidden[sample_rows])
-        results = self.sampler(logits, [rows[seq_id] for seq_id in sample_seq_ids])
-        return dict(zip(sample_seq_ids, results))
-
-    def _prepare(self, sched: SchedulerOutput):
-        tokens, positions, slots = [], [], []
-        query_start, seq_lens, block_tables = [0], [], []
-        sample_rows, sample_seq_ids = [], []
-        for item in sched.scheduled:
-            seq = item.seq
-            tokens += seq.token_ids[item.start : item.end]
-            positions += range(item.start, item.end)
-            slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                      for p in range(item.start, item.end)]
-            query_start.append(len(tokens))
-            seq_lens.append(item.end)
-            block_tables.append(seq.block_table[: -(-item.end // self.block_size)])
-            if item.samples:
-                sample_rows.append(len(tokens) - 1)
-                sample_seq_ids.append(seq.seq_id)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        meta = AttentionMetadata.build(as_tensor(slots), query_start, seq_lens, block_tables, self.block_size)
-        return as_tensor(tokens), as_tensor(positions), meta, as_tensor(sample_rows), sample_seq_ids
+        batch, sampling_seqs = self.batch_builder.build(sched)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            logits = self.graphs.run(batch)
+        else:
+            meta = self.model.attention.prepare(batch)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
+            if not sampling_seqs:
+                return {}
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+        results = self.sampler(logits, [rows[seq.seq_id] for seq in sampling_seqs])
+        return {seq.seq_id: result for seq, result in zip(sampling_seqs, results)}

@@ -2,13 +2,14 @@
 
 Order per row: penalties -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> draw.
 A draw inverts the cumulative distribution at one uniform number per row. Each seeded request draws
-that number from its own generator, so its text does not depend on what else is in the batch;
-unseeded requests share the engine's generator.
+that number from its own host RNG, so its text does not depend on what else is in the batch (nor on the
+device); unseeded requests share the engine's RNG.
 Logprobs are reported from the model's raw distribution (before penalties and temperature).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,7 +25,7 @@ class SamplingRow:
     params: SamplingParams
     token_ids: list[int]  # prompt + output so far: the sequence's own list, not a copy (no O(n) per step)
     num_prompt_tokens: int
-    generator: Optional[torch.Generator]  # None: use the shared generator
+    generator: Optional[random.Random]  # the request's own RNG (seeded requests); None: the shared one
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS while min_tokens is not reached
 
 
@@ -37,54 +38,66 @@ class SampleResult:
 
 
 class Sampler:
+    """All rows in one batched pass on the logits' device; the only host round-trip is the chosen ids
+    (plus the logprobs of rows that asked for them). Uniform numbers for the draws are made on the host
+    (one per row) and travel with the other per-row parameters in a single copy."""
+
     def __init__(self, seed: int, device: torch.device):
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        self.rng = random.Random(seed)
+        self.device = device
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
-        """logits: [S, V] float32, one row per entry of `rows`. One batched pass; loops only over rows
-        that need something of their own (penalties, banned tokens, a private seed)."""
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
-        logits = logits.clone()
-        for i, row in enumerate(rows):
-            apply_penalties(logits[i], row)
-            if row.banned_token_ids:
-                logits[i, list(row.banned_token_ids)] = -float("inf")
-        token_ids = self._choose(logits, rows).tolist()
-        return [self._result(tok, raw_logprobs[i] if raw_logprobs is not None else None, row.params)
-                for i, (tok, row) in enumerate(zip(token_ids, rows))]
+        """logits: [S, V] float32, one row per entry of `rows`."""
+        want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        raw = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+        penalized = [i for i, r in enumerate(rows) if has_penalties(r.params)]
+        banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids]
+        if penalized or banned:
+            logits = logits.clone()
+            if penalized:
+                logits[penalized] = apply_penalties_batched(logits[penalized], [rows[i] for i in penalized])
+            if banned:
+                index = torch.tensor(banned, dtype=torch.long).to(logits.device, non_blocking=True)
+                logits[index[:, 0], index[:, 1]] = -float("inf")
+        token_ids = self._choose(logits, rows)
+        if raw is None:
+            return [SampleResult(t) for t in token_ids.tolist()]
+        return self._with_logprobs(token_ids, raw, want_logprobs, rows)
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
         chosen = torch.argmax(logits, dim=-1)
-        if bool(greedy.all()):
+        if all(r.params.greedy for r in rows):
             return chosen
         # inverse-CDF draw: one uniform number per row, whatever the vocabulary size
+        host = torch.tensor([[1.0 if r.params.greedy else 0.0, self._uniform(r)] for r in rows], dtype=torch.float32)
+        per_row = host.to(logits.device, non_blocking=True)
+        greedy, uniform = per_row[:, 0] > 0, per_row[:, 1]
         cdf = torch.cumsum(batched_truncated_probs(logits, rows), dim=-1)
-        target = (self._uniform(rows, logits.device) * cdf[:, -1]).unsqueeze(1)
+        target = (uniform * cdf[:, -1]).unsqueeze(1)
         sampled = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
         return torch.where(greedy, chosen, sampled)
 
-    def _uniform(self, rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
-        """U[0, 1) per row: seeded rows draw from their own generator (so their tokens do not depend on
-        the batch), the others from the shared one."""
-        u = torch.rand(len(rows), generator=self.generator, device=device)
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                u[i] = torch.rand(1, generator=row.generator, device=device)[0]
-        return u
+    def _uniform(self, row: SamplingRow) -> float:
+        """U[0, 1): a seeded request draws from its own RNG, so its tokens do not depend on the batch."""
+        return (row.generator or self.rng).random()
 
     @staticmethod
-    def _result(token_id: int, raw: Optional[torch.Tensor], params: SamplingParams) -> SampleResult:
-        if raw is None or params.logprobs is None:
-            return SampleResult(token_id)
-        chosen = raw[token_id]
-        rank = int((raw > chosen).sum()) + 1
-        top = []
-        if params.logprobs > 0:
-            values, ids = torch.topk(raw, params.logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
-        return SampleResult(token_id, float(chosen), rank, top)
+    def _with_logprobs(token_ids: torch.Tensor, raw: torch.Tensor, want: list[int],
+                       rows: list[SamplingRow]) -> list[SampleResult]:
+        """Logprob, rank and top-N of the rows that asked, gathered on the device and copied once."""
+        index = torch.tensor(want, dtype=torch.long).to(raw.device, non_blocking=True)
+        chosen_ids = token_ids[index]
+        chosen = raw.gather(1, chosen_ids.unsqueeze(1))
+        ranks = (raw > chosen).sum(dim=-1) + 1
+        width = max(rows[i].params.logprobs for i in want)
+        top_values, top_ids = torch.topk(raw, width, dim=-1) if width else (raw[:, :0], raw[:, :0].long())
+        ids, chosen, ranks, top_values, top_ids = (t.tolist() for t in (token_ids, chosen.squeeze(1), ranks,
+                                                                          top_values, top_ids))
+        results = [SampleResult(t) for t in ids]
+        for j, i in enumerate(want):
+            n = rows[i].params.logprobs
+            results[i] = SampleResult(ids[i], chosen[j], ranks[j], list(zip(top_ids[j][:n], top_values[j][:n])))
+        return results
 
 
 NUCLEUS_SEARCH_WIDTH = 1024  # top-p looks among this many best tokens first; a full sort only if they fall short
@@ -134,6 +147,33 @@ def _rank_thresholds(probs: torch.Tensor, params: list[SamplingParams]) -> torch
         keep_sorted[:, 0] = True
         threshold[short] = ordered.gather(1, keep_sorted.sum(dim=-1, keepdim=True) - 1).squeeze(1)
     return threshold
+
+
+def has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
+def apply_penalties_batched(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """`apply_penalties` for several rows at once: token counts are scattered on the device from one
+    padded copy of the rows' tokens (prompt tokens and generated tokens counted apart)."""
+    device, n, vocab = logits.device, len(rows), logits.shape[1]
+    width = max(1, max(len(r.token_ids) for r in rows))
+    tokens = torch.full((n, width), vocab, dtype=torch.long)  # `vocab` = padding, dropped below
+    generated = torch.zeros((n, width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r.token_ids)] = torch.tensor(r.token_ids, dtype=torch.long)
+        generated[i, r.num_prompt_tokens:len(r.token_ids)] = True
+    params = torch.tensor([[r.params.repetition_penalty, r.params.presence_penalty, r.params.frequency_penalty]
+                           for r in rows], dtype=logits.dtype)
+    tokens, generated, params = (t.to(device, non_blocking=True) for t in (tokens, generated, params))
+    seen = torch.zeros((n, vocab + 1), dtype=logits.dtype, device=device).scatter_(1, tokens, 1.0)[:, :vocab] > 0
+    counts = torch.zeros((n, vocab + 1), dtype=logits.dtype, device=device)
+    counts.scatter_add_(1, tokens, generated.to(logits.dtype))
+    counts = counts[:, :vocab]
+    rep, presence, frequency = params[:, 0:1], params[:, 1:2], params[:, 2:3]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:

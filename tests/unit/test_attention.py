@@ -2,7 +2,10 @@
 
 import torch
 
-from photoninfer.runner.attention import AttentionMetadata, TorchPagedAttention
+import numpy as np
+
+from photoninfer.runner.attention import TorchPagedAttention
+from photoninfer.runner.batch import ForwardBatch
 
 BLOCK = 4
 HQ, HKV, D = 6, 2, 8
@@ -24,8 +27,8 @@ def test_paged_attention_matches_contiguous_attention_for_mixed_batches():
     # (tokens already cached, tokens computed this step): decodes, a first prefill, a later chunk
     seqs = [(9, 1), (0, 7), (5, 6), (30, 1), (3, 1)]
     num_blocks = 40
-    k_cache = torch.zeros(num_blocks, BLOCK, HKV, D)
-    v_cache = torch.zeros(num_blocks, BLOCK, HKV, D)
+    kv_cache_init = torch.zeros(2, num_blocks, BLOCK, HKV, D)
+    k_cache, v_cache = kv_cache_init[0], kv_cache_init[1]
     free = torch.randperm(num_blocks, generator=g).tolist()  # scattered, non-contiguous blocks
     full_k, full_v, tables = [], [], []
     slots, query_start, seq_lens = [], [0], []
@@ -48,11 +51,22 @@ def test_paged_attention_matches_contiguous_attention_for_mixed_batches():
         tables.append(table)
         query_start.append(query_start[-1] + new)
         seq_lens.append(total)
-    meta = AttentionMetadata.build(torch.tensor(slots), query_start, seq_lens, tables, BLOCK)
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    batch = ForwardBatch(
+        input_ids=None, positions=None, slot_mapping=torch.tensor(slots), logits_indices=None,
+        query_start_loc=torch.tensor(query_start, dtype=torch.int32), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=block_tables, num_tokens=query_start[-1], num_seqs=len(seqs),
+        max_query_len=max(n for _, n in seqs), max_seq_len=max(seq_lens),
+        query_start_host=np.array(query_start), seq_lens_host=np.array(seq_lens))
+    backend = TorchPagedAttention(D**-0.5, BLOCK)
+    meta = backend.prepare(batch)
     assert meta.decode_rows.numel() == 3 and len(meta.prefills) == 2
     scale = D**-0.5
-    out = TorchPagedAttention(scale).forward(torch.cat(q_rows), torch.cat(new_k), torch.cat(new_v),
-                                             k_cache, v_cache, meta)
+    positions = torch.cat([torch.arange(c, c + n) for c, n in seqs])
+    no_rope = lambda positions, q, k: (q, k)  # noqa: E731  (rotation is tested with the model)
+    kv_cache = kv_cache_init
+    out = backend.forward(torch.cat(q_rows), torch.cat(new_k), torch.cat(new_v), positions, no_rope, kv_cache, meta)
     for i, q in enumerate(q_rows):
         expected = naive_attention(q, full_k[i], full_v[i], scale)
         torch.testing.assert_close(out[query_start[i]:query_start[i + 1]], expected, rtol=1e-5, atol=1e-5)

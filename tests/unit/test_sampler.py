@@ -1,6 +1,7 @@
 """Sampler statistics with fixed seeds: truncation sets and frequencies match the requested distribution."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_greedy_is_argmax_and_seed_gives_same_draws():
 def test_seeded_rows_do_not_depend_on_their_neighbours():
     def run(n_neighbours):
         sampler = Sampler(seed=0, device=torch.device("cpu"))
-        gen = torch.Generator().manual_seed(42)
+        gen = random.Random(42)
         row = SamplingRow(SamplingParams(temperature=1.0, seed=42), [], 0, gen)
         other = SamplingRow(SamplingParams(temperature=1.0), [], 0, None)
         tokens = []
