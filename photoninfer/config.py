@@ -110,6 +110,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of the card the engine may take
     seed: int = 0
     enforce_eager: bool = False  # CUDA: run every step eagerly (no CUDA graphs), as vLLM's flag
+    # prepare and postprocess on the host while the device computes; None = on for CUDA, off on the CPU
+    async_scheduling: Optional[bool] = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

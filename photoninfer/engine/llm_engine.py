@@ -19,7 +19,7 @@ from photoninfer.model.loader import default_model_path, load_checkpoint
 from photoninfer.model.tokenizer import load_tokenizer
 from photoninfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from photoninfer.runner.model_runner import ModelRunner
-from photoninfer.runner.sampler import SampleResult, SamplingRow
+from photoninfer.runner.sampler import SampleResult, SamplingRow, has_penalties
 from photoninfer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,9 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, _Request] = {}
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._in_flight = None  # the launched step whose results are not read yet (async scheduling)
         self._steps = self._last_seqs = self._last_tokens = self._prompt_tokens = self._gen_tokens = 0
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -148,17 +151,44 @@ class LLMEngine:
         """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""
         request = self.requests.pop(request_id, None)
         if request is not None:
+            request.seq.drop_placeholders()
             self.scheduler.finish(request.seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- the step ----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """schedule -> launch on the device -> read back and postprocess.
+
+        With async scheduling (CUDA), the previous step's results are read back only after this step has been
+        launched: the host's postprocessing and the next scheduling run while the device computes, and the
+        next step takes its input tokens from the device. A request that stops (EOS, stop string) is then
+        computed one step past its end, and that step's token is discarded."""
         sched = self.scheduler.schedule()
+        outputs = []
+        if self._in_flight is not None and (sched.is_empty or self._needs_history(sched)):
+            outputs += self._finish_step(self._in_flight)
+            self._in_flight = None
+            sched.scheduled = [item for item in sched.scheduled if not item.seq.is_finished]
         if sched.is_empty:
-            return []
+            return outputs
+        handle = self._launch(sched)
+        if self._in_flight is not None:
+            outputs += self._finish_step(self._in_flight)
+        self._in_flight = handle
+        if not self.async_scheduling:
+            outputs += self._finish_step(handle)
+            self._in_flight = None
+        return outputs
+
+    @staticmethod
+    def _needs_history(sched) -> bool:
+        """Penalties read every earlier token: the previous step's tokens must be on the host first."""
+        return any(item.samples and has_penalties(item.seq.params) for item in sched.scheduled)
+
+    def _launch(self, sched):
         now = time.time()
         rows = {}
         for item in sched.scheduled:
@@ -166,19 +196,36 @@ class LLMEngine:
             request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
             if item.samples:
                 rows[item.seq.seq_id] = self._sampling_row(request)
-        results = self.runner.run(sched, rows)
-        self.scheduler.postprocess(sched, {seq_id: r.token_id for seq_id, r in results.items()})
-        self._record_step(sched, len(results))
+        handle = self.runner.launch(sched, rows, self._in_flight)
+        self.scheduler.advance(sched)
+        for seq in handle.sampling_seqs:
+            last = seq.num_output_tokens + 1 >= seq.max_tokens or seq.num_tokens + 1 >= self.max_model_len
+            if not last:  # its slot exists from now on, so the next step can compute it
+                seq.append_placeholder()
+        return handle
+
+    def _finish_step(self, handle) -> list[RequestOutput]:
+        """Read back a launched step's tokens and turn them into outputs (stop checks, detokenization)."""
+        results = self.runner.collect(handle)
+        self._record_step(handle.sched, len(results))
         outputs = []
-        for item in sched.scheduled:
-            result = results.get(item.seq.seq_id)
-            if result is None:
+        for seq in handle.sampling_seqs:
+            if seq.is_finished:  # aborted or stopped while this step ran: its token is discarded
                 continue
-            request = self.requests[item.seq.request_id]
+            token = results[seq.seq_id].token_id
+            if seq.num_pending:
+                seq.resolve_placeholder(token)
+            else:
+                seq.append_token(token)
+        self.scheduler.cache_computed_blocks(handle.sched)
+        for seq in handle.sampling_seqs:
+            request = self.requests.get(seq.request_id)
+            if request is None or seq.is_finished:
+                continue
             try:
-                outputs.append(self._process_token(request, result))
+                outputs.append(self._process_token(request, results[seq.seq_id]))
             except Exception as exc:  # one request's failure must not take the rest of the batch down
-                logger.exception("request %s failed", request.seq.request_id)
+                logger.exception("request %s failed", seq.request_id)
                 outputs.append(self._fail_request(request, exc))
         return outputs
 
@@ -217,7 +264,8 @@ class LLMEngine:
             request.detokenizer.add_token(token)
             if request.detokenizer.stop_reason is not None:
                 self._finish(request, "stop", request.detokenizer.stop_reason)
-            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif (seq.num_output_tokens - seq.num_pending >= seq.max_tokens
+                  or seq.num_tokens - seq.num_pending >= self.max_model_len):
                 self._finish(request, "length", None)
         return self._output(request)
 
@@ -232,6 +280,7 @@ class LLMEngine:
     def _finish(self, request: _Request, reason: str, stop_reason: object) -> None:
         if reason != "error":  # show text held back for a possible stop string (no-op after a stop match)
             request.detokenizer.finish()
+        request.seq.drop_placeholders()  # tokens computed past the end (async scheduling) are not output
         self.scheduler.finish(request.seq, reason, stop_reason)
         request.metrics.finished_time = time.time()
         del self.requests[request.seq.request_id]

@@ -99,6 +99,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
+            if num_new == 0:  # its last token is being sampled; it ends when that result is read
+                continue
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
                 continue
             self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
@@ -144,9 +146,20 @@ class Scheduler:
 
     def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
         """Advance progress of every scheduled sequence and append sampled tokens (keyed by seq_id)."""
+        self.advance(out)
         for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(item.seq)
             token = sampled.get(item.seq.seq_id)
             if token is not None:
                 item.seq.append_token(token)
+        self.cache_computed_blocks(out)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step's work is queued: its tokens count as computed from now on."""
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+
+    def cache_computed_blocks(self, out: SchedulerOutput) -> None:
+        """Offer newly filled blocks to the prefix cache, once every token in them is known on the host."""
+        for item in out.scheduled:
+            if not item.seq.is_finished:
+                self.block_manager.cache_full_blocks(item.seq)

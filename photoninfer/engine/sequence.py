@@ -18,6 +18,8 @@ class SequenceStatus(enum.Enum):
 
 _seq_ids = itertools.count()
 
+PLACEHOLDER = -1  # a token sampled on the device whose id the host has not read back yet (overlapped steps)
+
 
 class Sequence:
     """Prompt + generated tokens. `num_computed_tokens` tokens already have their K/V in the paged cache.
@@ -38,6 +40,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.num_pending = 0  # trailing PLACEHOLDER tokens: sampled, not yet known on the host
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[object] = None
 
@@ -51,10 +54,12 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """Generated tokens known on the host (pending placeholders left out)."""
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending]
 
     @property
     def num_output_tokens(self) -> int:
+        """Generated tokens, including those still pending on the device."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
@@ -67,6 +72,22 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def append_placeholder(self) -> None:
+        """A token was sampled on the device: its slot exists (the next step computes it), its id comes later."""
+        self.token_ids.append(PLACEHOLDER)
+        self.num_pending += 1
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        """The oldest pending token's id arrived from the device."""
+        self.token_ids[len(self.token_ids) - self.num_pending] = token_id
+        self.num_pending -= 1
+
+    def drop_placeholders(self) -> None:
+        """The sequence ended: tokens still pending were computed past its end and are discarded."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending:]
+            self.num_pending = 0
 
     def __repr__(self) -> str:
         return (

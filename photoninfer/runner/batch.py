@@ -13,12 +13,13 @@ that only receives a sequence's newly allocated blocks, so nothing is rebuilt fr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
 from photoninfer.engine.scheduler import SchedulerOutput
-from photoninfer.engine.sequence import SequenceStatus
+from photoninfer.engine.sequence import PLACEHOLDER, SequenceStatus
 
 
 @dataclass
@@ -30,6 +31,9 @@ class ForwardBatch:
     seq_lens: torch.Tensor
     block_tables: torch.Tensor
     logits_indices: torch.Tensor
+    # input rows whose token is still on the device: input_ids[dst] = previous step's sampled ids[src]
+    pending_dst: Optional[torch.Tensor]
+    pending_src: Optional[torch.Tensor]
     # host-side facts, known without a device sync
     num_tokens: int
     num_seqs: int
@@ -85,27 +89,34 @@ class BlockTableRows:
 
 
 class BatchBuilder:
-    """SchedulerOutput -> ForwardBatch, through one pinned staging buffer."""
+    """SchedulerOutput -> ForwardBatch, through a pinned staging buffer (two, used in turn: the host may
+    build step N+1 while step N's copy is still queued)."""
 
     def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
                  device: torch.device):
         self.block_size = block_size
         self.device = device
         self.rows = BlockTableRows(max_num_seqs, max_blocks_per_seq)
-        # int64 region: ids, positions, slots (each max T), logits indices (max T)
         self.max_tokens, self.max_seqs, self.max_blocks = max_num_tokens, max_num_seqs, max_blocks_per_seq
-        pin = device.type == "cuda"
-        self.staging64 = torch.empty(4 * max_num_tokens, dtype=torch.int64, pin_memory=pin)
-        self.staging32 = torch.empty(2 * max_num_seqs + 1 + max_num_seqs * max_blocks_per_seq, dtype=torch.int32,
-                                     pin_memory=pin)
-        self.host64, self.host32 = self.staging64.numpy(), self.staging32.numpy()
-        on_host = device.type == "cpu"  # the staging buffers are the batch itself: no copy
-        self.device64 = self.staging64 if on_host else torch.empty_like(self.staging64, device=device)
-        self.device32 = self.staging32 if on_host else torch.empty_like(self.staging32, device=device)
+        self.on_host = device.type == "cpu"  # the staging buffers are the batch itself: no copy
+        # int64 region: ids, positions, slots, logits indices, pending dst, pending src (max T each)
+        # int32 region: query_start_loc [S+1], seq_lens [S], block tables [S, B]
+        self.staging = [self._staging_pair() for _ in range(1 if self.on_host else 2)]
+        self.turn = 0
+        if not self.on_host:
+            self.device64 = torch.empty_like(self.staging[0][0], device=device)
+            self.device32 = torch.empty_like(self.staging[0][1], device=device)
 
-    def build(self, sched: SchedulerOutput, extra_logits_rows=None) -> tuple[ForwardBatch, list]:
+    def _staging_pair(self):
+        pin = self.device.type == "cuda"
+        return (torch.empty(6 * self.max_tokens, dtype=torch.int64, pin_memory=pin),
+                torch.empty(2 * self.max_seqs + 1 + self.max_seqs * self.max_blocks, dtype=torch.int32, pin_memory=pin))
+
+    def build(self, sched: SchedulerOutput, pending_index: Optional[dict[int, int]] = None,
+              extra_logits_rows=None) -> tuple[ForwardBatch, list]:
         """Returns the batch and the sequences that sample this step, in logits-row order.
 
+        `pending_index[seq_id]` is where a sequence's pending token sits in the previous step's sampled ids.
         `extra_logits_rows(item, row_start)` may return more rows whose logits are wanted (prompt logprobs)."""
         self.rows.release_finished(sched.preempted)
         items = sched.scheduled
@@ -113,12 +124,15 @@ class BatchBuilder:
         num_tokens = sum(item.end - item.start for item in items)
         if num_tokens > self.max_tokens or num_seqs > self.max_seqs:
             raise ValueError(f"step of {num_tokens} tokens / {num_seqs} sequences exceeds the runner's buffers")
+        staging64, staging32 = self.staging[self.turn]
+        self.turn = (self.turn + 1) % len(self.staging)
+        host64, host32 = staging64.numpy(), staging32.numpy()
         T, bs = self.max_tokens, self.block_size
-        ids, pos, slots, logit_rows = (self.host64[i * T:(i + 1) * T] for i in range(4))
+        ids, pos, slots, logit_rows, pending_dst, pending_src = (host64[i * T:(i + 1) * T] for i in range(6))
         query_start = np.empty(num_seqs + 1, dtype=np.int64)
         seq_lens = np.empty(num_seqs, dtype=np.int64)
         rows = np.empty(num_seqs, dtype=np.int64)
-        sampling_seqs, num_logits, t = [], 0, 0
+        sampling_seqs, num_logits, num_pending, t = [], 0, 0, 0
         query_start[0] = 0
         for i, item in enumerate(items):
             seq, start, end = item.seq, item.start, item.end
@@ -126,11 +140,17 @@ class BatchBuilder:
             rows[i] = row
             n = end - start
             if n == 1:  # decode: scalar work only
-                ids[t] = seq.token_ids[start]
+                token = seq.token_ids[start]
+                if token == PLACEHOLDER:
+                    pending_dst[num_pending], pending_src[num_pending] = t, pending_index[seq.seq_id]
+                    num_pending += 1
+                ids[t] = token
                 pos[t] = start
                 slots[t] = self.rows.table[row, start // bs] * bs + start % bs
             else:
                 ids[t:t + n] = seq.token_ids[start:end]
+                if (ids[t:t + n] == PLACEHOLDER).any():
+                    raise RuntimeError(f"{seq}: a chunk of several tokens holds a pending token")
                 p = np.arange(start, end)
                 pos[t:t + n] = p
                 slots[t:t + n] = self.rows.table[row, p // bs].astype(np.int64) * bs + p % bs
@@ -148,20 +168,21 @@ class BatchBuilder:
         max_seq_len = int(seq_lens.max()) if num_seqs else 0
         width = max(1, -(-max_seq_len // bs))
         S = self.max_seqs
-        qsl = self.host32[:S + 1]
-        qsl[:num_seqs + 1] = query_start
-        lens = self.host32[S + 1:2 * S + 1]
-        lens[:num_seqs] = seq_lens
-        tables = self.host32[2 * S + 1:2 * S + 1 + num_seqs * width].reshape(num_seqs, width)
-        tables[:] = self.rows.table[rows, :width]
+        host32[:num_seqs + 1] = query_start
+        host32[S + 1:S + 1 + num_seqs] = seq_lens
         n32 = 2 * S + 1 + num_seqs * width
-        if self.device64 is not self.staging64:
-            self.device64.copy_(self.staging64, non_blocking=True)
-            self.device32[:n32].copy_(self.staging32[:n32], non_blocking=True)
-        d64, d32 = self.device64, self.device32
+        host32[2 * S + 1:n32].reshape(num_seqs, width)[:] = self.rows.table[rows, :width]
+        if self.on_host:
+            d64, d32 = staging64, staging32
+        else:
+            d64, d32 = self.device64, self.device32
+            d64.copy_(staging64, non_blocking=True)
+            d32[:n32].copy_(staging32[:n32], non_blocking=True)
         batch = ForwardBatch(
             input_ids=d64[:num_tokens], positions=d64[T:T + num_tokens], slot_mapping=d64[2 * T:2 * T + num_tokens],
             logits_indices=d64[3 * T:3 * T + num_logits],
+            pending_dst=d64[4 * T:4 * T + num_pending] if num_pending else None,
+            pending_src=d64[5 * T:5 * T + num_pending] if num_pending else None,
             query_start_loc=d32[:num_seqs + 1], seq_lens=d32[S + 1:S + 1 + num_seqs],
             block_tables=d32[2 * S + 1:n32].view(num_seqs, width),
             num_tokens=num_tokens, num_seqs=num_seqs,

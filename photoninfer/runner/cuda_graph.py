@@ -49,7 +49,7 @@ class DecodeGraphs:
         return ForwardBatch(
             input_ids=self.input_ids[:size], positions=self.positions[:size], slot_mapping=self.slot_mapping[:size],
             query_start_loc=self.query_start_loc[:size + 1], seq_lens=self.seq_lens[:size],
-            block_tables=self.block_tables[:size], logits_indices=None, num_tokens=size, num_seqs=size,
+            block_tables=self.block_tables[:size], logits_indices=None, pending_dst=None, pending_src=None, num_tokens=size, num_seqs=size,
             max_query_len=1, max_seq_len=self.max_context, query_start_host=ones,
             seq_lens_host=np.full(size, self.max_context))
 

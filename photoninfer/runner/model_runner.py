@@ -5,6 +5,8 @@ chunk reached their last token."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -16,7 +18,7 @@ from photoninfer.model.loader import Checkpoint
 from photoninfer.runner.attention import make_attention_backend, triton_available
 from photoninfer.runner.batch import BatchBuilder
 from photoninfer.runner.cuda_graph import DecodeGraphs
-from photoninfer.runner.sampler import SampleResult, Sampler, SamplingRow
+from photoninfer.runner.sampler import SampledTokens, SampleResult, Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class ModelRunner:
                     self.num_blocks, self.block_size, tokens, self.num_blocks * self._bytes_per_block() / 2**20,
                     tokens / 4096)
         self.graphs = None
-        if device.type == "cuda" and not config.enforce_eager:
+        if device.type == "cuda" and not config.enforce_eager and triton_available():  # graphs need the kernels
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.model.attention, config.max_num_seqs,
                                        min(self.max_model_len, GRAPH_MAX_CONTEXT), self.block_size, device)
             self.graphs.capture()
@@ -111,15 +113,45 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput, rows: dict[int, SamplingRow]) -> dict[int, SampleResult]:
-        """Compute every scheduled chunk; returns the sampled result per seq_id of sampling sequences."""
-        batch, sampling_seqs = self.batch_builder.build(sched)
+        """Compute every scheduled chunk and wait for the sampled results (keyed by seq_id)."""
+        return self.collect(self.launch(sched, rows))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, rows: dict[int, SamplingRow],
+               previous: Optional[StepHandle] = None) -> StepHandle:
+        """Queue one step on the device and return without waiting for it. Input tokens that `previous`
+        sampled and the host has not read yet are taken from its device tensor."""
+        pending = previous.pending_index() if previous is not None else None
+        batch, sampling_seqs = self.batch_builder.build(sched, pending)
+        if batch.pending_dst is not None:
+            batch.input_ids[batch.pending_dst] = previous.sampled.token_ids[batch.pending_src]
         if self.graphs is not None and self.graphs.can_run(batch):
             logits = self.graphs.run(batch)
         else:
             meta = self.model.attention.prepare(batch)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
             if not sampling_seqs:
-                return {}
+                return StepHandle(sched, [], None)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-        results = self.sampler(logits, [rows[seq.seq_id] for seq in sampling_seqs])
-        return {seq.seq_id: result for seq, result in zip(sampling_seqs, results)}
+        sampled = self.sampler.sample(logits, [rows[seq.seq_id] for seq in sampling_seqs])
+        sampled.copy_to_host()
+        return StepHandle(sched, sampling_seqs, sampled)
+
+    @staticmethod
+    def collect(handle: StepHandle) -> dict[int, SampleResult]:
+        """Wait for a launched step; its sampled result per seq_id."""
+        if handle.sampled is None:
+            return {}
+        return {seq.seq_id: result for seq, result in zip(handle.sampling_seqs, handle.sampled.results())}
+
+
+@dataclass
+class StepHandle:
+    """A step queued on the device: what was scheduled, who samples, and the sampled ids (device side)."""
+
+    sched: SchedulerOutput
+    sampling_seqs: list
+    sampled: Optional[SampledTokens]
+
+    def pending_index(self) -> dict[int, int]:
+        return {seq.seq_id: i for i, seq in enumerate(self.sampling_seqs)}

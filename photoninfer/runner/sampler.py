@@ -48,6 +48,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
         """logits: [S, V] float32, one row per entry of `rows`."""
+        return self.sample(logits, rows).results()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> "SampledTokens":
+        """Queue the sampling work on the logits' device; nothing waits for it."""
         want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
         penalized = [i for i, r in enumerate(rows) if has_penalties(r.params)]
@@ -61,8 +65,9 @@ class Sampler:
                 logits[index[:, 0], index[:, 1]] = -float("inf")
         token_ids = self._choose(logits, rows)
         if raw is None:
-            return [SampleResult(t) for t in token_ids.tolist()]
-        return self._with_logprobs(token_ids, raw, want_logprobs, rows)
+            return SampledTokens(token_ids)
+        return SampledTokens(token_ids, *self._logprob_tensors(token_ids, raw, want_logprobs, rows), want_logprobs,
+                             [rows[i].params.logprobs for i in want_logprobs])
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         chosen = torch.argmax(logits, dim=-1)
@@ -82,21 +87,45 @@ class Sampler:
         return (row.generator or self.rng).random()
 
     @staticmethod
-    def _with_logprobs(token_ids: torch.Tensor, raw: torch.Tensor, want: list[int],
-                       rows: list[SamplingRow]) -> list[SampleResult]:
-        """Logprob, rank and top-N of the rows that asked, gathered on the device and copied once."""
+    def _logprob_tensors(token_ids: torch.Tensor, raw: torch.Tensor, want: list[int], rows: list[SamplingRow]):
+        """Logprob, rank and top-N of the rows that asked, gathered on the device."""
         index = torch.tensor(want, dtype=torch.long).to(raw.device, non_blocking=True)
-        chosen_ids = token_ids[index]
-        chosen = raw.gather(1, chosen_ids.unsqueeze(1))
+        chosen = raw.gather(1, token_ids[index].unsqueeze(1))
         ranks = (raw > chosen).sum(dim=-1) + 1
         width = max(rows[i].params.logprobs for i in want)
-        top_values, top_ids = torch.topk(raw, width, dim=-1) if width else (raw[:, :0], raw[:, :0].long())
-        ids, chosen, ranks, top_values, top_ids = (t.tolist() for t in (token_ids, chosen.squeeze(1), ranks,
-                                                                          top_values, top_ids))
+        top_values, top_ids = torch.topk(raw, width, dim=-1)
+        return chosen.squeeze(1), ranks, top_values, top_ids
+
+
+class SampledTokens:
+    """One step's sampled ids (and logprobs), still on the device until `results()` copies them back.
+
+    `token_ids` stays on the device so that the next step can take its inputs from it without a host trip;
+    `copy_to_host()` starts the only transfer the step needs (pinned, non-blocking)."""
+
+    def __init__(self, token_ids: torch.Tensor, chosen=None, ranks=None, top_values=None, top_ids=None,
+                 logprob_rows: Optional[list[int]] = None, num_logprobs: Optional[list[int]] = None):
+        self.token_ids = token_ids
+        self.logprobs = (chosen, ranks, top_values, top_ids)
+        self.logprob_rows, self.num_logprobs = logprob_rows or [], num_logprobs or []
+        self._host, self._ready = None, None
+
+    def copy_to_host(self) -> None:
+        if self.token_ids.device.type == "cuda":
+            self._host = torch.empty(self.token_ids.shape, dtype=self.token_ids.dtype, pin_memory=True)
+            self._host.copy_(self.token_ids, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def results(self) -> list[SampleResult]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        ids = (self._host if self._host is not None else self.token_ids).tolist()
         results = [SampleResult(t) for t in ids]
-        for j, i in enumerate(want):
-            n = rows[i].params.logprobs
-            results[i] = SampleResult(ids[i], chosen[j], ranks[j], list(zip(top_ids[j][:n], top_values[j][:n])))
+        if self.logprob_rows:
+            chosen, ranks, top_values, top_ids = (t.tolist() for t in self.logprobs)
+            for j, (i, n) in enumerate(zip(self.logprob_rows, self.num_logprobs)):
+                results[i] = SampleResult(ids[i], chosen[j], ranks[j], list(zip(top_ids[j][:n], top_values[j][:n])))
         return results
 
 

@@ -87,3 +87,15 @@ def test_prefix_cache_keeps_tokens(reference):
     stats = llm.engine.stats()
     assert stats.prefix_cache_hit_tokens >= (32 + 96 + 160 + 288)
     assert stats.kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 48}, {"num_kv_blocks": 24, "max_num_batched_tokens": 128}],
+                         ids=["batched", "chunked", "preempting"])
+def test_async_scheduling_keeps_tokens(reference, options):
+    """Steps overlapped as on a GPU (each step's inputs taken from the previous step's device tensor, results
+    read one step later) give the same tokens and free every block."""
+    path, prompts, expected, _ = reference
+    llm = LLM(path, dtype="float32", device="cpu", async_scheduling=True, **options)
+    assert llm.engine.async_scheduling
+    check_matches(llm.generate(prompts, GREEDY), expected)
+    assert llm.engine.stats().kv_blocks_used == 0

@@ -54,7 +54,7 @@ def test_paged_attention_matches_contiguous_attention_for_mixed_batches():
     width = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     batch = ForwardBatch(
-        input_ids=None, positions=None, slot_mapping=torch.tensor(slots), logits_indices=None,
+        input_ids=None, positions=None, slot_mapping=torch.tensor(slots), logits_indices=None, pending_dst=None, pending_src=None,
         query_start_loc=torch.tensor(query_start, dtype=torch.int32), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         block_tables=block_tables, num_tokens=query_start[-1], num_seqs=len(seqs),
         max_query_len=max(n for _, n in seqs), max_seq_len=max(seq_lens),

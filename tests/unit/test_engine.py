@@ -6,9 +6,11 @@ from photoninfer import LLM, SamplingParams
 from photoninfer.errors import InvalidRequestError
 
 
-@pytest.fixture(scope="module")
-def llm(make_tiny_model):
-    return LLM(make_tiny_model("llama3"), dtype="float32", device="cpu", max_model_len=256)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async-scheduling"])
+def llm(make_tiny_model, request):
+    """Every behaviour holds with steps read back at once and with steps overlapped as on a GPU."""
+    return LLM(make_tiny_model("llama3"), dtype="float32", device="cpu", max_model_len=256,
+               async_scheduling=request.param)
 
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
