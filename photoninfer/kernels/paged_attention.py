@@ -98,7 +98,7 @@ def _paged_decode_kernel(
         valid = toks < end
         k = _load_kv_tile(k_cache_ptr, block_table_row, toks, valid, kv_head, block_size, kc_sb, kc_so, kc_sh,
                           HEAD_DIM)
-        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k.to(q.dtype)), UPCAST, PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -215,8 +215,9 @@ def _check_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_seqs: 
     check_dtype("seq_lens", seq_lens, (torch.int32,))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_precision(*dtypes: torch.dtype) -> str:
+    """float32 operands multiply exactly ("ieee"); Triton's default for them would be tf32."""
+    return "ieee" if torch.float32 in dtypes else "tf32"
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -262,7 +263,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         *po_strides, *pm_strides,
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
-        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype), num_warps=num_warps,
+        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), num_warps=num_warps,
     )
     if not direct:
         _paged_decode_reduce_kernel[(batch, q.shape[1])](
@@ -308,7 +309,7 @@ def _paged_prefill_kernel(
             valid = toks < kv_end
             k = _load_kv_tile(k_cache_ptr, block_table_row, toks, valid, kv_head, block_size, kc_sb, kc_so, kc_sh,
                               HEAD_DIM)
-            s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+            s = _dot(q, tl.trans(k.to(q.dtype)), UPCAST, PRECISION) * qk_scale
             s = tl.where(valid[None, :] & (toks[None, :] <= q_pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
@@ -356,6 +357,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return out
