@@ -82,9 +82,9 @@ def _gemv_kernel(
         w = tl.load(w_ptr + rows_n[:, None].to(tl.int64) * w_sn + cols[None, :],
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST:  # interpreter only: it would multiply bfloat16 bit patterns
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
         else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     out_mask = m_mask[:, None] & n_mask[None, :]
     if DIRECT:
         if HAS_BIAS:

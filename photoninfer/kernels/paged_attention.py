@@ -45,12 +45,12 @@ MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """a @ b accumulated in float32 ("ieee" keeps float32 exact: Triton would otherwise use tf32)."""
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b in float32 ("ieee" keeps float32 operands exact: Triton would otherwise use tf32)."""
     if UPCAST:  # interpreter only: it would multiply bfloat16 bit patterns
-        result = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+        result = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
     else:
-        result = tl.dot(a, b, input_precision=PRECISION)
+        result = tl.dot(a, b, acc, input_precision=PRECISION)
     return result
 
 
@@ -98,7 +98,8 @@ def _paged_decode_kernel(
         valid = toks < end
         k = _load_kv_tile(k_cache_ptr, block_table_row, toks, valid, kv_head, block_size, kc_sb, kc_so, kc_sh,
                           HEAD_DIM)
-        s = _dot(q, tl.trans(k.to(q.dtype)), UPCAST, PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST,
+                 PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -106,7 +107,7 @@ def _paged_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
                           HEAD_DIM)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
         m_i = m_new
 
     result = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
@@ -309,7 +310,8 @@ def _paged_prefill_kernel(
             valid = toks < kv_end
             k = _load_kv_tile(k_cache_ptr, block_table_row, toks, valid, kv_head, block_size, kc_sb, kc_so, kc_sh,
                               HEAD_DIM)
-            s = _dot(q, tl.trans(k.to(q.dtype)), UPCAST, PRECISION) * qk_scale
+            s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST,
+                     PRECISION) * qk_scale
             s = tl.where(valid[None, :] & (toks[None, :] <= q_pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
@@ -318,7 +320,7 @@ def _paged_prefill_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
                               HEAD_DIM)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
+            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
             m_i = m_new
 
         result = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
@@ -357,6 +359,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), num_warps=num_warps, num_stages=num_stages,
+        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
