@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from photoninfer.kernels.activation import silu_and_mul  # noqa: E402
 from photoninfer.kernels.gemv import GemvConfig, default_config, small_m_linear  # noqa: E402
-from photoninfer.kernels.paged_attention import (DecodeWorkspace, paged_decode_attention,  # noqa: E402
-                                                 paged_prefill_attention)
+from photoninfer.kernels.paged_attention import (DEFAULT_BLOCK_N, DEFAULT_PARTITION,  # noqa: E402
+                                                 DecodeWorkspace, paged_decode_attention, paged_prefill_attention)
 from photoninfer.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from photoninfer.kernels.rope import rope_and_cache_kv  # noqa: E402
 from photoninfer.model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
@@ -101,8 +101,12 @@ class Bench:
         self.rows.append(row)
         print(f"{row.kernel:<22} {row.shape:<34} {row.dtype:<9} {row.triton_us:>9.1f} {row.torch_us:>9.1f} "
               f"{row.speedup:>7.2f}x  {'ok ' if row.ok else 'BAD'} {row.check} (max err {row.max_err:.3g})"
-              + (f" {extra}" if extra else ""), flush=True)
+              + (f" {extra['config']}" if "config" in extra else ""), flush=True)
         return row
+
+    def limit(self, configs: list) -> list:
+        """A tuning sweep's configs; the smoke run tries two, to exercise the sweep without the time."""
+        return configs[:2] if self.smoke else configs
 
     def randn(self, *shape, dtype=torch.bfloat16, scale=1.0):
         return (scale * torch.randn(*shape, device=self.device)).to(dtype)
@@ -232,9 +236,33 @@ def attention_tolerance(dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 2e-2
 
 
-def bench_decode(b: Bench, shape: Shape) -> None:
+def sweep(b: Bench, kernel: str, shape_desc: str, dtype, make_run, reference, expected, tolerance: float,
+          configs: list[dict], **extra) -> Row:
+    """Checks and times make_run(**config) for each config; the row is the first (default) config, with
+    the fastest one noted in `extra` (and printed) when there are several."""
+    results = []
+    for config in configs:
+        run = make_run(**config)
+        out = run()
+        err = max_abs(out, expected)
+        results.append((b.time_us(run) if len(configs) > 1 else None, config, err))
+    _, default, err = results[0]
+    row = b.add(kernel, shape_desc, dtype, make_run(**default), reference, err, err <= tolerance, "abs",
+                config=default, **extra)
+    if len(configs) > 1:
+        t_best, best, err_best = min(results, key=lambda r: r[0])
+        row.extra.update(best_us=round(t_best, 2), best_config=best, best_ok=bool(err_best <= tolerance))
+        print(f"    best of {len(configs)}: {t_best:.1f} us with {best} (max err {err_best:.3g})", flush=True)
+    return row
+
+
+def bench_decode(b: Bench, shape: Shape, tune: bool) -> None:
     scale = shape.head_dim ** -0.5
-    partitions = (64, 256) if b.smoke else (64, 128, 256, 512)
+    default = dict(partition_size=DEFAULT_PARTITION, block_n=DEFAULT_BLOCK_N, num_warps=4)
+    configs = [default]
+    if tune:
+        configs += [dict(partition_size=p, block_n=n, num_warps=w) for p in (64, 128, 256, 512) for n in (32, 64)
+                    for w in (2, 4, 8) if dict(partition_size=p, block_n=n, num_warps=w) != default]
     for dtype in (torch.bfloat16, torch.float32):
         for batch in shape.batches if dtype == torch.bfloat16 else shape.batches[:1]:
             gen = torch.Generator().manual_seed(batch)
@@ -242,40 +270,46 @@ def bench_decode(b: Bench, shape: Shape) -> None:
             q, k_cache, v_cache, seq, reference = paged_setup(b, shape, seq_lens, [1] * batch, dtype)
             expected = reference()
             out = torch.empty_like(q)
-            for partition in partitions:
-                for hint, hint_name in ((max(seq_lens), "exact"), (shape.max_model_len, "max_model_len")):
-                    ws = DecodeWorkspace.allocate(batch, shape.q_heads, shape.head_dim, hint, b.device, partition)
-                    run = lambda: paged_decode_attention(q, k_cache, v_cache, seq["block_tables"],  # noqa: E731
-                                                         seq["seq_lens"], scale, out, hint,
-                                                         partition_size=partition, workspace=ws)
-                    out.fill_(float("nan"))
-                    run()
-                    err = max_abs(out, expected)
-                    b.add("paged_decode", f"B={batch} ctx~{shape.context} part={partition} hint={hint_name}", dtype,
-                          run, reference, err, err <= attention_tolerance(dtype), "abs",
-                          partitions=-(-hint // partition))
+            # "max_model_len": the grid a CUDA graph replays; "exact": eager, sized by the longest sequence
+            for hint, hint_name in ((shape.max_model_len, "max_model_len"), (max(seq_lens), "exact")):
+                def make_run(partition_size, block_n, num_warps, hint=hint):
+                    ws = DecodeWorkspace.allocate(batch, shape.q_heads, shape.head_dim, hint, b.device, partition_size)
+
+                    def run():
+                        return paged_decode_attention(q, k_cache, v_cache, seq["block_tables"], seq["seq_lens"], scale,
+                                                      out.fill_(float("nan")) if b.smoke else out, hint,
+                                                      partition_size=partition_size, workspace=ws, block_n=block_n,
+                                                      num_warps=num_warps)
+                    return run
+                sweep(b, "paged_decode", f"B={batch} ctx~{shape.context} hint={hint_name}", dtype, make_run,
+                      reference, expected, attention_tolerance(dtype),
+                      b.limit(configs) if dtype == torch.bfloat16 and hint_name == "max_model_len" else [default])
 
 
-def bench_prefill(b: Bench, shape: Shape) -> None:
+def bench_prefill(b: Bench, shape: Shape, tune: bool) -> None:
     scale = shape.head_dim ** -0.5
     n = shape.prefill_len
     cases = [("1 prompt", [n], [n]),
              ("4 prompts", [n] * 4, [n] * 4),
              ("chunk after prefix + decodes", [shape.context + n] + [shape.context] * 3, [n, 1, 1, 1])]
+    default = dict(block_m=16, block_n=16, num_warps=4, num_stages=2) if b.smoke else \
+        dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    configs = [default]
+    if tune:
+        configs += [dict(block_m=m, block_n=bn, num_warps=w, num_stages=st) for m in (32, 64, 128) for bn in (32, 64)
+                    for w in (4, 8) for st in (2, 3)
+                    if dict(block_m=m, block_n=bn, num_warps=w, num_stages=st) != default]
     for dtype in (torch.bfloat16, torch.float32):
         for name, seq_lens, q_lens in cases if dtype == torch.bfloat16 else cases[:1]:
             q, k_cache, v_cache, seq, reference = paged_setup(b, shape, seq_lens, q_lens, dtype)
             expected = reference()
             out = torch.full_like(q, float("nan"))
-            tiles = [(16, 16)] if b.smoke else [(64, 64), (128, 64), (64, 32)]
-            for block_m, block_n in tiles:
-                run = lambda: paged_prefill_attention(q, k_cache, v_cache, seq["block_tables"],  # noqa: E731
-                                                      seq["query_start_loc"], seq["seq_lens"], scale, out,
-                                                      max(q_lens), block_m=block_m, block_n=block_n)
-                run()
-                err = max_abs(out, expected)
-                b.add("paged_prefill", f"{name} q={q_lens[0]} ctx={seq_lens[0]} tile={block_m}x{block_n}", dtype,
-                      run, reference, err, err <= attention_tolerance(dtype), "abs")
+
+            def make_run(**tiles):
+                return lambda: paged_prefill_attention(q, k_cache, v_cache, seq["block_tables"], seq["query_start_loc"],
+                                                       seq["seq_lens"], scale, out, max(q_lens), **tiles)
+            sweep(b, "paged_prefill", f"{name} q={q_lens[0]} ctx={seq_lens[0]}", dtype, make_run, reference,
+                  expected, attention_tolerance(dtype), b.limit(configs) if dtype == torch.bfloat16 else [default])
 
 
 def linear_shapes(shape: Shape) -> dict:
@@ -285,54 +319,39 @@ def linear_shapes(shape: Shape) -> dict:
             "lm_head": (shape.vocab, shape.hidden)}
 
 
-def sweep_configs(n: int, k: int) -> list[GemvConfig]:
+def linear_configs(n: int, k: int) -> list[dict]:
     configs = []
     for block_n in (32, 64, 128):
         for block_k in (128, 256):
             for split_k in (1, 2, 4, 8, 16):
                 if k % (block_k * split_k) == 0 and (n // block_n) * split_k <= 8192:
                     for stages in (3, 4):
-                        configs.append(GemvConfig(block_n, block_k, split_k, num_warps=4, num_stages=stages))
+                        configs.append(asdict(GemvConfig(block_n, block_k, split_k, num_warps=4, num_stages=stages)))
     return configs
 
 
-def bench_linear(b: Bench, shape: Shape, sweep: bool) -> dict:
-    """Returns the best config per (name, M) found by the sweep."""
-    best = {}
-    rows_m = (1, 3) if b.smoke else (1, 4, 16)
+def bench_linear(b: Bench, shape: Shape, tune: bool) -> None:
     for name, (n, k) in linear_shapes(shape).items():
         weight = b.randn(n, k, scale=k ** -0.5)
-        for m in rows_m:
+        gigabytes = n * k * 2 / 1e9
+        for m in (1, 3) if b.smoke else (1, 4, 16):
             x = b.randn(m, k)
             expected = F.linear(x.float(), weight.float())
-            gigabytes = n * k * 2 / 1e9
-            candidates = [default_config(n, k)]
-            if sweep and m in (1, 16):
-                candidates += sweep_configs(n, k)
-            results = []
-            for cfg in candidates:
-                ws = torch.empty(max(cfg.split_k, 1) * m * n, dtype=torch.float32, device=b.device)
-                run = lambda: small_m_linear(x, weight, config=cfg, workspace=ws)  # noqa: E731
-                out = run()
-                err = max_abs(out.float(), expected)
-                t = b.time_us(run)
-                results.append((t, cfg, err))
-            t_default, cfg_default, err_default = results[0]
-            t_best, cfg_best, err_best = min(results, key=lambda r: r[0])
-            best[f"{name} M={m}"] = asdict(cfg_best)
-            tol = 2e-2 * float(expected.abs().max()) + 1e-2
-            b.add("small_m_linear", f"{name} [{m}, {k}] x [{n}, {k}]^T default", torch.bfloat16,
-                  lambda: small_m_linear(x, weight, config=cfg_default), lambda: F.linear(x, weight), err_default,
-                  err_default <= tol, "abs", tb_per_s=round(gigabytes / (t_default * 1e-6) / 1e3, 3),
-                  config=asdict(cfg_default))
-            if len(results) > 1:
-                print(f"    best of {len(results)} configs: {t_best:.1f} us = "
-                      f"{gigabytes / (t_best * 1e-6) / 1e3:.2f} TB/s with {asdict(cfg_best)}"
-                      f" (err {err_best:.3g})", flush=True)
-                b.rows[-1].extra.update(best_us=round(t_best, 2), best_config=asdict(cfg_best),
-                                        best_tb_per_s=round(gigabytes / (t_best * 1e-6) / 1e3, 3),
-                                        best_ok=bool(err_best <= tol))
-    return best
+            configs = [asdict(default_config(n, k))] + (linear_configs(n, k) if tune and m in (1, 16) else [])
+
+            def make_run(**tiles):
+                config = GemvConfig(**tiles)
+                ws = torch.empty(config.split_k * m * n, dtype=torch.float32, device=b.device)
+                return lambda: small_m_linear(x, weight, config=config, workspace=ws)
+            row = sweep(b, "small_m_linear", f"{name} [{m}, {k}] x [{n}, {k}]^T", torch.bfloat16, make_run,
+                        lambda: F.linear(x, weight), expected, 2e-2 * float(expected.abs().max()) + 1e-2,
+                        b.limit(configs))
+            row.extra["tb_per_s"] = round(gigabytes / (row.triton_us * 1e-6) / 1e3, 3)
+            row.extra["torch_tb_per_s"] = round(gigabytes / (row.torch_us * 1e-6) / 1e3, 3)
+            if "best_us" in row.extra:
+                row.extra["best_tb_per_s"] = round(gigabytes / (row.extra["best_us"] * 1e-6) / 1e3, 3)
+            print(f"    {row.extra['tb_per_s']} TB/s (torch {row.extra['torch_tb_per_s']})"
+                  + (f", best {row.extra['best_tb_per_s']} TB/s" if "best_us" in row.extra else ""), flush=True)
 
 
 def environment(device: torch.device) -> dict:
@@ -350,7 +369,7 @@ def environment(device: torch.device) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (checks the script)")
-    parser.add_argument("--no-sweep", action="store_true", help="time only the default small-M linear tiles")
+    parser.add_argument("--no-sweep", action="store_true", help="time only the default tiles (no tuning sweep)")
     parser.add_argument("--only", default="", help="comma-separated subset: norm,silu,rope,decode,prefill,linear")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
@@ -362,7 +381,7 @@ def main() -> int:
     only = set(filter(None, args.only.split(",")))
     want = lambda part: not only or part in only  # noqa: E731
     print(f"{'kernel':<22} {'shape':<34} {'dtype':<9} {'triton us':>9} {'torch us':>9} {'speedup':>8}", flush=True)
-    best = {}
+    tune = not args.no_sweep
     if want("norm"):
         bench_norms(b, shape)
     if want("silu"):
@@ -370,17 +389,17 @@ def main() -> int:
     if want("rope"):
         bench_rope(b, shape)
     if want("decode"):
-        bench_decode(b, shape)
+        bench_decode(b, shape, tune)
     if want("prefill"):
-        bench_prefill(b, shape)
+        bench_prefill(b, shape, tune)
     if want("linear"):
-        best = bench_linear(b, shape, sweep=not args.no_sweep and not args.smoke)
+        bench_linear(b, shape, tune)
     failed = [r for r in b.rows if not r.ok]
     print(f"\n{len(b.rows) - len(failed)} of {len(b.rows)} checks passed")
     for r in failed:
         print(f"FAILED {r.kernel} {r.shape} {r.dtype}: max err {r.max_err:.3g} ({r.check})")
     report = {"environment": environment(b.device), "shape": asdict(shape),
-              "rows": [{**asdict(r), "speedup": r.speedup} for r in b.rows], "best_linear_configs": best}
+              "rows": [{**asdict(r), "speedup": r.speedup} for r in b.rows]}
     out_dir = os.environ.get("OUT")
     if out_dir:
         path = Path(out_dir) / "bench_kernels.json"
