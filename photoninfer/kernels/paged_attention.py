@@ -10,11 +10,13 @@ Math in float32 with an online softmax in base 2 (scores pre-multiplied by scale
 probabilities are rounded to the value dtype before the P.V product, as the reference rounds them.
 
 Decode ("flash-decoding"): grid (B, Hkv, P). Program (b, h, p) takes the whole group of query heads that
-share kv head h (one K/V tile load serves the group; the group is padded to 16 rows for tl.dot) over
-tokens [p * partition, (p + 1) * partition) of sequence b, and writes a partial result with its running
-max and sum; a second kernel, grid (B, Hq), merges the partials. P = ceil(max_seq_len_hint / partition)
-is fixed by the caller (CUDA graphs replay one grid: pass max_model_len), and programs past a sequence's
-length do nothing. With P == 1 the first kernel writes the output directly and no reduction runs.
+share kv head h (one K/V tile load serves the group; the group is padded to 16 rows for tl.dot) over the
+p-th span of sequence b's context and writes a partial result with its running max and sum; a second
+kernel, grid (B, Hq), merges the partials. A span is a whole number of partitions (`partition_size`
+tokens): one partition while the context has no more partitions than P, more beyond. P =
+min(ceil(max_seq_len_hint / partition), max_num_partitions) is fixed by the caller (CUDA graphs replay
+one grid: pass max_model_len), and programs past a sequence's length do nothing. With P == 1 the first
+kernel writes the output directly and no reduction runs.
 
 Prefill: grid (S, ceil(max_query_len / BLOCK_M), Hq). Program (i, m, h) takes query rows
 [m * BLOCK_M, (m + 1) * BLOCK_M) of sequence i (positions seq_len - q_len + row) against keys
@@ -66,10 +68,17 @@ def _load_kv_tile(cache_ptr, block_table_row, toks, valid, kv_head, block_size, 
 
 
 @triton.jit
+def _split_tokens(seq_len, num_splits, PARTITION: tl.constexpr):
+    """Tokens each of a sequence's `num_splits` programs covers: whole partitions, as few as spread the
+    context over all of them (at least one partition, so a short context leaves the later programs idle)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, PARTITION), num_splits), 1) * PARTITION
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
-    qk_scale, group, block_size,
+    qk_scale, group, block_size, num_splits,
     q_sb, q_sh, o_sb, o_sh,
     kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, bt_stride,
     po_sb, po_sh, po_sp, pm_sb, pm_sh,
@@ -78,10 +87,11 @@ def _paged_decode_kernel(
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
-    part = tl.program_id(2)
+    split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = part * PARTITION
-    end = tl.minimum(start + PARTITION, seq_len)
+    span = _split_tokens(seq_len, num_splits, PARTITION)
+    start = split * span
+    end = tl.minimum(start + span, seq_len)
 
     g = tl.arange(0, BLOCK_G)
     heads = kv_head * group + g
@@ -116,21 +126,22 @@ def _paged_decode_kernel(
                  result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
         if start < seq_len:
-            tl.store(part_out_ptr + seq * po_sb + heads[:, None] * po_sh + part * po_sp + d[None, :],
+            tl.store(part_out_ptr + seq * po_sb + heads[:, None] * po_sh + split * po_sp + d[None, :],
                      result, mask=g_mask[:, None])
-            tl.store(part_max_ptr + seq * pm_sb + heads * pm_sh + part, m_i, mask=g_mask)
-            tl.store(part_sum_ptr + seq * pm_sb + heads * pm_sh + part, l_i, mask=g_mask)
+            tl.store(part_max_ptr + seq * pm_sb + heads * pm_sh + split, m_i, mask=g_mask)
+            tl.store(part_sum_ptr + seq * pm_sb + heads * pm_sh + split, l_i, mask=g_mask)
 
 
 @triton.jit
 def _paged_decode_reduce_kernel(
-    seq_lens_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+    seq_lens_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, num_splits,
     o_sb, o_sh, po_sb, po_sh, po_sp, pm_sb, pm_sh,
     HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, PARTITION: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    num_parts = tl.cdiv(tl.load(seq_lens_ptr + seq), PARTITION)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_parts = tl.cdiv(seq_len, _split_tokens(seq_len, num_splits, PARTITION))  # splits that wrote a partial
     stats = seq * pm_sb + head * pm_sh
     parts_out = part_out_ptr + seq * po_sb + head * po_sh
     d = tl.arange(0, HEAD_DIM)
@@ -162,8 +173,8 @@ def _paged_decode_reduce_kernel(
 class DecodeWorkspace:
     """Partial results of split-K decode: out [B, Hq, P, D], max and sum [B, Hq, P], all float32.
 
-    Allocate once for the largest batch and context (CUDA graphs need stable addresses) and pass it to
-    every call; a smaller batch uses its leading rows.
+    Allocate once for the largest batch and the grid's P (CUDA graphs need stable addresses) and pass it
+    to every call; a smaller batch uses its leading rows.
     """
 
     out: torch.Tensor
@@ -172,8 +183,10 @@ class DecodeWorkspace:
 
     @classmethod
     def allocate(cls, max_batch: int, num_q_heads: int, head_dim: int, max_seq_len: int, device,
-                 partition_size: int = DEFAULT_PARTITION) -> "DecodeWorkspace":
-        parts = max(1, triton.cdiv(max_seq_len, partition_size))
+                 partition_size: int = DEFAULT_PARTITION,
+                 max_num_partitions: Optional[int] = None) -> "DecodeWorkspace":
+        """Sized for calls with max_seq_len_hint <= max_seq_len and the same partition_size and cap."""
+        parts = decode_splits(max_seq_len, partition_size, max_num_partitions)
         stats = torch.empty((max_batch, num_q_heads, parts), dtype=torch.float32, device=device)
         return cls(torch.empty((max_batch, num_q_heads, parts, head_dim), dtype=torch.float32, device=device),
                    stats, torch.empty_like(stats))
@@ -221,15 +234,24 @@ def _dot_precision(*dtypes: torch.dtype) -> str:
     return "ieee" if torch.float32 in dtypes else "tf32"
 
 
+def decode_splits(max_seq_len_hint: int, partition_size: int = DEFAULT_PARTITION,
+                  max_num_partitions: Optional[int] = None) -> int:
+    """Programs per (sequence, kv head): one per partition of the longest context, at most max_num_partitions."""
+    splits = max(1, triton.cdiv(max_seq_len_hint, partition_size))
+    return min(splits, max_num_partitions) if max_num_partitions else splits
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
                            max_seq_len_hint: int, *, partition_size: int = DEFAULT_PARTITION,
-                           workspace: Optional[DecodeWorkspace] = None, block_n: int = DEFAULT_BLOCK_N,
-                           num_warps: int = 4) -> torch.Tensor:
+                           max_num_partitions: Optional[int] = None, workspace: Optional[DecodeWorkspace] = None,
+                           block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4) -> torch.Tensor:
     """One query per sequence: q [B, Hq, D] attends to its sequence's seq_lens[b] cached tokens; writes out.
 
-    max_seq_len_hint is an upper bound on every seq_lens[b] (pass max_model_len under CUDA graphs so the
-    grid never changes; a smaller exact bound saves programs in eager mode). A row with seq_len 0 gets zeros.
+    The grid is (B, Hkv, P) with P = min(ceil(max_seq_len_hint / partition_size), max_num_partitions).
+    Under CUDA graphs pass max_model_len as the hint (and a cap) so P never changes; in eager mode the
+    batch's longest context saves idle programs. The hint only sizes the grid: a longer context is still
+    attended whole (each program then covers several partitions). A row with seq_len 0 gets zeros.
     """
     block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
     group = _check_q_out(q, out, num_kv_heads, head_dim)
@@ -239,26 +261,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     check_power_of_two("partition_size", partition_size, block_n, 1 << 20)
     if batch == 0:
         return out
-    num_parts = max(1, triton.cdiv(max_seq_len_hint, partition_size))
-    direct = num_parts == 1
+    num_splits = decode_splits(max_seq_len_hint, partition_size, max_num_partitions)
+    direct = num_splits == 1
     if direct:
         ws_out = ws_max = ws_sum = out  # unused by the kernel
         po_strides, pm_strides = (0, 0, 0), (0, 0)
     else:
         if workspace is None:
-            workspace = DecodeWorkspace.allocate(batch, q.shape[1], head_dim, max_seq_len_hint, q.device,
+            workspace = DecodeWorkspace.allocate(batch, q.shape[1], head_dim, num_splits * partition_size, q.device,
                                                  partition_size)
         ws_out, ws_max, ws_sum = workspace.out, workspace.max, workspace.sum
-        if (ws_out.shape[0] < batch or ws_out.shape[1] != q.shape[1] or ws_out.shape[2] < num_parts
+        if (ws_out.shape[0] < batch or ws_out.shape[1] != q.shape[1] or ws_out.shape[2] < num_splits
                 or ws_out.shape[3] != head_dim):
             raise ValueError(f"decode workspace {tuple(ws_out.shape)} cannot hold [{batch}, {q.shape[1]}, "
-                             f"{num_parts}, {head_dim}] partials: allocate it with a larger max_batch/max_seq_len")
+                             f"{num_splits}, {head_dim}] partials: allocate it with a larger max_batch/max_seq_len")
         po_strides = ws_out.stride()[:3]
         pm_strides = ws_max.stride()[:2]
     block_g = max(MIN_DOT, triton.next_power_of_2(group))
-    _paged_decode_kernel[(batch, num_kv_heads, num_parts)](
+    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, ws_out, ws_max, ws_sum,
-        scale * LOG2E, group, block_size,
+        scale * LOG2E, group, block_size, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -268,9 +290,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     )
     if not direct:
         _paged_decode_reduce_kernel[(batch, q.shape[1])](
-            seq_lens, out, ws_out, ws_max, ws_sum,
+            seq_lens, out, ws_out, ws_max, ws_sum, num_splits,
             out.stride(0), out.stride(1), *po_strides, *pm_strides,
-            HEAD_DIM=head_dim, BLOCK_P=min(triton.next_power_of_2(num_parts), 32), PARTITION=partition_size,
+            HEAD_DIM=head_dim, BLOCK_P=min(triton.next_power_of_2(num_splits), 32), PARTITION=partition_size,
             num_warps=4,
         )
     return out

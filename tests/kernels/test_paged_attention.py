@@ -57,6 +57,15 @@ def test_decode_padding_rows_get_zeros_and_graph_sized_grid():
     assert torch.equal(out[2:], torch.zeros(2, 4, 64))
 
 
+@pytest.mark.parametrize("hint,cap", [(128, 2), (128, 3), (40, None), (1, None)])
+def test_decode_spans_of_several_partitions(hint, cap):
+    """Fewer programs than partitions (a cap, or a hint below the real lengths): each program covers a
+    span of whole partitions and the result is unchanged."""
+    batch = make_paged_batch([1, 37, 100, 130], [1] * 4, 4, 2, 64, 16, torch.float32, seed=hint + (cap or 0))
+    out = decode(batch, max_seq_len_hint=hint, max_num_partitions=cap)
+    torch.testing.assert_close(out, batch.expected, **tolerance(torch.float32))
+
+
 def test_decode_rejects_a_workspace_too_small():
     batch = make_paged_batch([40], [1], 2, 2, 64, 16, torch.float32, seed=1)
     workspace = DecodeWorkspace.allocate(1, 2, 64, 64, "cpu", partition_size=PARTITION)
