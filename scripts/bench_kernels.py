@@ -196,7 +196,8 @@ def bench_rope(b: Bench, shape: Shape) -> None:
             write_kv(k_cache, v_cache, rk, v, slots)
 
         b.add("rope_and_cache_kv", f"T={tokens} Hq={shape.q_heads} Hkv={shape.kv_heads} D={shape.head_dim}",
-              torch.bfloat16, lambda: rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, slots),
+              torch.bfloat16,
+              lambda: rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, slots),
               reference, err, ok, "ulps, cache")
 
 

@@ -116,7 +116,8 @@ def record_launches() -> list:
                 q, k, v = e(16, hq, head_dim), e(16, hkv, head_dim), e(16, hkv, head_dim)
                 cache = e(100, 16, hkv, head_dim)
                 rope.rope_and_cache_kv(q, k, v, torch.empty(16, dtype=torch.long), torch.empty(4096, head_dim // 2),
-                                       torch.empty(4096, head_dim // 2), cache, cache, torch.empty(16, dtype=torch.long))
+                                       torch.empty(4096, head_dim // 2), cache, cache,
+                                       torch.empty(16, dtype=torch.long))
                 tables, lens = torch.empty(16, 256, dtype=torch.int32), torch.empty(16, dtype=torch.int32)
                 for hint in (200, 4096):  # one partition (direct) and split-K + reduction
                     paged_attention.paged_decode_attention(q, cache, cache, tables, lens, 0.125, e(16, hq, head_dim),

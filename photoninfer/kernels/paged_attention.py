@@ -27,7 +27,6 @@ Rows that see no key (seq_len 0: CUDA-graph padding) get zeros, never NaN, and r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 

@@ -1,20 +1,32 @@
-"""Kernel tests run on the CPU in Triton's interpreter. TRITON_INTERPRET is read when a kernel is
-decorated (when its module is imported), so it is set here, before any test module imports one; a kernel
-module imported earlier in the session (e.g. by the runner) is reloaded under the interpreter.
+"""Kernel tests: on a machine without CUDA they run in Triton's CPU interpreter, on a GPU they run the
+compiled kernels (same tiny shapes, tensors on the `device` fixture's device).
 
-triton is part of the test extras: without it these tests fail (they do not skip).
+TRITON_INTERPRET must be set before triton is imported (triton's own library functions are decorated at
+import), so it is set here, and only when there is no GPU: on a GPU machine the rest of the session
+(tests/gpu) keeps its compiled kernels. triton is part of the test extras: without it these tests fail
+(they do not skip).
 """
 
-import importlib
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    if "triton" in sys.modules:
+        raise RuntimeError("triton was imported before tests/kernels/conftest.py could turn on its CPU interpreter; "
+                           "run `TRITON_INTERPRET=1 python -m pytest tests/kernels` or tests/kernels on their own")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 try:
     import triton  # noqa: F401
 except ImportError as exc:  # fail loudly: a skipped kernel suite would look green
     raise ImportError("tests/kernels need triton (CPU interpreter): pip install -e '.[test]'") from exc
 
-for _name in [m for m in sys.modules if m.startswith("photoninfer.kernels.")]:
-    importlib.reload(sys.modules[_name])
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if ON_GPU else "cpu")

@@ -28,8 +28,9 @@ class PagedBatch:
 
 
 def make_paged_batch(seq_lens: list[int], q_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
-                     block_size: int, dtype: torch.dtype, seed: int) -> PagedBatch:
+                     block_size: int, dtype: torch.dtype, seed: int, device="cpu") -> PagedBatch:
     """Sequence i has seq_lens[i] tokens in context, the last q_lens[i] of them computed this step.
+    Built and referenced on the CPU, then moved to `device`.
 
     Blocks are handed out in random order from 1..; block 0 and every slot beyond a sequence's length hold
     NaN, so a kernel that reads outside a context poisons its output.
@@ -69,8 +70,9 @@ def make_paged_batch(seq_lens: list[int], q_lens: list[int], num_q_heads: int, n
     expected = TorchPagedAttention(scale).forward(q, torch.cat(new_k), torch.cat(new_v), k_cache.nan_to_num(),
                                                   v_cache.nan_to_num(), meta)
     assert not expected.isnan().any()
-    return PagedBatch(q, k_cache, v_cache, block_tables, torch.tensor(query_start, dtype=torch.int32),
-                      torch.tensor(seq_lens, dtype=torch.int32), scale, expected)
+    tensors = (q, k_cache, v_cache, block_tables, torch.tensor(query_start, dtype=torch.int32),
+               torch.tensor(seq_lens, dtype=torch.int32))
+    return PagedBatch(*(t.to(device) for t in tensors), scale, expected.to(device))
 
 
 def tolerance(dtype: torch.dtype) -> dict:

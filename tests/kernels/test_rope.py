@@ -12,24 +12,26 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
                   "original_max_position_embeddings": 64}
 
 
-def qkv_slices(tokens, q_heads, kv_heads, head_dim, dtype, gen):
+def qkv_slices(tokens, q_heads, kv_heads, head_dim, dtype, gen, device):
     """q, k, v as column slices of one fused qkv output, as the runner's fused projection produces."""
-    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(device)
     q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    return qkv, q.view(tokens, q_heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    return (qkv, q.view(tokens, q_heads, head_dim), k.view(tokens, kv_heads, head_dim),
+            v.view(tokens, kv_heads, head_dim))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,block_size", [(4, 4, 64, 16), (4, 2, 64, 32), (8, 2, 128, 16)])
-def test_rope_and_cache_kv_matches_reference(dtype, q_heads, kv_heads, head_dim, block_size):
+def test_rope_and_cache_kv_matches_reference(dtype, q_heads, kv_heads, head_dim, block_size, device):
     gen = torch.Generator().manual_seed(q_heads * head_dim + block_size)
     tokens, max_pos, num_blocks = 6, 256, 5
-    rope = RotaryEmbedding(head_dim, max_pos, theta=500000.0, scaling=LLAMA3_SCALING)
-    qkv, q, k, v = qkv_slices(tokens, q_heads, kv_heads, head_dim, dtype, gen)
-    positions = torch.randint(0, max_pos, (tokens,), generator=gen)
+    rope = RotaryEmbedding(head_dim, max_pos, theta=500000.0, scaling=LLAMA3_SCALING).to(device)
+    qkv, q, k, v = qkv_slices(tokens, q_heads, kv_heads, head_dim, dtype, gen, device)
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen).to(device)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
     slots[2] = -1  # a padding row: rotated, but its K/V are not written
-    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype)
+    slots = slots.to(device)
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
     v_cache = k_cache.clone()
 
     expected_q, expected_k = rope(positions, q.clone(), k.clone())
@@ -55,18 +57,16 @@ def test_rope_and_cache_kv_matches_reference(dtype, q_heads, kv_heads, head_dim,
     assert torch.equal(torch.isnan(k_cache), torch.isnan(expected_k_cache))  # nothing written for slot -1
 
 
-def test_rope_takes_int32_positions_and_rejects_wrong_tables():
+def test_rope_takes_int32_positions_and_rejects_wrong_tables(device):
     gen = torch.Generator().manual_seed(1)
-    rope = RotaryEmbedding(64, 32, theta=10000.0, scaling=None)
-    _, q, k, v = qkv_slices(2, 2, 2, 64, torch.float32, gen)
-    cache = torch.zeros(2, 16, 2, 64)
-    expected_q, _ = rope(torch.tensor([3, 5]), q.clone(), k.clone())
-    rope_and_cache_kv(q, k, v, torch.tensor([3, 5], dtype=torch.int32), rope.cos, rope.sin, cache, cache.clone(),
-                      torch.tensor([0, 1]))
+    rope = RotaryEmbedding(64, 32, theta=10000.0, scaling=None).to(device)
+    _, q, k, v = qkv_slices(2, 2, 2, 64, torch.float32, gen, device)
+    cache = torch.zeros(2, 16, 2, 64, device=device)
+    ints = lambda values, dtype=torch.int64: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    expected_q, _ = rope(ints([3, 5]), q.clone(), k.clone())
+    rope_and_cache_kv(q, k, v, ints([3, 5], torch.int32), rope.cos, rope.sin, cache, cache.clone(), ints([0, 1]))
     torch.testing.assert_close(q, expected_q, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cos"):
-        rope_and_cache_kv(q, k, v, torch.tensor([0, 1]), rope.cos[:, :16], rope.sin, cache, cache.clone(),
-                          torch.tensor([0, 1]))
+        rope_and_cache_kv(q, k, v, ints([0, 1]), rope.cos[:, :16], rope.sin, cache, cache.clone(), ints([0, 1]))
     with pytest.raises(TypeError, match="slot_mapping"):
-        rope_and_cache_kv(q, k, v, torch.tensor([0, 1]), rope.cos, rope.sin, cache, cache.clone(),
-                          torch.tensor([0, 1], dtype=torch.int32))
+        rope_and_cache_kv(q, k, v, ints([0, 1]), rope.cos, rope.sin, cache, cache.clone(), ints([0, 1], torch.int32))
