@@ -1,0 +1,386 @@
+"""Attention over the paged KV cache: split-K decode and varlen causal prefill (Triton).
+
+Torch reference: `photoninfer.runner.attention.TorchPagedAttention` (`_decode` for one query per
+sequence, `_prefill` for several), which reads the same cache layout.
+
+Layouts. k_cache, v_cache: [num_blocks, block_size, Hkv, D] (last dim contiguous); token t of sequence i
+is at block block_tables[i, t // block_size], offset t % block_size. block_tables: [S, max_blocks] int32.
+seq_lens: [S] int32, context length after this step. Hq is a multiple of Hkv (GQA); D a power of two.
+Math in float32 with an online softmax in base 2 (scores pre-multiplied by scale * log2(e)); the
+probabilities are rounded to the value dtype before the P.V product, as the reference rounds them.
+
+Decode ("flash-decoding"): grid (B, Hkv, P). Program (b, h, p) takes the whole group of query heads that
+share kv head h (one K/V tile load serves the group; the group is padded to 16 rows for tl.dot) over the
+p-th span of sequence b's context and writes a partial result with its running max and sum; a second
+kernel, grid (B, Hq), merges the partials. A span is a whole number of partitions (`partition_size`
+tokens): one partition while the context has no more partitions than P, more beyond. P =
+min(ceil(max_seq_len_hint / partition), max_num_partitions) is fixed by the caller (CUDA graphs replay
+one grid: pass max_model_len), and programs past a sequence's length do nothing. With P == 1 the first
+kernel writes the output directly and no reduction runs.
+
+Prefill: grid (S, ceil(max_query_len / BLOCK_M), Hq). Program (i, m, h) takes query rows
+[m * BLOCK_M, (m + 1) * BLOCK_M) of sequence i (positions seq_len - q_len + row) against keys
+0..last row's position in BLOCK_N tiles, masking by absolute position. Programs past q_len do nothing.
+
+Rows that see no key (seq_len 0: CUDA-graph padding) get zeros, never NaN, and read nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from photoninfer.kernels import interpreting
+from photoninfer.kernels._checks import (check_dim, check_dtype, check_float, check_last_contiguous,
+                                         check_power_of_two, check_shape)
+
+LOG2E = 1.4426950408889634
+DEFAULT_PARTITION = 256  # tokens per decode program; a multiple of the key tile
+DEFAULT_BLOCK_N = 64  # keys per tile
+DEFAULT_BLOCK_M = 64  # query rows per prefill program
+MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b in float32 ("ieee" keeps float32 operands exact: Triton would otherwise use tf32)."""
+    if UPCAST:  # interpreter only: it would multiply bfloat16 bit patterns
+        result = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        result = tl.dot(a, b, acc, input_precision=PRECISION)
+    return result
+
+
+@triton.jit
+def _load_kv_tile(cache_ptr, block_table_row, toks, valid, kv_head, block_size, s_block, s_offset, s_head,
+                  HEAD_DIM: tl.constexpr):
+    """[BLOCK_N, D] tile of the cache for tokens `toks` of one sequence (rows not `valid` read as 0)."""
+    blocks = tl.load(block_table_row + toks // block_size, mask=valid, other=0).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    ptrs = cache_ptr + blocks[:, None] * s_block + (toks % block_size)[:, None] * s_offset \
+        + kv_head * s_head + d[None, :]
+    return tl.load(ptrs, mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _split_tokens(seq_len, num_splits, PARTITION: tl.constexpr):
+    """Tokens each of a sequence's `num_splits` programs covers: whole partitions, as few as spread the
+    context over all of them (at least one partition, so a short context leaves the later programs idle)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, PARTITION), num_splits), 1) * PARTITION
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
+    part_out_ptr, part_max_ptr, part_sum_ptr,
+    qk_scale, group, block_size, num_splits,
+    q_sb, q_sh, o_sb, o_sh,
+    kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, bt_stride,
+    po_sb, po_sh, po_sp, pm_sb, pm_sh,
+    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
+    DIRECT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    span = _split_tokens(seq_len, num_splits, PARTITION)
+    start = split * span
+    end = tl.minimum(start + span, seq_len)
+
+    g = tl.arange(0, BLOCK_G)
+    heads = kv_head * group + g
+    g_mask = g < group
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * q_sb + heads[:, None] * q_sh + d[None, :], mask=g_mask[:, None], other=0.0)
+    block_table_row = block_tables_ptr + seq * bt_stride
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):  # every tile holds at least one valid key
+        toks = n0 + tl.arange(0, BLOCK_N)
+        valid = toks < end
+        k = _load_kv_tile(k_cache_ptr, block_table_row, toks, valid, kv_head, block_size, kc_sb, kc_so, kc_sh,
+                          HEAD_DIM)
+        s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST,
+                 PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
+                          HEAD_DIM)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+        m_i = m_new
+
+    result = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+    if DIRECT:
+        tl.store(out_ptr + seq * o_sb + heads[:, None] * o_sh + d[None, :],
+                 result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        if start < seq_len:
+            tl.store(part_out_ptr + seq * po_sb + heads[:, None] * po_sh + split * po_sp + d[None, :],
+                     result, mask=g_mask[:, None])
+            tl.store(part_max_ptr + seq * pm_sb + heads * pm_sh + split, m_i, mask=g_mask)
+            tl.store(part_sum_ptr + seq * pm_sb + heads * pm_sh + split, l_i, mask=g_mask)
+
+
+@triton.jit
+def _paged_decode_reduce_kernel(
+    seq_lens_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, num_splits,
+    o_sb, o_sh, po_sb, po_sh, po_sp, pm_sb, pm_sh,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, PARTITION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_parts = tl.cdiv(seq_len, _split_tokens(seq_len, num_splits, PARTITION))  # splits that wrote a partial
+    stats = seq * pm_sb + head * pm_sh
+    parts_out = part_out_ptr + seq * po_sb + head * po_sh
+    d = tl.arange(0, HEAD_DIM)
+
+    max_seen = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for p0 in range(0, num_parts, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        max_seen = tl.maximum(max_seen, tl.load(part_max_ptr + stats + p, mask=p < num_parts,
+                                                other=float("-inf")))
+    global_max = tl.max(max_seen, 0)
+
+    total = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for p0 in range(0, num_parts, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = p < num_parts
+        m = tl.load(part_max_ptr + stats + p, mask=mask, other=float("-inf"))
+        weight = tl.where(mask, tl.load(part_sum_ptr + stats + p, mask=mask, other=0.0) * tl.exp2(m - global_max),
+                          0.0)
+        partial = tl.load(parts_out + p[:, None] * po_sp + d[None, :], mask=mask[:, None], other=0.0)
+        acc += tl.sum(weight[:, None] * partial, 0)
+        total += weight
+    denom = tl.sum(total, 0)
+    result = tl.where(denom > 0, acc / tl.maximum(denom, 1e-30), 0.0)
+    tl.store(out_ptr + seq * o_sb + head * o_sh + d, result.to(out_ptr.dtype.element_ty))
+
+
+@dataclass
+class DecodeWorkspace:
+    """Partial results of split-K decode: out [B, Hq, P, D], max and sum [B, Hq, P], all float32.
+
+    Allocate once for the largest batch and the grid's P (CUDA graphs need stable addresses) and pass it
+    to every call; a smaller batch uses its leading rows.
+    """
+
+    out: torch.Tensor
+    max: torch.Tensor
+    sum: torch.Tensor
+
+    @classmethod
+    def allocate(cls, max_batch: int, num_q_heads: int, head_dim: int, max_seq_len: int, device,
+                 partition_size: int = DEFAULT_PARTITION,
+                 max_num_partitions: Optional[int] = None) -> "DecodeWorkspace":
+        """Sized for calls with max_seq_len_hint <= max_seq_len and the same partition_size and cap."""
+        parts = decode_splits(max_seq_len, partition_size, max_num_partitions)
+        stats = torch.empty((max_batch, num_q_heads, parts), dtype=torch.float32, device=device)
+        return cls(torch.empty((max_batch, num_q_heads, parts, head_dim), dtype=torch.float32, device=device),
+                   stats, torch.empty_like(stats))
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+    """(block_size, num_kv_heads, head_dim) of a valid cache pair."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_dim(name, t, 4)
+        check_float(name, t)
+        check_last_contiguous(name, t)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    check_power_of_two("head_dim", head_dim, 16, 256)
+    return block_size, num_kv_heads, head_dim
+
+
+def _check_q_out(q: torch.Tensor, out: torch.Tensor, num_kv_heads: int, head_dim: int) -> int:
+    """Group size (query heads per kv head) for q and out of shape [rows, Hq, D]."""
+    for name, t in (("q", q), ("out", out)):
+        check_dim(name, t, 3)
+        check_float(name, t)
+        check_last_contiguous(name, t)
+    check_shape("out", out, tuple(q.shape))
+    if q.shape[2] != head_dim:
+        raise ValueError(f"q's head_dim {q.shape[2]} differs from the cache's {head_dim}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({num_kv_heads})")
+    return q.shape[1] // num_kv_heads
+
+
+def _check_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_seqs: int) -> None:
+    check_dim("block_tables", block_tables, 2)
+    check_dtype("block_tables", block_tables, (torch.int32,))
+    check_last_contiguous("block_tables", block_tables)
+    if block_tables.shape[0] < num_seqs:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
+    check_shape("seq_lens", seq_lens, (num_seqs,))
+    check_dtype("seq_lens", seq_lens, (torch.int32,))
+
+
+def _dot_precision(*dtypes: torch.dtype) -> str:
+    """float32 operands multiply exactly ("ieee"); Triton's default for them would be tf32."""
+    return "ieee" if torch.float32 in dtypes else "tf32"
+
+
+def decode_splits(max_seq_len_hint: int, partition_size: int = DEFAULT_PARTITION,
+                  max_num_partitions: Optional[int] = None) -> int:
+    """Programs per (sequence, kv head): one per partition of the longest context, at most max_num_partitions."""
+    splits = max(1, triton.cdiv(max_seq_len_hint, partition_size))
+    return min(splits, max_num_partitions) if max_num_partitions else splits
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
+                           max_seq_len_hint: int, *, partition_size: int = DEFAULT_PARTITION,
+                           max_num_partitions: Optional[int] = None, workspace: Optional[DecodeWorkspace] = None,
+                           block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4) -> torch.Tensor:
+    """One query per sequence: q [B, Hq, D] attends to its sequence's seq_lens[b] cached tokens; writes out.
+
+    The grid is (B, Hkv, P) with P = min(ceil(max_seq_len_hint / partition_size), max_num_partitions).
+    Under CUDA graphs pass max_model_len as the hint (and a cap) so P never changes; in eager mode the
+    batch's longest context saves idle programs. The hint only sizes the grid: a longer context is still
+    attended whole (each program then covers several partitions). A row with seq_len 0 gets zeros.
+    """
+    block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
+    group = _check_q_out(q, out, num_kv_heads, head_dim)
+    batch = q.shape[0]
+    _check_tables(block_tables, seq_lens, batch)
+    check_power_of_two("block_n", block_n, MIN_DOT, 1024)
+    check_power_of_two("partition_size", partition_size, block_n, 1 << 20)
+    if batch == 0:
+        return out
+    num_splits = decode_splits(max_seq_len_hint, partition_size, max_num_partitions)
+    direct = num_splits == 1
+    if direct:
+        ws_out = ws_max = ws_sum = out  # unused by the kernel
+        po_strides, pm_strides = (0, 0, 0), (0, 0)
+    else:
+        if workspace is None:
+            workspace = DecodeWorkspace.allocate(batch, q.shape[1], head_dim, num_splits * partition_size, q.device,
+                                                 partition_size)
+        ws_out, ws_max, ws_sum = workspace.out, workspace.max, workspace.sum
+        if (ws_out.shape[0] < batch or ws_out.shape[1] != q.shape[1] or ws_out.shape[2] < num_splits
+                or ws_out.shape[3] != head_dim):
+            raise ValueError(f"decode workspace {tuple(ws_out.shape)} cannot hold [{batch}, {q.shape[1]}, "
+                             f"{num_splits}, {head_dim}] partials: allocate it with a larger max_batch/max_seq_len")
+        po_strides = ws_out.stride()[:3]
+        pm_strides = ws_max.stride()[:2]
+    block_g = max(MIN_DOT, triton.next_power_of_2(group))
+    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, ws_out, ws_max, ws_sum,
+        scale * LOG2E, group, block_size, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        *po_strides, *pm_strides,
+        HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
+        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), num_warps=num_warps,
+    )
+    if not direct:
+        _paged_decode_reduce_kernel[(batch, q.shape[1])](
+            seq_lens, out, ws_out, ws_max, ws_sum, num_splits,
+            out.stride(0), out.stride(1), *po_strides, *pm_strides,
+            HEAD_DIM=head_dim, BLOCK_P=min(triton.next_power_of_2(num_splits), 32), PARTITION=partition_size,
+            num_warps=4,
+        )
+    return out
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr,
+    qk_scale, group, block_size,
+    q_st, q_sh, o_st, o_sh,
+    kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, bt_stride,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    first_row = tl.program_id(1) * BLOCK_M
+    head = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq).to(tl.int64)
+    q_len = (tl.load(query_start_ptr + seq + 1) - q_start).to(tl.int32)
+    if first_row < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        rows = first_row + tl.arange(0, BLOCK_M)
+        row_mask = rows < q_len
+        q_pos = seq_len - q_len + rows  # absolute position of each query row
+        kv_head = head // group
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + (q_start + rows)[:, None] * q_st + head * q_sh + d[None, :],
+                    mask=row_mask[:, None], other=0.0)
+        block_table_row = block_tables_ptr + seq * bt_stride
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        kv_end = tl.minimum(seq_len, seq_len - q_len + first_row + BLOCK_M)  # the tile's last position + 1
+        for n0 in range(0, kv_end, BLOCK_N):
+            toks = n0 + tl.arange(0, BLOCK_N)
+            valid = toks < kv_end
+            k = _load_kv_tile(k_cache_ptr, block_table_row, toks, valid, kv_head, block_size, kc_sb, kc_so, kc_sh,
+                              HEAD_DIM)
+            s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST,
+                     PRECISION) * qk_scale
+            s = tl.where(valid[None, :] & (toks[None, :] <= q_pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
+                              HEAD_DIM)
+            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+            m_i = m_new
+
+        result = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+        tl.store(out_ptr + (q_start + rows)[:, None] * o_st + head * o_sh + d[None, :],
+                 result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                            scale: float, out: torch.Tensor, max_query_len: int, *,
+                            block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
+                            num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Varlen causal attention: q [T, Hq, D] rows query_start_loc[i]:query_start_loc[i+1] of sequence i
+    attend to its cached keys 0..(their position); this step's K/V must already be in the cache.
+
+    max_query_len bounds every sequence's q_len (it sizes the grid). Rows outside
+    [query_start_loc[0], query_start_loc[-1]) are not written.
+    """
+    block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
+    group = _check_q_out(q, out, num_kv_heads, head_dim)
+    check_dim("query_start_loc", query_start_loc, 1)
+    check_dtype("query_start_loc", query_start_loc, (torch.int32,))
+    num_seqs = query_start_loc.shape[0] - 1
+    if num_seqs < 0:
+        raise ValueError("query_start_loc must hold num_seqs + 1 offsets, got an empty tensor")
+    _check_tables(block_tables, seq_lens, num_seqs)
+    check_power_of_two("block_m", block_m, MIN_DOT, 1024)
+    check_power_of_two("block_n", block_n, MIN_DOT, 1024)
+    if num_seqs == 0 or max_query_len <= 0:
+        return out
+    grid = (num_seqs, triton.cdiv(max_query_len, block_m), q.shape[1])
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        scale * LOG2E, group, block_size,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out

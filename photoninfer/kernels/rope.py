@@ -1,0 +1,118 @@
+"""Rotary embedding of q and k fused with writing k and v into the paged KV cache (Triton).
+
+Torch references: `photoninfer.model.layers.RotaryEmbedding.forward` / `_rotate` (HF "rotate half"
+layout: out = [x1*cos - x2*sin, x2*cos + x1*sin] in float32, rounded to the input dtype) followed by
+`photoninfer.runner.attention.write_kv` (scatter into the cache by slot mapping).
+
+Shapes: q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D] (any token/head strides, last dim contiguous: they may
+be column slices of the fused qkv output [T, Hq*D + 2*Hkv*D]); positions [T] int; cos, sin
+[max_pos, D/2] float32 (the RotaryEmbedding tables, llama3 scaling already folded in); k_cache, v_cache
+[num_blocks, block_size, Hkv, D]; slot_mapping [T] int64, -1 = padding row (its K/V are not written).
+One program handles one token: all its q heads and k heads, so cos/sin are loaded once per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from photoninfer.kernels._checks import check_dim, check_dtype, check_float, check_last_contiguous, check_shape
+
+
+@triton.jit
+def _rotate_heads(ptr, stride_h, num_heads, cos, sin, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotates `num_heads` heads starting at ptr in place; returns the rotated tile [BLOCK_H, 2*HALF]
+    halves (x1', x2') in the stored dtype so the caller can also write them to the cache."""
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    cols = tl.arange(0, HALF)[None, :]
+    mask = heads < num_heads
+    first = ptr + heads * stride_h + cols
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+    dtype = ptr.dtype.element_ty
+    out1 = (x1 * cos - x2 * sin).to(dtype)
+    out2 = (x2 * cos + x1 * sin).to(dtype)
+    tl.store(first, out1, mask=mask)
+    tl.store(first + HALF, out2, mask=mask)
+    return out1, out2
+
+
+@triton.jit
+def _rope_and_cache_kv_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    num_q_heads, num_kv_heads, block_size,
+    q_st, q_sh, k_st, k_sh, v_st, v_sh, cos_stride, sin_stride,
+    kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh,
+    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    cols = tl.arange(0, HALF)[None, :]
+    cos = tl.load(cos_ptr + pos * cos_stride + cols)
+    sin = tl.load(sin_ptr + pos * sin_stride + cols)
+    _rotate_heads(q_ptr + token * q_st, q_sh, num_q_heads, cos, sin, HALF, BLOCK_HQ)
+    k1, k2 = _rotate_heads(k_ptr + token * k_st, k_sh, num_kv_heads, cos, sin, HALF, BLOCK_HKV)
+
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot >= 0:
+        heads = tl.arange(0, BLOCK_HKV)[:, None]
+        mask = heads < num_kv_heads
+        block = slot // block_size
+        offset = slot % block_size
+        k_dst = k_cache_ptr + block * kc_sb + offset * kc_so + heads * kc_sh + cols
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_dst, k1.to(cache_dtype), mask=mask)
+        tl.store(k_dst + HALF, k2.to(cache_dtype), mask=mask)
+        v_src = v_ptr + token * v_st + heads * v_sh + cols
+        v_dst = v_cache_ptr + block * vc_sb + offset * vc_so + heads * vc_sh + cols
+        v1 = tl.load(v_src, mask=mask, other=0.0)
+        v2 = tl.load(v_src + HALF, mask=mask, other=0.0)
+        tl.store(v_dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_and_cache_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Rotates q and k in place and writes the rotated k and v into their cache slots (skips slot -1)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_dim(name, t, 3)
+        check_float(name, t)
+        check_last_contiguous(name, t)
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    check_shape("k", k, (num_tokens, num_kv_heads, head_dim))
+    check_shape("v", v, (num_tokens, num_kv_heads, head_dim))
+    if head_dim < 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two, got {head_dim}")
+    half = head_dim // 2
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_dim(name, t, 2)
+        check_dtype(name, t, (torch.float32,))
+        check_last_contiguous(name, t)
+        if t.shape[1] != half:
+            raise ValueError(f"{name} must be [max_pos, {half}] (head_dim / 2), got {tuple(t.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_dim(name, t, 4)
+        check_float(name, t)
+        check_last_contiguous(name, t)
+        if tuple(t.shape[2:]) != (num_kv_heads, head_dim):
+            raise ValueError(f"{name} must be [num_blocks, block_size, {num_kv_heads}, {head_dim}], "
+                             f"got {tuple(t.shape)}")
+    check_shape("positions", positions, (num_tokens,))
+    check_shape("slot_mapping", slot_mapping, (num_tokens,))
+    check_dtype("positions", positions, (torch.int64, torch.int32))
+    check_dtype("slot_mapping", slot_mapping, (torch.int64,))
+    if num_tokens == 0:
+        return
+    _rope_and_cache_kv_kernel[(num_tokens,)](
+        q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
+        num_q_heads, num_kv_heads, k_cache.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HALF=half, BLOCK_HQ=triton.next_power_of_2(num_q_heads),
+        BLOCK_HKV=triton.next_power_of_2(num_kv_heads), num_warps=4,
+    )
