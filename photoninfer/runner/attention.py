@@ -123,17 +123,9 @@ class TorchPagedAttention:
         return out.transpose(0, 1)
 
 
-@dataclass
-class TritonAttentionMetadata:
-    batch: ForwardBatch
-    max_num_partitions: int
-
-
 class TritonPagedAttention:
     """CUDA backend: one fused kernel rotates q/k and writes K/V through the slot mapping, then a paged
     decode kernel (split over the context, GQA-grouped) or a varlen prefill kernel attends."""
-
-    PARTITION = 512  # context tokens per split-K program of the decode kernel
 
     def __init__(self, scale: float, block_size: int):
         from photoninfer.kernels import paged_attention, rope
@@ -141,23 +133,21 @@ class TritonPagedAttention:
         self.scale, self.block_size = scale, block_size
         self._attention, self._rope = paged_attention, rope
 
-    def prepare(self, batch: ForwardBatch) -> TritonAttentionMetadata:
-        """The decode grid covers the longest context (a CUDA graph passes its context limit here)."""
-        return TritonAttentionMetadata(batch, max(1, -(-batch.max_seq_len // self.PARTITION)))
+    def prepare(self, batch: ForwardBatch) -> ForwardBatch:
+        """The kernels read the flat batch as it is. Its max_seq_len sizes the decode grid (a CUDA graph's
+        static batch carries the graph's context limit there, so one grid serves every replay)."""
+        return batch
 
-    def forward(self, q, k, v, positions, rope, kv_cache, meta: TritonAttentionMetadata):
-        batch = meta.batch
+    def forward(self, q, k, v, positions, rope, kv_cache, batch: ForwardBatch):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         self._rope.rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, batch.slot_mapping)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if batch.is_decode_only:
-            self._attention.paged_decode_attention(
-                q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale, out,
-                max_num_partitions=meta.max_num_partitions, partition_size=self.PARTITION)
+            self._attention.paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
+                                                   self.scale, out, batch.max_seq_len)
         else:
-            self._attention.paged_prefill_attention(
-                q, k_cache, v_cache, batch.block_tables, batch.query_start_loc, batch.seq_lens, self.scale, out,
-                max_query_len=batch.max_query_len)
+            self._attention.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,
+                                                    batch.seq_lens, self.scale, out, batch.max_query_len)
         return out
 
 
