@@ -121,13 +121,14 @@ def run_bench_command(args: argparse.Namespace) -> None:
 
 def add_bench_parser(sub) -> None:
     from photoninfer.bench.random_model import SHAPES
+    from photoninfer.bench.workloads import WORKLOADS
 
     bench = sub.add_parser("bench", help="throughput, TTFT and start-up beside HF transformers, to JSON and PNG")
     add_engine_args(bench)
     g = bench.add_argument_group("benchmark (sizes left out take the device's defaults: see docs/benchmarks.md)")
     g.add_argument("--random-shape", default=None, choices=list(SHAPES),
                    help="random weights of a real model's shape instead of --model")
-    g.add_argument("--workload", default="standard", choices=["standard", "nano-vllm", "none"],
+    g.add_argument("--workload", default="standard", choices=list(WORKLOADS),
                    help="standard: C requests of --prompt-len tokens generating --output-len at each --concurrency C; "
                         "nano-vllm: --num-requests requests with input and output lengths uniform in --len-range; "
                         "none: start-up, TTFT and --profile only")

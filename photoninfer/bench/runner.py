@@ -23,7 +23,8 @@ import torch
 from photoninfer.bench import peers as engines
 from photoninfer.bench.environment import describe_environment
 from photoninfer.bench.metrics import agreement
-from photoninfer.bench.workloads import (Batch, check_lengths, nano_vllm_batch, random_prompt, standard_batches)
+from photoninfer.bench.workloads import (WORKLOADS, Batch, check_lengths, nano_vllm_batch, random_prompt,
+                                         standard_batches)
 from photoninfer.config import EngineConfig, resolve_device, resolve_dtype
 from photoninfer.errors import ConfigError
 
@@ -64,8 +65,8 @@ class BenchOptions:
         self.output_len = self.output_len or defaults["output_len"]
         self.num_requests = self.num_requests or defaults["num_requests"]
         self.len_range = tuple(self.len_range or defaults["len_range"])
-        if self.workload not in ("standard", "nano-vllm", "none"):
-            raise ConfigError(f"unknown workload {self.workload!r}; choose standard, nano-vllm or none")
+        if self.workload not in WORKLOADS:
+            raise ConfigError(f"unknown workload {self.workload!r}; choose from {', '.join(WORKLOADS)}")
         for name in ("prompt_len", "output_len", "num_requests", "profile_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

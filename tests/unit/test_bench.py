@@ -161,3 +161,37 @@ def test_without_matplotlib_the_json_is_written_with_a_warning(tmp_path, monkeyp
     assert json.loads((tmp_path / "r.json").read_text()) == report
     assert not (tmp_path / "r.png").exists()
     assert "matplotlib is not installed" in caplog.text
+
+
+def test_profile_summary_counts_launches_and_device_time_per_step():
+    """The CUDA half of the profile summary, on crafted profiler events (the CPU has no device events)."""
+    from types import SimpleNamespace as Event
+
+    from torch.autograd import DeviceType
+
+    from photoninfer.bench.profile import summarize
+
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [Event(name="cudaLaunchKernel", device_type=cpu, device_time_total=0)] * 6 + [
+        Event(name="cuLaunchKernelEx", device_type=cpu, device_time_total=0),  # a Triton kernel
+        Event(name="cudaGraphLaunch", device_type=cpu, device_time_total=0),
+        Event(name="cudaMemcpyAsync", device_type=cpu, device_time_total=0),
+        Event(name="aten::mm", device_type=cpu, device_time_total=900),  # its kernel's time, counted once below
+        Event(name="gemv_kernel", device_type=gpu, device_time_total=900),
+        Event(name="rms_norm_kernel", device_type=gpu, device_time_total=100),
+    ]
+    averages = [
+        Event(key="aten::mm", count=4, device_type=cpu, self_cpu_time_total=300, self_device_time_total=900),
+        Event(key="cudaLaunchKernel", count=6, device_type=cpu, self_cpu_time_total=100, self_device_time_total=0),
+        Event(key="gemv_kernel", count=4, device_type=gpu, self_cpu_time_total=0, self_device_time_total=900),
+        Event(key="rms_norm_kernel", count=2, device_type=gpu, self_cpu_time_total=0, self_device_time_total=100),
+    ]
+    summary = summarize(events, averages, steps=2, device=torch.device("cuda"))
+    assert summary["device_ms_per_step"] == 0.5  # (900 + 100) us over 2 steps
+    assert summary["kernel_launches_per_step"] == 4.0  # 6 + 1 + 1 launches over 2 steps; the memcpy is not one
+    assert summary["device_kernels_per_step"] == 1.0
+    assert [op["name"] for op in summary["top_ops_by_self_device_time"]] == ["gemv_kernel", "rms_norm_kernel"]
+    assert summary["top_ops_by_self_device_time"][0] == {"name": "gemv_kernel", "calls_per_step": 2.0,
+                                                         "self_ms_per_step": 0.45, "percent": 90.0}
+    assert [op["name"] for op in summary["top_ops_by_self_cpu_time"]] == ["aten::mm", "cudaLaunchKernel"]
+    assert summary["top_ops_by_self_cpu_time"][0]["percent"] == 75.0
