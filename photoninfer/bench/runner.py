@@ -85,6 +85,7 @@ class EngineRun:
     name: str
     startup_s: float | None = None
     ttft_s: float | None = None
+    prepare_s: float = 0.0  # the untimed warm-up and per-batch passes: compilation, graph capture per shape
     info: dict = field(default_factory=dict)
     error: str | None = None
     rows: list[dict] = field(default_factory=list)
@@ -117,12 +118,12 @@ def measure_engine(engine, run: EngineRun, batches: list[Batch], options: BenchO
     run.startup_s = round(_timed(engine.start, device)[0], 4)
     logger.info("%s started in %.2f s", engine.name, run.startup_s)
     warmup = Batch("warm-up", 2, [random_prompt(16, vocab_size, random.Random(99 + i)) for i in range(2)], [4, 4])
-    engine.generate(warmup)
+    run.prepare_s = round(_timed(lambda: engine.generate(warmup), device)[0], 4)
     ttft_batches = [Batch("ttft", 1, [random_prompt(options.prompt_len, vocab_size, random.Random(100 + i))], [1])
                     for i in range(TTFT_RUNS)]
     run.ttft_s = round(statistics.median(_timed(lambda b=b: engine.generate(b), device)[0] for b in ttft_batches), 5)
     for batch in batches:
-        engine.prepare(batch)
+        run.prepare_s = round(run.prepare_s + _timed(lambda: engine.prepare(batch), device)[0], 4)
         elapsed, outputs = _timed(lambda: engine.generate(batch), device)
         tokens = sum(len(o) for o in outputs)
         run.outputs[batch.label] = outputs
@@ -210,7 +211,8 @@ def run_bench(config: EngineConfig, options: BenchOptions) -> dict:
             "engine_options": {**asdict(config), "resolved_device": str(device)},
             "bench_options": {k: v for k, v in asdict(options).items() if k not in ("argv", "out")},
         },
-        "engines": {r.name: {"startup_s": r.startup_s, "ttft_s": r.ttft_s, "info": r.info, "error": r.error}
+        "engines": {r.name: {"startup_s": r.startup_s, "ttft_s": r.ttft_s, "prepare_s": r.prepare_s, "info": r.info,
+                             "error": r.error}
                     for r in runs},
         "results": [row for r in runs for row in r.rows],
         "profile": profiles,
