@@ -58,8 +58,13 @@ class PhotonInferEngine:
 
     def info(self) -> dict:
         engine = self.llm.engine
+        runner = engine.runner
+        graphs = getattr(runner, "graphs", None)  # getattr: the runner's internals move faster than this report
+        attention = getattr(getattr(runner, "model", None), "attention", None)
         return {"kv_cache_blocks": engine.block_manager.num_blocks, "block_size": engine.block_manager.block_size,
-                "max_model_len": engine.max_model_len, "dtype": str(engine.dtype).removeprefix("torch.")}
+                "max_model_len": engine.max_model_len, "dtype": str(engine.dtype).removeprefix("torch."),
+                "attention_backend": type(attention).__name__ if attention is not None else None,
+                "cuda_graph_sizes": list(getattr(graphs, "sizes", [])) if graphs is not None else None}
 
     def prepare(self, batch: Batch) -> None:
         pass

@@ -107,6 +107,9 @@ def test_standard_workload_beside_hf_eager_with_metadata_png_and_profile(tmp_pat
     for engine in ("hf-eager", "photoninfer"):
         assert report["engines"][engine]["error"] is None
         assert report["engines"][engine]["startup_s"] > 0 and report["engines"][engine]["ttft_s"] > 0
+    ours = report["engines"]["photoninfer"]["info"]
+    assert ours["kv_cache_blocks"] > 0 and ours["dtype"] == "float32" and ours["attention_backend"]
+    assert ours["cuda_graph_sizes"] is None  # no graphs on the CPU
     [profile] = report["profile"]
     assert profile["concurrency"] == 2 and profile["steps"] == 2 and profile["decode_only"]
     assert profile["step_ms"] > 0 and profile["device_ms_per_step"] is None  # no device on the CPU
