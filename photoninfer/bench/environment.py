@@ -32,7 +32,8 @@ def package_version(name: str) -> str | None:
 
 
 def git_state(path: str) -> dict:
-    """Commit and dirtiness of the checkout holding `path`; None values where it is not a git checkout."""
+    """Commit and dirtiness of the checkout holding `path`. A copy without .git (as on a lent GPU machine) takes
+    the commit from $PHOTONINFER_GIT_COMMIT when set; otherwise the values are None."""
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=20)
@@ -42,9 +43,9 @@ def git_state(path: str) -> dict:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
-        return {"commit": None, "dirty": None}
+        return {"commit": os.environ.get("PHOTONINFER_GIT_COMMIT") or None, "dirty": None, "source": "environment"}
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+    return {"commit": commit, "dirty": None if status is None else bool(status), "source": "git"}
 
 
 def describe_environment(device: torch.device, argv: list[str] | None) -> dict:

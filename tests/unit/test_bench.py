@@ -198,3 +198,12 @@ def test_profile_summary_counts_launches_and_device_time_per_step():
                                                          "self_ms_per_step": 0.45, "percent": 90.0}
     assert [op["name"] for op in summary["top_ops_by_self_cpu_time"]] == ["aten::mm", "cudaLaunchKernel"]
     assert summary["top_ops_by_self_cpu_time"][0]["percent"] == 75.0
+
+
+def test_git_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):
+    from photoninfer.bench.environment import git_state
+
+    monkeypatch.delenv("PHOTONINFER_GIT_COMMIT", raising=False)
+    assert git_state(str(tmp_path)) == {"commit": None, "dirty": None, "source": "environment"}
+    monkeypatch.setenv("PHOTONINFER_GIT_COMMIT", "abc123")
+    assert git_state(str(tmp_path))["commit"] == "abc123"
