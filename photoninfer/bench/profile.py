@@ -35,7 +35,7 @@ def profile_decode(engine, concurrency: int, prompt_len: int, vocab_size: int, s
     """Profile `steps` decode steps of an LLMEngine running `concurrency` sequences of `prompt_len` tokens."""
     if concurrency > engine.config.max_num_seqs:
         raise ConfigError(f"--profile concurrency {concurrency} exceeds max_num_seqs {engine.config.max_num_seqs}")
-    rng = random.Random(10_000 + concurrency)
+    rng = random.Random(f"profile-{concurrency}")
     params = SamplingParams(temperature=0.0, max_tokens=WARMUP_STEPS + 2 * steps + 2, ignore_eos=True)
     request_ids = [f"profile-{concurrency}-{i}" for i in range(concurrency)]
     for request_id in request_ids:
@@ -102,8 +102,9 @@ def summarize(events, averages, steps: int, device: torch.device) -> dict:
     host_ops = [a for a in averages if a.device_type == DeviceType.CPU]
     device_ops = [a for a in averages if a.device_type != DeviceType.CPU]
     has_device = device.type != "cpu"
+    device_ms = sum(e.device_time_total for e in on_device) / 1000
     return {
-        "device_ms_per_step": round(sum(e.device_time_total for e in on_device) / 1000 / steps, 3) if has_device else None,
+        "device_ms_per_step": round(device_ms / steps, 3) if has_device else None,
         "device_kernels_per_step": round(len(on_device) / steps, 1) if has_device else None,
         "kernel_launches_per_step": round(len(launches) / steps, 1) if has_device else None,
         "top_ops_by_self_device_time": _top(device_ops, "self_device_time_total", steps),

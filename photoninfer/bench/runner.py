@@ -117,10 +117,11 @@ def measure_engine(engine, run: EngineRun, batches: list[Batch], options: BenchO
     keeps what came before it)."""
     run.startup_s = round(_timed(engine.start, device)[0], 4)
     logger.info("%s started in %.2f s", engine.name, run.startup_s)
-    warmup = Batch("warm-up", 2, [random_prompt(16, vocab_size, random.Random(99 + i)) for i in range(2)], [4, 4])
+    warmup = Batch("warm-up", 2, [random_prompt(16, vocab_size, random.Random(f"warm-up-{i}")) for i in range(2)],
+                   [4, 4])
     run.prepare_s = round(_timed(lambda: engine.generate(warmup), device)[0], 4)
-    ttft_batches = [Batch("ttft", 1, [random_prompt(options.prompt_len, vocab_size, random.Random(100 + i))], [1])
-                    for i in range(TTFT_RUNS)]
+    ttft_batches = [Batch("ttft", 1, [random_prompt(options.prompt_len, vocab_size, random.Random(f"ttft-{i}"))],
+                          [1]) for i in range(TTFT_RUNS)]
     run.ttft_s = round(statistics.median(_timed(lambda b=b: engine.generate(b), device)[0] for b in ttft_batches), 5)
     for batch in batches:
         run.prepare_s = round(run.prepare_s + _timed(lambda: engine.prepare(batch), device)[0], 4)
@@ -132,7 +133,8 @@ def measure_engine(engine, run: EngineRun, batches: list[Batch], options: BenchO
             "concurrency": batch.concurrency, "prompt_tokens": sum(len(p) for p in batch.prompts),
             "output_tokens": tokens, "elapsed_s": round(elapsed, 4), "output_tok_per_s": round(tokens / elapsed, 2),
         })
-        logger.info("%s %s: %d tokens in %.2f s (%.1f tok/s)", engine.name, batch.label, tokens, elapsed, tokens / elapsed)
+        logger.info("%s %s: %d tokens in %.2f s (%.1f tok/s)", engine.name, batch.label, tokens, elapsed,
+                    tokens / elapsed)
     run.info = engine.info()
     return run
 

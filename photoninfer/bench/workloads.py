@@ -1,7 +1,8 @@
 """Benchmark workloads: which requests are submitted together, as prompt token ids and exact output lengths.
 
 Every request generates exactly its output length (EOS is ignored) and all requests of a batch are submitted
-at once. Prompts are random token ids (2.. vocab), so they tokenize the same for every engine.
+at once. Prompts are random token ids (2.. vocab), so they tokenize the same for every engine; each use draws
+from its own named seed, so no two prompts share a prefix that a prefix cache could reuse.
 
 - standard: at each concurrency level C, C requests of `prompt_len` tokens generating `output_len` tokens.
 - nano-vllm: the workload of nano-vllm's bench.py: `num_requests` requests (256) whose input and output
@@ -40,7 +41,7 @@ def standard_batches(concurrency_levels: list[int], prompt_len: int, output_len:
                      vocab_size: int) -> list[Batch]:
     batches = []
     for concurrency in concurrency_levels:
-        rng = random.Random(concurrency)  # each level its own prompts: no prefix cache hits between levels
+        rng = random.Random(f"standard-{concurrency}")  # each level its own prompts: no prefix cache hits
         prompts = [random_prompt(prompt_len, vocab_size, rng) for _ in range(concurrency)]
         batches.append(Batch(str(concurrency), concurrency, prompts, [output_len] * concurrency))
     return batches
