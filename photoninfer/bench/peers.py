@@ -6,7 +6,8 @@ exactly its output length with EOS ignored.
 
 - hf-eager: `generate()` with the dynamic KV cache, the plain reference.
 - hf-compiled: `generate(cache_implementation="static", compile_config=...)`: a static KV cache and the
-  decoding forward compiled by transformers' own auto-compile (its documented fast mode in 5.x).
+  decoding forward compiled by transformers' own auto-compile, which 5.x generate() applies once the cache is
+  static (compiling `model.forward` by hand, the older recipe, would also compile every prefill shape).
   Compilation happens per shape, so each batch is generated once untimed before it is timed.
 """
 
@@ -143,7 +144,6 @@ class HFCompiledEngine(HFEngine):
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
-
 
     def _generate_kwargs(self) -> dict:
         return {"cache_implementation": "static", "compile_config": self.compile_config}
