@@ -1,7 +1,7 @@
 """`bench --profile C`: torch.profiler over a few decode steps of PhotonInfer at concurrency C.
 
 C requests are prefilled first, then a few warm-up steps run, then `steps` decode steps are timed without the
-profiler (step_ms: the host's wall time per step, which includes waiting for the device) and `steps` more run
+profiler (host_ms_per_step: the host's wall time per step, which includes waiting for the device) and `steps` more run
 under it. The headline numbers: device busy time per step (the sum of kernel times), kernel launches per step
 (CUDA runtime launch calls; a graph replay is one) and the top ops by self device time and by self CPU time.
 """
@@ -44,7 +44,7 @@ def profile_decode(engine, concurrency: int, prompt_len: int, vocab_size: int, s
         _prefill_all(engine, concurrency)
         for _ in range(WARMUP_STEPS):
             engine.step()
-        step_ms, decode_only = _timed_steps(engine, steps)
+        host_ms, decode_only = _timed_steps(engine, steps)
         prof, profiled_ms, profiled_decode_only = _profiled_steps(engine, steps)
     finally:
         for request_id in request_ids:
@@ -52,8 +52,8 @@ def profile_decode(engine, concurrency: int, prompt_len: int, vocab_size: int, s
     return {
         "concurrency": concurrency, "prompt_len": prompt_len, "steps": steps,
         "decode_only": decode_only and profiled_decode_only,
-        "step_ms": round(statistics.median(step_ms), 3),
-        "profiled_step_ms": round(statistics.fmean(profiled_ms), 3),
+        "host_ms_per_step": round(statistics.median(host_ms), 3),
+        "profiled_host_ms_per_step": round(statistics.fmean(profiled_ms), 3),
         **summarize(prof.events(), prof.key_averages(), steps, engine.device),
     }
 

@@ -35,7 +35,8 @@ def format_report(report: dict) -> str:
             continue
         device = "" if prof["device_ms_per_step"] is None else (
             f", device {prof['device_ms_per_step']:.2f} ms, {prof['kernel_launches_per_step']:.0f} launches")
-        lines.append(f"profile at concurrency {prof['concurrency']}: step {prof['step_ms']:.2f} ms{device} per step")
+        lines.append(f"profile at concurrency {prof['concurrency']}: host {prof['host_ms_per_step']:.2f} ms{device} "
+                     "per step")
         top = prof["top_ops_by_self_device_time"] or prof["top_ops_by_self_cpu_time"]
         lines += [f"    {op['self_ms_per_step']:8.3f} ms {op['percent']:5.1f}%  {op['name'][:90]}" for op in top[:5]]
     return "\n".join(lines)

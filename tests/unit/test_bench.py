@@ -85,9 +85,13 @@ def test_random_shapes_have_the_published_parameter_counts(shape, family, parame
 
 # ---- end to end ----------------------------------------------------------------------------------------
 
-def test_standard_workload_beside_hf_eager_with_metadata_png_and_profile(tmp_path, monkeypatch, bench_cache):
+def test_standard_workload_beside_hf_eager_with_metadata_png_and_profile(tmp_path, monkeypatch, bench_cache,
+                                                                        capsys):
     report = run_bench(tmp_path, monkeypatch, bench_cache, "--concurrency", "1,3", "--output-len", "6",
                        "--profile", "2", "--profile-steps", "2")
+    printed = capsys.readouterr().out
+    assert "photoninfer" in printed and "profile at concurrency 2: host" in printed
+    assert f"written to {tmp_path / 'bench.json'} and {tmp_path / 'bench.png'}" in printed
     meta = report["meta"]
     assert meta["device_type"] == "cpu" and meta["cpu"] and meta["torch_threads"] == torch.get_num_threads()
     assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["transformers"]
@@ -112,7 +116,7 @@ def test_standard_workload_beside_hf_eager_with_metadata_png_and_profile(tmp_pat
     assert ours["cuda_graph_sizes"] is None  # no graphs on the CPU
     [profile] = report["profile"]
     assert profile["concurrency"] == 2 and profile["steps"] == 2 and profile["decode_only"]
-    assert profile["step_ms"] > 0 and profile["device_ms_per_step"] is None  # no device on the CPU
+    assert profile["host_ms_per_step"] > 0 and profile["device_ms_per_step"] is None  # no device on the CPU
     assert 0 < len(profile["top_ops_by_self_cpu_time"]) <= 15
     assert (tmp_path / "bench.png").read_bytes().startswith(PNG_MAGIC)
 
