@@ -239,6 +239,6 @@ def write_report(report: dict, out_path: str) -> str | None:
 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(report, f, indent=2, default=str)  # str() for any future option json cannot encode
     png = plot_path(out_path)
     return png if write_plot(report, png) else None
