@@ -1,16 +1,17 @@
 """`bench --profile C`: torch.profiler over a few decode steps of PhotonInfer at concurrency C.
 
 C requests are prefilled first, then a few warm-up steps run, then `steps` decode steps are timed without the
-profiler (host_ms_per_step: the host's wall time per step, which includes waiting for the device) and `steps` more run
-under it. The headline numbers: device busy time per step (the sum of kernel times), kernel launches per step
-(CUDA runtime launch calls; a graph replay is one) and the top ops by self device time and by self CPU time.
+profiler and `steps` more run under it. The device is synchronized only before and after each series, never
+between steps, so that a step overlapping the next (async scheduling) is measured as it runs.
+The headline numbers: host_ms_per_step (wall time per step in the steady state: what the host takes, or the
+device when it is the slower), device_ms_per_step (the kernels' time summed), kernel launches per step (CUDA
+launch calls; a graph replay is one) and the top ops by self device time and by self CPU time.
 """
 
 from __future__ import annotations
 
 import random
 import re
-import statistics
 import time
 
 import torch
@@ -36,7 +37,8 @@ def profile_decode(engine, concurrency: int, prompt_len: int, vocab_size: int, s
     if concurrency > engine.config.max_num_seqs:
         raise ConfigError(f"--profile concurrency {concurrency} exceeds max_num_seqs {engine.config.max_num_seqs}")
     rng = random.Random(f"profile-{concurrency}")
-    params = SamplingParams(temperature=0.0, max_tokens=WARMUP_STEPS + 2 * steps + 2, ignore_eos=True)
+    # enough tokens that no request ends while measured (async scheduling runs a step ahead of the outputs)
+    params = SamplingParams(temperature=0.0, max_tokens=WARMUP_STEPS + 2 * steps + 8, ignore_eos=True)
     request_ids = [f"profile-{concurrency}-{i}" for i in range(concurrency)]
     for request_id in request_ids:
         engine.add_request(request_id, random_prompt(prompt_len, vocab_size, rng), params)
@@ -45,15 +47,19 @@ def profile_decode(engine, concurrency: int, prompt_len: int, vocab_size: int, s
         for _ in range(WARMUP_STEPS):
             engine.step()
         host_ms, decode_only = _timed_steps(engine, steps)
-        prof, profiled_ms, profiled_decode_only = _profiled_steps(engine, steps)
+        with profile(activities=_activities(engine.device)) as prof:
+            profiled_ms, profiled_decode_only = _timed_steps(engine, steps)
     finally:
         for request_id in request_ids:
             engine.abort_request(request_id)
+        while engine.has_unfinished_requests():  # read back the step still in flight
+            engine.step()
     return {
         "concurrency": concurrency, "prompt_len": prompt_len, "steps": steps,
+        "async_scheduling": getattr(engine, "async_scheduling", False),
         "decode_only": decode_only and profiled_decode_only,
-        "host_ms_per_step": round(statistics.median(host_ms), 3),
-        "profiled_host_ms_per_step": round(statistics.fmean(profiled_ms), 3),
+        "host_ms_per_step": round(host_ms, 3),
+        "profiled_host_ms_per_step": round(profiled_ms, 3),
         **summarize(prof.events(), prof.key_averages(), steps, engine.device),
     }
 
@@ -70,29 +76,20 @@ def _is_decode_step(engine) -> bool:
     return stats.last_step_num_tokens == stats.last_step_num_seqs
 
 
-def _timed_steps(engine, steps: int) -> tuple[list[float], bool]:
-    durations, decode_only = [], True
+def _timed_steps(engine, steps: int) -> tuple[float, bool]:
+    """Mean wall time per step over `steps` steps, and whether every one of them was decode only."""
+    decode_only = True
+    _sync(engine.device)
+    start = time.perf_counter()
     for _ in range(steps):
-        _sync(engine.device)
-        start = time.perf_counter()
         engine.step()
-        _sync(engine.device)
-        durations.append((time.perf_counter() - start) * 1000)
         decode_only &= _is_decode_step(engine)
-    return durations, decode_only
+    _sync(engine.device)
+    return (time.perf_counter() - start) * 1000 / steps, decode_only
 
 
-def _profiled_steps(engine, steps: int):
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
-    durations, decode_only = [], True
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            start = time.perf_counter()
-            engine.step()
-            _sync(engine.device)
-            durations.append((time.perf_counter() - start) * 1000)
-            decode_only &= _is_decode_step(engine)
-    return prof, durations, decode_only
+def _activities(device: torch.device) -> list:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
 
 def summarize(events, averages, steps: int, device: torch.device) -> dict:
