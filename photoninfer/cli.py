@@ -7,7 +7,7 @@ import logging
 import sys
 
 from photoninfer.config import EngineConfig, cache_dir
-from photoninfer.errors import PhotonInferError
+from photoninfer.errors import ConfigError, PhotonInferError
 from photoninfer.sampling_params import SamplingParams
 from photoninfer.server.serve import add_serve_parser
 
@@ -88,17 +88,66 @@ def run_chat(args: argparse.Namespace) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> None:
+    from photoninfer.bench.peers import parse_peers
     from photoninfer.bench.random_model import build_random_model
-    from photoninfer.bench.runner import format_report, run_bench
+    from photoninfer.bench.report import format_report
+    from photoninfer.bench.runner import BenchOptions, run_bench, write_report
+    from photoninfer.bench.workloads import parse_int_list
+    from photoninfer.config import resolve_device
 
     config = engine_config_from_args(args)
+    device = resolve_device(config.device)
+    length_range = parse_int_list(args.len_range, "--len-range") if args.len_range else None
+    if length_range is not None and len(length_range) != 2:
+        raise ConfigError(f"--len-range takes MIN,MAX, got {args.len_range!r}")
+    options = BenchOptions(
+        workload=args.workload,
+        concurrency=parse_int_list(args.concurrency, "--concurrency") if args.concurrency else None,
+        prompt_len=args.prompt_len, output_len=args.output_len, num_requests=args.num_requests,
+        len_range=tuple(length_range) if length_range else None, seed=args.workload_seed,
+        peers=parse_peers(args.peers, device),
+        hf_compile_backend=args.hf_compile_backend, hf_compile_mode=args.hf_compile_mode,
+        profile=parse_int_list(args.profile, "--profile") if args.profile else [],
+        profile_steps=args.profile_steps, random_shape=args.random_shape, out=args.out, argv=args.argv,
+    )
+    options.resolve(device)  # bad options fail before any model is built or loaded
     if args.random_shape:
         config.model = build_random_model(args.random_shape, cache_dir("bench", args.random_shape))
-    levels = [int(c) for c in args.concurrency.split(",")]
-    peers = [p for p in args.peers.split(",") if p]
-    report = run_bench(config, levels, args.prompt_len, args.output_len, peers, args.out)
+    report = run_bench(config, options)
+    png = write_report(report, args.out)
     print(format_report(report))
-    print(f"written to {args.out}")
+    print(f"written to {args.out}" + (f" and {png}" if png else ""))
+
+
+def add_bench_parser(sub) -> None:
+    from photoninfer.bench.random_model import SHAPES
+    from photoninfer.bench.workloads import WORKLOADS
+
+    bench = sub.add_parser("bench", help="throughput, TTFT and start-up beside HF transformers, to JSON and PNG")
+    add_engine_args(bench)
+    g = bench.add_argument_group("benchmark (sizes left out take the device's defaults: see docs/benchmarks.md)")
+    g.add_argument("--random-shape", default=None, choices=list(SHAPES),
+                   help="random weights of a real model's shape instead of --model")
+    g.add_argument("--workload", default="standard", choices=list(WORKLOADS),
+                   help="standard: C requests of --prompt-len tokens generating --output-len at each --concurrency C; "
+                        "nano-vllm: --num-requests requests with input and output lengths uniform in --len-range; "
+                        "none: start-up, TTFT and --profile only")
+    g.add_argument("--concurrency", default=None, help="comma-separated levels (CPU 1,16; GPU 1,4,16,64,256)")
+    g.add_argument("--prompt-len", type=int, default=100, help="prompt tokens (standard workload and TTFT)")
+    g.add_argument("--output-len", type=int, default=None, help="tokens generated per request (CPU 64; GPU 256)")
+    g.add_argument("--num-requests", type=int, default=None, help="nano-vllm requests (CPU 16; GPU 256)")
+    g.add_argument("--len-range", default=None, help="nano-vllm MIN,MAX lengths (CPU 100,256; GPU 100,1024)")
+    g.add_argument("--workload-seed", type=int, default=0, help="seed of the nano-vllm lengths and prompts")
+    g.add_argument("--peers", default=None,
+                   help="comma-separated: hf-eager, hf-compiled, or none (default: both on CUDA, hf-eager on the CPU)")
+    g.add_argument("--hf-compile-backend", default="inductor", help="torch.compile backend of hf-compiled")
+    g.add_argument("--hf-compile-mode", default=None,
+                   help="torch.compile mode of hf-compiled (default: reduce-overhead on CUDA, default elsewhere)")
+    g.add_argument("--profile", default=None, metavar="C[,C...]",
+                   help="also run torch.profiler over PhotonInfer's decode steps at these concurrencies")
+    g.add_argument("--profile-steps", type=int, default=5, help="decode steps timed, and as many profiled")
+    g.add_argument("--out", default="bench_results/bench.json", help="JSON path; the PNG goes beside it")
+    bench.set_defaults(func=run_bench_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,22 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=run_chat)
 
-    bench = sub.add_parser("bench", help="greedy throughput and TTFT, side by side with HF transformers, to JSON")
-    add_engine_args(bench)
-    bench.add_argument("--random-shape", default=None, help="benchmark random weights of a shape: llama-3.2-1b | tiny")
-    bench.add_argument("--concurrency", default="1,4,16,64", help="comma-separated numbers of simultaneous requests")
-    bench.add_argument("--prompt-len", type=int, default=100)
-    bench.add_argument("--output-len", type=int, default=256)
-    bench.add_argument("--peers", default="hf", help="comma-separated peers to run beside PhotonInfer: hf, or empty")
-    bench.add_argument("--out", default="bench_results/bench.json")
-    bench.set_defaults(func=run_bench_command)
-
+    add_bench_parser(sub)
     add_serve_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by bench
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
