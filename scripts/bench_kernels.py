@@ -36,7 +36,8 @@ from photoninfer.kernels.paged_attention import (DEFAULT_BLOCK_N, DEFAULT_PARTIT
 from photoninfer.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from photoninfer.kernels.rope import rope_and_cache_kv  # noqa: E402
 from photoninfer.model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
-from photoninfer.runner.attention import AttentionMetadata, TorchPagedAttention, write_kv  # noqa: E402
+from photoninfer.runner.attention import TorchPagedAttention, write_kv  # noqa: E402
+from photoninfer.runner.batch import ForwardBatch  # noqa: E402
 
 
 @dataclass
@@ -222,12 +223,13 @@ def paged_setup(b: Bench, shape: Shape, seq_lens: list[int], q_lens: list[int], 
     query_start = [0]
     for ql in q_lens:
         query_start.append(query_start[-1] + ql)
-    meta = AttentionMetadata.build(slot_mapping, query_start, seq_lens, tables, bs)
+    reference_backend = TorchPagedAttention(shape.head_dim ** -0.5, bs)
+    meta = reference_backend.prepare(ForwardBatch.for_attention(slot_mapping, query_start, seq_lens, tables))
     q = b.randn(query_start[-1], shape.q_heads, shape.head_dim, dtype=dtype)
     k_new = k_cache.view(-1, shape.kv_heads, shape.head_dim)[slot_mapping]
     v_new = v_cache.view(-1, shape.kv_heads, shape.head_dim)[slot_mapping]
-    reference_backend = TorchPagedAttention(shape.head_dim ** -0.5)
-    reference = lambda: reference_backend.forward(q, k_new, v_new, k_cache, v_cache, meta)  # noqa: E731
+    reference = lambda: (write_kv(k_cache, v_cache, k_new, v_new, slot_mapping),  # noqa: E731
+                         reference_backend.attend(q, k_cache, v_cache, meta))[1]
     seq = dict(block_tables=block_tables.to(b.device), seq_lens=torch.tensor(seq_lens, dtype=torch.int32,
                device=b.device), query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=b.device))
     return q, k_cache, v_cache, seq, reference

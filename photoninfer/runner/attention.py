@@ -88,6 +88,11 @@ class TorchPagedAttention:
         q, k = rope(positions, q, k)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: TorchAttentionMetadata) -> torch.Tensor:
+        """Attention of q's rows over the cache, which already holds this step's K/V."""
         k_flat = k_cache.view(-1, *k_cache.shape[2:])
         v_flat = v_cache.view(-1, *v_cache.shape[2:])
         out = torch.empty_like(q)

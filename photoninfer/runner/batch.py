@@ -46,6 +46,20 @@ class ForwardBatch:
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
 
+    @classmethod
+    def for_attention(cls, slot_mapping: torch.Tensor, query_start: list[int], seq_lens: list[int],
+                      block_tables: list[list[int]]) -> "ForwardBatch":
+        """The attention-only part of a batch from plain lists (kernel tests and benchmarks)."""
+        device = slot_mapping.device
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32, device=device)
+        as_int32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+        return cls(input_ids=None, positions=None, slot_mapping=slot_mapping, logits_indices=None,
+                   pending_dst=None, pending_src=None, query_start_loc=as_int32(query_start),
+                   seq_lens=as_int32(seq_lens), block_tables=tables, num_tokens=query_start[-1],
+                   num_seqs=len(seq_lens), max_query_len=int(np.diff(query_start).max()), max_seq_len=max(seq_lens),
+                   query_start_host=np.array(query_start), seq_lens_host=np.array(seq_lens))
+
 
 class BlockTableRows:
     """Host copy of each running sequence's block table, one row per sequence, appended to incrementally."""

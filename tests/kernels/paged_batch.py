@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from photoninfer.runner.attention import AttentionMetadata, TorchPagedAttention
+from photoninfer.runner.attention import TorchPagedAttention
+from photoninfer.runner.batch import ForwardBatch
 
 
 @dataclass
@@ -64,11 +65,11 @@ def make_paged_batch(seq_lens: list[int], q_lens: list[int], num_q_heads: int, n
         query_start.append(query_start[-1] + q_len)
     q = (2 * torch.randn(query_start[-1], num_q_heads, head_dim, generator=gen)).to(dtype)
     scale = head_dim ** -0.5
-    meta = AttentionMetadata.build(torch.cat(new_slots), query_start, seq_lens, tables, block_size)
-    # The reference rewrites this step's K/V (already in place) into copies of the cache, then attends.
-    # Its padded decode gathers slot 0 for padding (masked, but 0 * NaN is NaN): give it a NaN-free copy.
-    expected = TorchPagedAttention(scale).forward(q, torch.cat(new_k), torch.cat(new_v), k_cache.nan_to_num(),
-                                                  v_cache.nan_to_num(), meta)
+    reference = TorchPagedAttention(scale, block_size)
+    meta = reference.prepare(ForwardBatch.for_attention(torch.cat(new_slots), query_start, seq_lens, tables))
+    # This step's K/V are already in place. The reference's padded decode gathers slot 0 for padding
+    # (masked, but 0 * NaN is NaN): give it a NaN-free copy of the cache.
+    expected = reference.attend(q, k_cache.nan_to_num(), v_cache.nan_to_num(), meta)
     assert not expected.isnan().any()
     tensors = (q, k_cache, v_cache, block_tables, torch.tensor(query_start, dtype=torch.int32),
                torch.tensor(seq_lens, dtype=torch.int32))

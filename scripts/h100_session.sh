@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One lent-GPU session in one command: GPU tests, kernel checks/timings, then the bench (side by side with HF).
+#   bash scripts/h100_session.sh [tests] [kernels] [bench ARGS...]
+# Run from the repo root on the GPU machine; logs and JSON go to $OUT (default ./gpu-out).
+# Needs: the SmolLM2 tokenizer saved in .devcarry/tok (the GGUF is too large to upload there).
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PHOTONINFER_TEST_TOKENIZER_DIR=${PHOTONINFER_TEST_TOKENIZER_DIR:-$PWD/.devcarry/tok}
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    tests) shift; timeout 420 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/kernels 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    kernels) shift; timeout 240 python3 scripts/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
+    bench) shift; timeout 540 python3 -m photoninfer bench "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^USDT" | tail -40; break ;;
+    *) echo "unknown step $1"; exit 2 ;;
+  esac
+done
