@@ -137,6 +137,12 @@ class TritonPagedAttention:
 
         self.scale, self.block_size = scale, block_size
         self._attention, self._rope = paged_attention, rope
+        self.num_sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 8
+
+    def decode_partitions(self, num_seqs: int, num_kv_heads: int) -> int:
+        """Split a context over more programs only while (sequence, kv head) pairs leave the GPU idle: two
+        waves of programs. A context longer than that covers several partitions per program."""
+        return max(1, -(-2 * self.num_sms // (num_seqs * num_kv_heads)))
 
     def prepare(self, batch: ForwardBatch) -> ForwardBatch:
         """The kernels read the flat batch as it is. Its max_seq_len sizes the decode grid (a CUDA graph's
@@ -148,8 +154,9 @@ class TritonPagedAttention:
         self._rope.rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, batch.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if batch.is_decode_only:
-            self._attention.paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
-                                                   self.scale, out, batch.max_seq_len)
+            self._attention.paged_decode_attention(
+                q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale, out, batch.max_seq_len,
+                max_num_partitions=self.decode_partitions(q.shape[0], k_cache.shape[2]))
         else:
             self._attention.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,
                                                     batch.seq_lens, self.scale, out, batch.max_query_len)

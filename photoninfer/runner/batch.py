@@ -41,6 +41,7 @@ class ForwardBatch:
     max_seq_len: int
     query_start_host: np.ndarray  # [S+1]
     seq_lens_host: np.ndarray  # [S]
+    graph_size: Optional[int] = None  # a decode step laid out for the CUDA graph of this many rows
 
     @property
     def is_decode_only(self) -> bool:
@@ -108,6 +109,8 @@ class BatchBuilder:
 
     def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
                  device: torch.device):
+        self.graph_sizes: list[int] = []  # set by use_graphs(): decode steps are then padded for replay
+        self.graph_max_context = 0
         self.block_size = block_size
         self.device = device
         self.rows = BlockTableRows(max_num_seqs, max_blocks_per_seq)
@@ -117,9 +120,44 @@ class BatchBuilder:
         # int32 region: query_start_loc [S+1], seq_lens [S], block tables [S, B]
         self.staging = [self._staging_pair() for _ in range(1 if self.on_host else 2)]
         self.turn = 0
-        if not self.on_host:
+        if self.on_host:
+            self.device64, self.device32 = self.staging[0]
+        else:
             self.device64 = torch.empty_like(self.staging[0][0], device=device)
             self.device32 = torch.empty_like(self.staging[0][1], device=device)
+
+    def use_graphs(self, sizes: list[int]) -> None:
+        """Lay decode steps of up to sizes[-1] sequences and graph_max_context tokens out exactly as the
+        captured graphs read them: padded to the next size, block tables `graph_width` wide. The graphs' static
+        inputs are these very device buffers, so a replay needs no copy besides the staging one."""
+        self.graph_sizes = sizes
+
+    @property
+    def graph_width(self) -> int:
+        return -(-self.graph_max_context // self.block_size)
+
+    def clear_graph_rows(self) -> None:
+        """Before capture: every row writes no K/V and has an empty context."""
+        T, S = self.max_tokens, self.max_seqs
+        self.device64[2 * T:3 * T].fill_(-1)
+        self.device32[S + 1:2 * S + 1].zero_()
+
+    def graph_batch(self, size: int) -> ForwardBatch:
+        """The static decode batch of `size` rows: views of the device buffers that the graphs read."""
+        T, S, W = self.max_tokens, self.max_seqs, self.graph_width
+        d64, d32 = self.device64, self.device32
+        return ForwardBatch(
+            input_ids=d64[:size], positions=d64[T:T + size], slot_mapping=d64[2 * T:2 * T + size],
+            logits_indices=None, pending_dst=None, pending_src=None, query_start_loc=d32[:size + 1],
+            seq_lens=d32[S + 1:S + 1 + size], block_tables=d32[2 * S + 1:2 * S + 1 + size * W].view(size, W),
+            num_tokens=size, num_seqs=size, max_query_len=1, max_seq_len=self.graph_max_context,
+            query_start_host=np.arange(size + 1), seq_lens_host=np.zeros(size, dtype=np.int64), graph_size=size)
+
+    def _graph_size_for(self, num_seqs: int, num_tokens: int, max_seq_len: int) -> Optional[int]:
+        if (not self.graph_sizes or num_tokens != num_seqs or num_seqs > self.graph_sizes[-1]
+                or max_seq_len > self.graph_max_context):
+            return None
+        return next(size for size in self.graph_sizes if size >= num_seqs)
 
     def _staging_pair(self):
         pin = self.device.type == "cuda"
@@ -180,27 +218,35 @@ class BatchBuilder:
                 num_logits += 1
                 sampling_seqs.append(seq)
         max_seq_len = int(seq_lens.max()) if num_seqs else 0
-        width = max(1, -(-max_seq_len // bs))
+        graph_size = self._graph_size_for(num_seqs, num_tokens, max_seq_len) if len(sampling_seqs) == num_seqs else None
+        rows_out = graph_size or num_seqs
+        width = self.graph_width if graph_size else max(1, -(-max_seq_len // bs))
         S = self.max_seqs
         host32[:num_seqs + 1] = query_start
         host32[S + 1:S + 1 + num_seqs] = seq_lens
-        n32 = 2 * S + 1 + num_seqs * width
-        host32[2 * S + 1:n32].reshape(num_seqs, width)[:] = self.rows.table[rows, :width]
-        if self.on_host:
-            d64, d32 = staging64, staging32
-        else:
-            d64, d32 = self.device64, self.device32
+        n32 = 2 * S + 1 + rows_out * width
+        tables = host32[2 * S + 1:n32].reshape(rows_out, width)
+        tables[:num_seqs] = self.rows.table[rows, :width]
+        if graph_size and graph_size > num_seqs:  # padding rows: no K/V write, empty context
+            pad = slice(num_seqs, graph_size)
+            ids[pad], pos[pad], slots[pad] = 0, 0, -1
+            host32[num_seqs + 1:graph_size + 1] = num_tokens
+            host32[S + 1 + num_seqs:S + 1 + graph_size] = 0
+            tables[num_seqs:] = 0
+        d64, d32 = self.device64, self.device32
+        if not self.on_host:
             d64.copy_(staging64, non_blocking=True)
             d32[:n32].copy_(staging32[:n32], non_blocking=True)
+        n = rows_out if graph_size else num_tokens
         batch = ForwardBatch(
-            input_ids=d64[:num_tokens], positions=d64[T:T + num_tokens], slot_mapping=d64[2 * T:2 * T + num_tokens],
+            input_ids=d64[:n], positions=d64[T:T + n], slot_mapping=d64[2 * T:2 * T + n],
             logits_indices=d64[3 * T:3 * T + num_logits],
             pending_dst=d64[4 * T:4 * T + num_pending] if num_pending else None,
             pending_src=d64[5 * T:5 * T + num_pending] if num_pending else None,
-            query_start_loc=d32[:num_seqs + 1], seq_lens=d32[S + 1:S + 1 + num_seqs],
-            block_tables=d32[2 * S + 1:n32].view(num_seqs, width),
+            query_start_loc=d32[:rows_out + 1], seq_lens=d32[S + 1:S + 1 + rows_out],
+            block_tables=d32[2 * S + 1:n32].view(rows_out, width),
             num_tokens=num_tokens, num_seqs=num_seqs,
             max_query_len=int(np.diff(query_start).max()) if num_seqs else 0, max_seq_len=max_seq_len,
-            query_start_host=query_start, seq_lens_host=seq_lens,
+            query_start_host=query_start, seq_lens_host=seq_lens, graph_size=graph_size,
         )
         return batch, sampling_seqs

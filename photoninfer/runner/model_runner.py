@@ -46,8 +46,8 @@ class ModelRunner:
                     tokens / 4096)
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager and triton_available():  # graphs need the kernels
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.model.attention, config.max_num_seqs,
-                                       min(self.max_model_len, GRAPH_MAX_CONTEXT), self.block_size, device)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.model.attention, self.batch_builder,
+                                       config.max_num_seqs, min(self.max_model_len, GRAPH_MAX_CONTEXT))
             self.graphs.capture()
 
     def _load_model(self, checkpoint: Checkpoint) -> CausalLM:
@@ -125,7 +125,7 @@ class ModelRunner:
         batch, sampling_seqs = self.batch_builder.build(sched, pending)
         if batch.pending_dst is not None:
             batch.input_ids[batch.pending_dst] = previous.sampled.token_ids[batch.pending_src]
-        if self.graphs is not None and self.graphs.can_run(batch):
+        if batch.graph_size is not None:
             logits = self.graphs.run(batch)
         else:
             meta = self.model.attention.prepare(batch)

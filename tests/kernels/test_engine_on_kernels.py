@@ -43,3 +43,40 @@ def test_triton_backend_gives_the_reference_tokens(make_tiny_model, device, kind
     assert tokens == expected_tokens
     worst = max(abs(a - b) for row, ref in zip(logprobs, expected_logprobs) for a, b in zip(row, ref))
     assert worst < 1e-4
+
+
+class EagerReplay:
+    """Stands in for DecodeGraphs on the CPU: the same static inputs and forward, run instead of replayed."""
+
+    def __init__(self, graphs):
+        self.graphs = graphs
+        self.replays = []  # (rows, padded size) of each decode step
+
+    def run(self, batch):
+        self.replays.append((batch.num_seqs, batch.graph_size))
+        return self.graphs._forward(batch.graph_size)[:batch.num_seqs]
+
+
+def test_decode_steps_laid_out_for_graphs_give_the_reference_tokens(make_tiny_model, device):
+    """Decode batches padded to the captured sizes, block tables at the graphs' fixed width, inputs read
+    from the builder's static buffers, tokens taken from the previous step on the device (async)."""
+    from photoninfer.runner.cuda_graph import DecodeGraphs
+
+    path = make_tiny_model("llama3")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 30, 7, 12, 50)]
+    options = dict(dtype="float32", device=str(device), max_num_seqs=8, enforce_eager=True, async_scheduling=True)
+    reference = LLM(path, **options)
+    expected_tokens, _ = generate(reference, prompts)
+    del reference
+    fast = LLM(path, **options)
+    on_kernels(fast)
+    runner = fast.engine.runner
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.model.attention, runner.batch_builder, 8, 96)
+    runner.batch_builder.clear_graph_rows()
+    runner.batch_builder.use_graphs(graphs.sizes)
+    runner.graphs = EagerReplay(graphs)
+    tokens, _ = generate(fast, prompts)
+    assert tokens == expected_tokens
+    assert graphs.sizes == [1, 2, 4, 8]
+    assert (5, 8) in runner.graphs.replays  # five sequences ran padded to the graph of eight
