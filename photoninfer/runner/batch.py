@@ -137,8 +137,10 @@ class BatchBuilder:
         return -(-self.graph_max_context // self.block_size)
 
     def clear_graph_rows(self) -> None:
-        """Before capture: every row writes no K/V and has an empty context."""
+        """Before capture: every row reads token 0 at position 0, writes no K/V and has an empty context."""
         T, S = self.max_tokens, self.max_seqs
+        self.device64.zero_()
+        self.device32.zero_()
         self.device64[2 * T:3 * T].fill_(-1)
         self.device32[S + 1:2 * S + 1].zero_()
 
