@@ -5,8 +5,9 @@ decode at batch 1/16/64/256 with ~1k tokens of context, and a 100-token prefill.
 `triton.testing.do_bench` (which clears the L2 cache before every run, so weights come from HBM). Prints
 a table and writes $OUT/bench_kernels.json when OUT is set.
 
-    python scripts/bench_kernels.py                 # everything, ~2-3 minutes on an H100
-    python scripts/bench_kernels.py --no-sweep      # skip the small-M linear tile sweep
+    python scripts/bench_kernels.py                 # checks + timings with the default tiles (~1 minute)
+    python scripts/bench_kernels.py --sweep --only decode   # also time a tile/partition sweep (minutes each:
+                                                            # decode, prefill, linear) and report the fastest
     python scripts/bench_kernels.py --smoke         # CPU, Triton interpreter, tiny shapes: checks the script
 """
 
@@ -377,7 +378,7 @@ def environment(device: torch.device) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (checks the script)")
-    parser.add_argument("--no-sweep", action="store_true", help="time only the default tiles (no tuning sweep)")
+    parser.add_argument("--sweep", action="store_true", help="also time a sweep of tiles per shape (slow)")
     parser.add_argument("--only", default="", help="comma-separated subset: norm,silu,rope,decode,prefill,linear")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
@@ -389,7 +390,8 @@ def main() -> int:
     only = set(filter(None, args.only.split(",")))
     want = lambda part: not only or part in only  # noqa: E731
     print(f"{'kernel':<22} {'shape':<34} {'dtype':<9} {'triton us':>9} {'torch us':>9} {'speedup':>8}", flush=True)
-    tune = not args.no_sweep
+    tune = args.sweep
+    started = time.perf_counter()
     if want("norm"):
         bench_norms(b, shape)
     if want("silu"):
@@ -403,7 +405,7 @@ def main() -> int:
     if want("linear"):
         bench_linear(b, shape, tune)
     failed = [r for r in b.rows if not r.ok]
-    print(f"\n{len(b.rows) - len(failed)} of {len(b.rows)} checks passed")
+    print(f"\n{len(b.rows) - len(failed)} of {len(b.rows)} checks passed in {time.perf_counter() - started:.0f} s")
     for r in failed:
         print(f"FAILED {r.kernel} {r.shape} {r.dtype}: max err {r.max_err:.3g} ({r.check})")
     report = {"environment": environment(b.device), "shape": asdict(shape),
