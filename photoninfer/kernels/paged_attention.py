@@ -14,9 +14,10 @@ share kv head h (one K/V tile load serves the group; the group is padded to 16 r
 p-th span of sequence b's context and writes a partial result with its running max and sum; a second
 kernel, grid (B, Hq), merges the partials. A span is a whole number of partitions (`partition_size`
 tokens): one partition while the context has no more partitions than P, more beyond. P =
-min(ceil(max_seq_len_hint / partition), max_num_partitions) is fixed by the caller (CUDA graphs replay
-one grid: pass max_model_len), and programs past a sequence's length do nothing. With P == 1 the first
-kernel writes the output directly and no reduction runs.
+min(ceil(max_seq_len_hint / partition), cap) where the cap is max_num_partitions, or by default what
+fills the GPU for this batch (DECODE_TARGET_PROGRAMS / (B * Hkv)); it depends only on the call's
+arguments, so a CUDA graph (hint = max_model_len) replays one grid. Programs past a sequence's length do
+nothing. With P == 1 the first kernel writes the output directly and no reduction runs.
 
 Prefill: grid (S, ceil(max_query_len / BLOCK_M), Hq). Program (i, m, h) takes query rows
 [m * BLOCK_M, (m + 1) * BLOCK_M) of sequence i (positions seq_len - q_len + row) against keys
