@@ -14,9 +14,10 @@ share kv head h (one K/V tile load serves the group; the group is padded to 16 r
 p-th span of sequence b's context and writes a partial result with its running max and sum; a second
 kernel, grid (B, Hq), merges the partials. A span is a whole number of partitions (`partition_size`
 tokens): one partition while the context has no more partitions than P, more beyond. P =
-min(ceil(max_seq_len_hint / partition), max_num_partitions) is fixed by the caller (CUDA graphs replay
-one grid: pass max_model_len), and programs past a sequence's length do nothing. With P == 1 the first
-kernel writes the output directly and no reduction runs.
+min(ceil(max_seq_len_hint / partition), cap) where the cap is max_num_partitions, or by default what
+fills the GPU for this batch (DECODE_TARGET_PROGRAMS / (B * Hkv)); it depends only on the call's
+arguments, so a CUDA graph (hint = max_model_len) replays one grid. Programs past a sequence's length do
+nothing. With P == 1 the first kernel writes the output directly and no reduction runs.
 
 Prefill: grid (S, ceil(max_query_len / BLOCK_M), Hq). Program (i, m, h) takes query rows
 [m * BLOCK_M, (m + 1) * BLOCK_M) of sequence i (positions seq_len - q_len + row) against keys
@@ -40,6 +41,9 @@ from photoninfer.kernels._checks import (check_dim, check_dtype, check_float, ch
 
 LOG2E = 1.4426950408889634
 DEFAULT_PARTITION = 256  # tokens per decode program; a multiple of the key tile
+# Decode programs worth launching (~8 per H100 SM): beyond that, splitting the context further only adds
+# partials to write and merge. At batch 256 x 8 kv heads the batch alone fills the card, and P = 1.
+DECODE_TARGET_PROGRAMS = 1024
 DEFAULT_BLOCK_N = 64  # keys per tile
 DEFAULT_BLOCK_M = 64  # query rows per prefill program
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU
@@ -240,6 +244,11 @@ def decode_splits(max_seq_len_hint: int, partition_size: int = DEFAULT_PARTITION
     return min(splits, max_num_partitions) if max_num_partitions else splits
 
 
+def default_max_partitions(batch: int, num_kv_heads: int) -> int:
+    """Cap on P when the caller gives none: enough programs to fill the GPU (DECODE_TARGET_PROGRAMS)."""
+    return max(1, triton.cdiv(DECODE_TARGET_PROGRAMS, batch * num_kv_heads))
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
                            max_seq_len_hint: int, *, partition_size: int = DEFAULT_PARTITION,
@@ -247,10 +256,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4) -> torch.Tensor:
     """One query per sequence: q [B, Hq, D] attends to its sequence's seq_lens[b] cached tokens; writes out.
 
-    The grid is (B, Hkv, P) with P = min(ceil(max_seq_len_hint / partition_size), max_num_partitions).
-    Under CUDA graphs pass max_model_len as the hint (and a cap) so P never changes; in eager mode the
-    batch's longest context saves idle programs. The hint only sizes the grid: a longer context is still
-    attended whole (each program then covers several partitions). A row with seq_len 0 gets zeros.
+    The grid is (B, Hkv, P) with P = min(ceil(max_seq_len_hint / partition_size), max_num_partitions);
+    without a cap, P is capped at what fills the GPU for this batch (`default_max_partitions`), so a
+    large batch runs one program per (sequence, kv head) and no reduction. Under CUDA graphs pass
+    max_model_len as the hint so P never changes for a captured batch size; in eager mode the batch's
+    longest context saves idle programs. The hint only sizes the grid: a longer context is still attended
+    whole (each program then covers several partitions). A row with seq_len 0 gets zeros.
     """
     block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
     group = _check_q_out(q, out, num_kv_heads, head_dim)
@@ -260,7 +271,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     check_power_of_two("partition_size", partition_size, block_n, 1 << 20)
     if batch == 0:
         return out
-    num_splits = decode_splits(max_seq_len_hint, partition_size, max_num_partitions)
+    num_splits = decode_splits(max_seq_len_hint, partition_size,
+                               max_num_partitions or default_max_partitions(batch, num_kv_heads))
     direct = num_splits == 1
     if direct:
         ws_out = ws_max = ws_sum = out  # unused by the kernel

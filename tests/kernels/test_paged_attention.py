@@ -6,6 +6,7 @@ import torch
 from paged_batch import make_paged_batch, tolerance
 from ulp import poisoned
 
+from photoninfer.kernels import paged_attention
 from photoninfer.kernels.paged_attention import DecodeWorkspace, paged_decode_attention, paged_prefill_attention
 
 # Small tiles and partitions so that tiny contexts still span several blocks, tiles and partitions.
@@ -64,6 +65,17 @@ def test_decode_spans_of_several_partitions(hint, cap, device):
     batch = make_paged_batch([1, 37, 100, 130], [1] * 4, 4, 2, 64, 16, torch.float32, seed=hint + (cap or 0),
                              device=device)
     out = decode(batch, max_seq_len_hint=hint, max_num_partitions=cap)
+    torch.testing.assert_close(out, batch.expected, **tolerance(torch.float32))
+
+
+def test_decode_default_cap_follows_the_batch(monkeypatch, device):
+    """Without a cap, P shrinks as the batch alone fills the GPU: here 8 programs for 4 sequences x 2 kv
+    heads means P = 1 (no reduction) although the hint asks for 4 partitions."""
+    assert paged_attention.default_max_partitions(1, 8) == 128
+    assert paged_attention.default_max_partitions(256, 8) == 1
+    monkeypatch.setattr(paged_attention, "DECODE_TARGET_PROGRAMS", 8)
+    batch = make_paged_batch([1, 37, 100, 130], [1] * 4, 4, 2, 64, 16, torch.float32, seed=3, device=device)
+    out = decode(batch, max_seq_len_hint=128, workspace=paged_attention.DecodeWorkspace(*[None] * 3))  # unused
     torch.testing.assert_close(out, batch.expected, **tolerance(torch.float32))
 
 
