@@ -28,10 +28,6 @@ class Batch:
     prompts: list[list[int]]
     output_lens: list[int]
 
-    @property
-    def num_output_tokens(self) -> int:
-        return sum(self.output_lens)
-
 
 def random_prompt(length: int, vocab_size: int, rng: random.Random) -> list[int]:
     return [rng.randrange(2, vocab_size) for _ in range(length)]
