@@ -93,6 +93,7 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        block_size = self.block_manager.block_size
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -101,9 +102,11 @@ class Scheduler:
             num_new = min(seq.num_uncomputed_tokens, budget)
             if num_new == 0:  # its last token is being sampled; it ends when that result is read
                 continue
-            if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
-                continue
-            self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
+            end = seq.num_computed_tokens + num_new
+            if len(seq.block_table) * block_size < end:  # most decode steps fit the last block: no bookkeeping
+                if not self._make_room(seq, end, out):
+                    continue
+                self.block_manager.allocate(seq, end)
             out.scheduled.append(ScheduledSequence.of(seq, num_new))
             budget -= num_new
         return budget
