@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--top", type=int, default=22)
+    parser.add_argument("--ttft", action="store_true", help="also profile single 100-token prefills (TTFT)")
     args = parser.parse_args()
     path = build_random_model(args.shape, os.path.join(tempfile.gettempdir(), f"photoninfer-{args.shape}"))
     llm = LLM(path, device=args.device, dtype=args.dtype)
@@ -48,6 +49,33 @@ def main() -> None:
         print(f"\n=== concurrency {concurrency}: {steps} steps, {1000 * elapsed / steps:.3f} ms per step "
               f"(profiled), {concurrency * args.output_len / elapsed:.0f} tok/s")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
+    if args.ttft:
+        profile_ttft(llm, args.top)
+
+
+def profile_ttft(llm, top: int) -> None:
+    """Median TTFT of single 100-token prompts, then where one of them spends host and device time."""
+    import torch
+
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    prompts = [[(13 * i + j) % 1000 + 2 for j in range(100)] for i in range(12)]
+    times = []
+    for prompt in prompts[:10]:
+        start = time.perf_counter()
+        llm.generate([prompt], params)
+        times.append(time.perf_counter() - start)
+    print(f"\n=== TTFT of a 100-token prompt: median {1000 * sorted(times)[5]:.2f} ms, min {1000 * min(times):.2f} ms")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    llm.generate([prompts[10]], params)
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+    if torch.cuda.is_available():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            llm.generate([prompts[11]], params)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
 
 
 if __name__ == "__main__":
