@@ -81,7 +81,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm)
         while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
+            for output in self.engine.step(final_only=True):
                 if output.finished:
                     finished[output.request_id] = output
                     bar.update(1 if output.request_id.endswith(".0") else 0)

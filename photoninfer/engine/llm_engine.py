@@ -159,8 +159,9 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """schedule -> launch on the device -> read back and postprocess.
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """schedule -> launch on the device -> read back and postprocess. With `final_only`, only finished
+        requests get a RequestOutput (offline use: no per-token output objects).
 
         With async scheduling (CUDA), the previous step's results are read back only after this step has been
         launched: the host's postprocessing and the next scheduling run while the device computes, and the
@@ -169,17 +170,17 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         outputs = []
         if self._in_flight is not None and (sched.is_empty or self._needs_history(sched)):
-            outputs += self._finish_step(self._in_flight)
+            outputs += self._finish_step(self._in_flight, final_only)
             self._in_flight = None
             sched.scheduled = [item for item in sched.scheduled if not item.seq.is_finished]
         if sched.is_empty:
             return outputs
         handle = self._launch(sched)
         if self._in_flight is not None:
-            outputs += self._finish_step(self._in_flight)
+            outputs += self._finish_step(self._in_flight, final_only)
         self._in_flight = handle
         if not self.async_scheduling:
-            outputs += self._finish_step(handle)
+            outputs += self._finish_step(handle, final_only)
             self._in_flight = None
         return outputs
 
@@ -204,7 +205,7 @@ class LLMEngine:
                 seq.append_placeholder()
         return handle
 
-    def _finish_step(self, handle) -> list[RequestOutput]:
+    def _finish_step(self, handle, final_only: bool = False) -> list[RequestOutput]:
         """Read back a launched step's tokens and turn them into outputs (stop checks, detokenization)."""
         results = self.runner.collect(handle)
         self._record_step(handle.sched, len(results))
@@ -223,7 +224,9 @@ class LLMEngine:
             if request is None or seq.is_finished:
                 continue
             try:
-                outputs.append(self._process_token(request, results[seq.seq_id]))
+                self._process_token(request, results[seq.seq_id])
+                if seq.is_finished or not final_only:
+                    outputs.append(self._output(request))
             except Exception as exc:  # one request's failure must not take the rest of the batch down
                 logger.exception("request %s failed", seq.request_id)
                 outputs.append(self._fail_request(request, exc))
@@ -249,7 +252,7 @@ class LLMEngine:
             max(0, min(i.end, i.seq.num_prompt_tokens) - i.start) for i in sched.scheduled
         )
 
-    def _process_token(self, request: _Request, result: SampleResult) -> RequestOutput:
+    def _process_token(self, request: _Request, result: SampleResult) -> None:
         seq, params = request.seq, request.seq.params
         token = result.token_id
         request.metrics.first_token_time = request.metrics.first_token_time or time.time()
@@ -267,7 +270,6 @@ class LLMEngine:
             elif (seq.num_output_tokens - seq.num_pending >= seq.max_tokens
                   or seq.num_tokens - seq.num_pending >= self.max_model_len):
                 self._finish(request, "length", None)
-        return self._output(request)
 
     @staticmethod
     def _logprob_entry(detokenizer: IncrementalDetokenizer, result: SampleResult) -> dict[int, Logprob]:

@@ -127,3 +127,15 @@ def test_a_failing_request_ends_with_error_and_the_others_go_on(llm):
     assert finals["broken"].finish_reason == "error" and "simulated" in finals["broken"].stop_reason
     assert finals["healthy"].finish_reason == "length" and len(finals["healthy"].token_ids) == 4
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_final_only_steps_return_just_finished_requests_with_the_streamed_result(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    engine.add_request("streamed", PROMPT, params)
+    streamed = [o for _ in iter(engine.has_unfinished_requests, False) for o in engine.step()]
+    engine.add_request("final", PROMPT, params)
+    finals = [o for _ in iter(engine.has_unfinished_requests, False) for o in engine.step(final_only=True)]
+    assert len(streamed) == 5 and [o.finished for o in finals] == [True]
+    assert finals[0].outputs[0].token_ids == streamed[-1].outputs[0].token_ids
+    assert finals[0].outputs[0].text == streamed[-1].outputs[0].text
