@@ -42,6 +42,7 @@ class ForwardBatch:
     query_start_host: np.ndarray  # [S+1]
     seq_lens_host: np.ndarray  # [S]
     graph_size: Optional[int] = None  # a decode step laid out for the CUDA graph of this many rows
+    graph_tokens: Optional[int] = None  # a one-sequence prefill laid out for the graph of this many tokens
 
     @property
     def is_decode_only(self) -> bool:
@@ -110,6 +111,7 @@ class BatchBuilder:
     def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
                  device: torch.device):
         self.graph_sizes: list[int] = []  # set by use_graphs(): decode steps are then padded for replay
+        self.graph_prefill_tokens: list[int] = []  # likewise one-sequence prefills (time to first token)
         self.graph_max_context = 0
         self.block_size = block_size
         self.device = device
@@ -126,11 +128,12 @@ class BatchBuilder:
             self.device64 = torch.empty_like(self.staging[0][0], device=device)
             self.device32 = torch.empty_like(self.staging[0][1], device=device)
 
-    def use_graphs(self, sizes: list[int]) -> None:
-        """Lay decode steps of up to sizes[-1] sequences and graph_max_context tokens out exactly as the
-        captured graphs read them: padded to the next size, block tables `graph_width` wide. The graphs' static
-        inputs are these very device buffers, so a replay needs no copy besides the staging one."""
-        self.graph_sizes = sizes
+    def use_graphs(self, sizes: list[int], prefill_tokens: list[int]) -> None:
+        """Lay decode steps of up to sizes[-1] sequences (and one-sequence prefills of up to prefill_tokens[-1]
+        tokens) within graph_max_context tokens out exactly as the captured graphs read them: padded to the
+        next size, block tables `graph_width` wide. The graphs' static inputs are these very device buffers,
+        so a replay needs no copy besides the staging one."""
+        self.graph_sizes, self.graph_prefill_tokens = sizes, prefill_tokens
 
     @property
     def graph_width(self) -> int:
@@ -155,11 +158,27 @@ class BatchBuilder:
             num_tokens=size, num_seqs=size, max_query_len=1, max_seq_len=self.graph_max_context,
             query_start_host=np.arange(size + 1), seq_lens_host=np.zeros(size, dtype=np.int64), graph_size=size)
 
-    def _graph_size_for(self, num_seqs: int, num_tokens: int, max_seq_len: int) -> Optional[int]:
-        if (not self.graph_sizes or num_tokens != num_seqs or num_seqs > self.graph_sizes[-1]
-                or max_seq_len > self.graph_max_context):
-            return None
-        return next(size for size in self.graph_sizes if size >= num_seqs)
+    def prefill_graph_batch(self, tokens: int) -> ForwardBatch:
+        """The static one-sequence prefill of `tokens` rows (the real ones first, the rest padding)."""
+        T, S, W = self.max_tokens, self.max_seqs, self.graph_width
+        d64, d32 = self.device64, self.device32
+        return ForwardBatch(
+            input_ids=d64[:tokens], positions=d64[T:T + tokens], slot_mapping=d64[2 * T:2 * T + tokens],
+            logits_indices=d64[3 * T:3 * T + 1], pending_dst=None, pending_src=None, query_start_loc=d32[:2],
+            seq_lens=d32[S + 1:S + 2], block_tables=d32[2 * S + 1:2 * S + 1 + W].view(1, W),
+            num_tokens=tokens, num_seqs=1, max_query_len=tokens, max_seq_len=self.graph_max_context,
+            query_start_host=np.array([0, tokens]), seq_lens_host=np.array([tokens]), graph_tokens=tokens)
+
+    def _graph_layout(self, num_seqs: int, num_tokens: int, max_seq_len: int,
+                      all_sample: bool) -> tuple[Optional[int], Optional[int]]:
+        """(decode graph size, prefill graph tokens) this step can replay; (None, None) runs it eagerly."""
+        if max_seq_len > self.graph_max_context:
+            return None, None
+        if num_tokens == num_seqs and all_sample and self.graph_sizes and num_seqs <= self.graph_sizes[-1]:
+            return next(size for size in self.graph_sizes if size >= num_seqs), None
+        if num_seqs == 1 and self.graph_prefill_tokens and 1 < num_tokens <= self.graph_prefill_tokens[-1]:
+            return None, next(size for size in self.graph_prefill_tokens if size >= num_tokens)
+        return None, None
 
     def _staging_pair(self):
         pin = self.device.type == "cuda"
@@ -220,26 +239,30 @@ class BatchBuilder:
                 num_logits += 1
                 sampling_seqs.append(seq)
         max_seq_len = int(seq_lens.max()) if num_seqs else 0
-        graph_size = self._graph_size_for(num_seqs, num_tokens, max_seq_len) if len(sampling_seqs) == num_seqs else None
+        graph_size, graph_tokens = self._graph_layout(num_seqs, num_tokens, max_seq_len,
+                                                      len(sampling_seqs) == num_seqs)
         rows_out = graph_size or num_seqs
-        width = self.graph_width if graph_size else max(1, -(-max_seq_len // bs))
+        width = self.graph_width if graph_size or graph_tokens else max(1, -(-max_seq_len // bs))
         S = self.max_seqs
         host32[:num_seqs + 1] = query_start
         host32[S + 1:S + 1 + num_seqs] = seq_lens
         n32 = 2 * S + 1 + rows_out * width
         tables = host32[2 * S + 1:n32].reshape(rows_out, width)
         tables[:num_seqs] = self.rows.table[rows, :width]
-        if graph_size and graph_size > num_seqs:  # padding rows: no K/V write, empty context
-            pad = slice(num_seqs, graph_size)
-            ids[pad], pos[pad], slots[pad] = 0, 0, -1
+        padded = graph_tokens or graph_size or num_tokens
+        if padded > num_tokens:  # padding rows: no K/V write, no context
+            ids[num_tokens:padded], pos[num_tokens:padded], slots[num_tokens:padded] = 0, 0, -1
+        if graph_size and graph_size > num_seqs:  # padding sequences: empty context
             host32[num_seqs + 1:graph_size + 1] = num_tokens
             host32[S + 1 + num_seqs:S + 1 + graph_size] = 0
             tables[num_seqs:] = 0
+        if graph_tokens:  # the graph always reads one logits row: keep it in bounds
+            logit_rows[0] = num_tokens - 1
         d64, d32 = self.device64, self.device32
         if not self.on_host:
             d64.copy_(staging64, non_blocking=True)
             d32[:n32].copy_(staging32[:n32], non_blocking=True)
-        n = rows_out if graph_size else num_tokens
+        n = padded
         batch = ForwardBatch(
             input_ids=d64[:n], positions=d64[T:T + n], slot_mapping=d64[2 * T:2 * T + n],
             logits_indices=d64[3 * T:3 * T + num_logits],
@@ -249,6 +272,6 @@ class BatchBuilder:
             block_tables=d32[2 * S + 1:n32].view(rows_out, width),
             num_tokens=num_tokens, num_seqs=num_seqs,
             max_query_len=int(np.diff(query_start).max()) if num_seqs else 0, max_seq_len=max_seq_len,
-            query_start_host=query_start, seq_lens_host=seq_lens, graph_size=graph_size,
+            query_start_host=query_start, seq_lens_host=seq_lens, graph_size=graph_size, graph_tokens=graph_tokens,
         )
         return batch, sampling_seqs

@@ -26,24 +26,30 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
-class DecodeGraphs:
-    """One captured forward (through the LM head) per batch size, reading the batch builder's own device
-    buffers: the builder lays decode steps out for replay (runner/batch.py), so a replay copies nothing."""
+PREFILL_TOKENS = (16, 32, 64, 128, 256, 512)  # one-sequence prefills (a lone prompt's TTFT) up to 512 tokens
+
+
+class StepGraphs:
+    """One captured forward (through the LM head) per decode batch size, and per token count of a lone
+    sequence's prefill, reading the batch builder's own device buffers: the builder lays such steps out for
+    replay (runner/batch.py), so a replay copies nothing."""
 
     def __init__(self, model, kv_caches: list[torch.Tensor], attention, builder: BatchBuilder, max_num_seqs: int,
                  max_context: int):
         self.model, self.kv_caches, self.attention, self.builder = model, kv_caches, attention, builder
         self.sizes = capture_sizes(max_num_seqs)
+        self.prefill_tokens = [t for t in PREFILL_TOKENS if t <= min(builder.max_tokens, max_context)]
         self.max_context = max_context  # longer sequences run eagerly
         builder.graph_max_context = max_context
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[str, int], torch.Tensor] = {}
 
-    def _forward(self, size: int) -> torch.Tensor:
-        batch = self.builder.graph_batch(size)
+    def _forward(self, key: tuple[str, int]) -> torch.Tensor:
+        kind, size = key
+        batch = self.builder.graph_batch(size) if kind == "decode" else self.builder.prefill_graph_batch(size)
         meta = self.attention.prepare(batch)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden if kind == "decode" else hidden[batch.logits_indices])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -54,20 +60,28 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):
-                self._forward(size)  # warm-up: Triton compiles outside the capture
+            keys = [("prefill", t) for t in reversed(self.prefill_tokens)] + [("decode", s) for s in reversed(self.sizes)]
+            for key in keys:
+                self._forward(key)  # warm-up: Triton compiles outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[size] = self._forward(size)
-                self.graphs[size] = graph
+                    self.logits[key] = self._forward(key)
+                self.graphs[key] = graph
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        self.builder.use_graphs(self.sizes)
-        logger.info("captured %d CUDA graphs (batch sizes %d..%d, context up to %d) in %.1f s, holding %.0f MiB",
-                    len(self.sizes), self.sizes[0], self.sizes[-1], self.max_context, time.perf_counter() - start,
-                    (torch.cuda.memory_allocated() - before) / 2**20)
+        self.builder.use_graphs(self.sizes, self.prefill_tokens)
+        logger.info("captured %d CUDA graphs (decode batch sizes %d..%d, lone prefills up to %d tokens, context up "
+                    "to %d) in %.1f s, holding %.0f MiB", len(self.graphs), self.sizes[0], self.sizes[-1],
+                    self.prefill_tokens[-1] if self.prefill_tokens else 0, self.max_context,
+                    time.perf_counter() - start, (torch.cuda.memory_allocated() - before) / 2**20)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [S, vocab] of a decode step the builder laid out for the graph of `batch.graph_size` rows."""
-        self.graphs[batch.graph_size].replay()
-        return self.logits[batch.graph_size][:batch.num_seqs]
+        """Logits of a step the builder laid out for a graph: [S, vocab] for a decode step of S sequences,
+        [1, vocab] (its last token) for a lone prefill."""
+        if batch.graph_size is not None:
+            key = ("decode", batch.graph_size)
+            self.graphs[key].replay()
+            return self.logits[key][:batch.num_seqs]
+        key = ("prefill", batch.graph_tokens)
+        self.graphs[key].replay()
+        return self.logits[key]

@@ -17,12 +17,12 @@ from photoninfer.model.llama import CausalLM
 from photoninfer.model.loader import Checkpoint
 from photoninfer.runner.attention import make_attention_backend, triton_available
 from photoninfer.runner.batch import BatchBuilder
-from photoninfer.runner.cuda_graph import DecodeGraphs
+from photoninfer.runner.cuda_graph import StepGraphs
 from photoninfer.runner.sampler import SampledTokens, SampleResult, Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
 
-GRAPH_MAX_CONTEXT = 8192  # decode steps with a longer context run eagerly (the graphs' block tables stop here)
+GRAPH_MAX_CONTEXT = 8192  # steps with a longer context run eagerly (the graphs' block tables stop here)
 
 
 class ModelRunner:
@@ -46,7 +46,7 @@ class ModelRunner:
                     tokens / 4096)
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager and triton_available():  # graphs need the kernels
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.model.attention, self.batch_builder,
+            self.graphs = StepGraphs(self.model, self.kv_caches, self.model.attention, self.batch_builder,
                                        config.max_num_seqs, min(self.max_model_len, GRAPH_MAX_CONTEXT))
             self.graphs.capture()
 
@@ -125,8 +125,10 @@ class ModelRunner:
         batch, sampling_seqs = self.batch_builder.build(sched, pending)
         if batch.pending_dst is not None:
             batch.input_ids[batch.pending_dst] = previous.sampled.token_ids[batch.pending_src]
-        if batch.graph_size is not None:
+        if batch.graph_size is not None or batch.graph_tokens is not None:
             logits = self.graphs.run(batch)
+            if not sampling_seqs:
+                return StepHandle(sched, [], None)
         else:
             meta = self.model.attention.prepare(batch)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)

@@ -53,30 +53,37 @@ class EagerReplay:
         self.replays = []  # (rows, padded size) of each decode step
 
     def run(self, batch):
-        self.replays.append((batch.num_seqs, batch.graph_size))
-        return self.graphs._forward(batch.graph_size)[:batch.num_seqs]
+        if batch.graph_size is not None:
+            self.replays.append(("decode", batch.num_seqs, batch.graph_size))
+            return self.graphs._forward(("decode", batch.graph_size))[:batch.num_seqs]
+        self.replays.append(("prefill", batch.num_tokens, batch.graph_tokens))
+        return self.graphs._forward(("prefill", batch.graph_tokens))
 
 
-def test_decode_steps_laid_out_for_graphs_give_the_reference_tokens(make_tiny_model, device):
-    """Decode batches padded to the captured sizes, block tables at the graphs' fixed width, inputs read
-    from the builder's static buffers, tokens taken from the previous step on the device (async)."""
-    from photoninfer.runner.cuda_graph import DecodeGraphs
+def test_steps_laid_out_for_graphs_give_the_reference_tokens(make_tiny_model, device):
+    """Decode batches padded to the captured sizes and lone prefills padded to the captured token counts,
+    block tables at the graphs' fixed width, inputs read from the builder's static buffers, tokens taken from
+    the previous step on the device (async)."""
+    from photoninfer.runner.cuda_graph import StepGraphs
 
     path = make_tiny_model("llama3")
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 30, 7, 12, 50)]
     options = dict(dtype="float32", device=str(device), max_num_seqs=8, enforce_eager=True, async_scheduling=True)
     reference = LLM(path, **options)
-    expected_tokens, _ = generate(reference, prompts)
+    expected = generate(reference, prompts)[0], generate(reference, prompts[1:2])[0]
     del reference
     fast = LLM(path, **options)
     on_kernels(fast)
     runner = fast.engine.runner
-    graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.model.attention, runner.batch_builder, 8, 96)
+    graphs = StepGraphs(runner.model, runner.kv_caches, runner.model.attention, runner.batch_builder, 8, 96)
     runner.batch_builder.clear_graph_rows()
-    runner.batch_builder.use_graphs(graphs.sizes)
+    runner.batch_builder.use_graphs(graphs.sizes, graphs.prefill_tokens)
     runner.graphs = EagerReplay(graphs)
-    tokens, _ = generate(fast, prompts)
-    assert tokens == expected_tokens
-    assert graphs.sizes == [1, 2, 4, 8]
-    assert (5, 8) in runner.graphs.replays  # five sequences ran padded to the graph of eight
+    assert (generate(fast, prompts)[0], generate(fast, prompts[1:2])[0]) == expected
+    assert graphs.sizes == [1, 2, 4, 8] and graphs.prefill_tokens == [16, 32, 64]
+    replays = runner.graphs.replays
+    assert ("decode", 5, 8) in replays  # five sequences ran padded to the graph of eight
+    # the lone 30-token prompt again: its first block comes from the prefix cache, the other 14 tokens ran
+    # padded to the graph of 16 over that cached prefix
+    assert ("prefill", 14, 16) in replays
