@@ -26,7 +26,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: the model file)")
     g.add_argument("--max-queue", type=int, default=1024,
-                   help="waiting requests allowed before new ones get HTTP 429 (default 1024)")
+                   help="sequences (prompts x n of each request) allowed to wait before new requests get HTTP 429 "
+                        "(default 1024)")
     g.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body accepted, else HTTP 413 (default 4 MiB)")
     g.add_argument("--shutdown-timeout", type=float, default=60.0,

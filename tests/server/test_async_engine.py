@@ -38,7 +38,8 @@ class StepError(Exception):
 
 
 class FakeEngine:
-    """Generates token i+1 at step i; "reject" prompts fail admission, "poison" prompts make step() raise."""
+    """Generates token i+1 at step i; "reject" prompts fail admission, "poison" prompts make step() raise,
+    "broken" prompts end with finish_reason "error" (a failure the engine isolated to that request)."""
 
     def __init__(self, max_running: int = 100, blame_poison: bool = True):
         self.requests: dict[str, tuple[str, SamplingParams, list[int]]] = {}
@@ -71,6 +72,11 @@ class FakeEngine:
                 raise StepError("boom", request_id if self.blame_poison else None)
         outputs = []
         for request_id, (prompt, params, tokens) in running:
+            if prompt == "broken":
+                failed = CompletionOutput(0, "", list(tokens), finish_reason="error", stop_reason="broken request")
+                outputs.append(RequestOutput(request_id, prompt, [7, 8], [failed], True))
+                del self.requests[request_id]
+                continue
             tokens.append(len(tokens) + 1)
             done = len(tokens) >= params.max_tokens
             completion = CompletionOutput(0, " ".join(map(str, tokens)), tokens,
@@ -196,6 +202,49 @@ def test_queue_limit_raises_queue_full():
         await engine.shutdown()
 
     run(main())
+
+
+def test_queue_limit_counts_sequences_not_requests():
+    fake = FakeEngine(max_running=1)
+
+    async def main():
+        engine = await started(fake, max_queue=3)
+        running = await engine.submit("run", [("a", params(10_000))])
+        while fake.stats().num_waiting:  # let the first sequence start running
+            await asyncio.sleep(0.01)
+        waiting = await engine.submit("wait", [("b", params(1)), ("c", params(1))])  # 2 sequences wait
+        with pytest.raises(QueueFullError, match=r"2 waiting .* 2 more .* limit of 3"):
+            await engine.submit("pair", [("d", params(1)), ("e", params(1))])
+        one_more = await engine.submit("one", [("f", params(1))])  # 2 + 1 fits
+        with pytest.raises(InvalidRequestError, match="4 sequences"):  # could never fit, even when idle
+            await engine.submit("four", [(p, params(1)) for p in "ghij"])
+        running.abort()
+        assert len(await drain(waiting)) == 2 and len(await drain(one_more)) == 1
+        await engine.shutdown()
+
+    run(main())
+    assert not any(sub_id.startswith(("pair", "four")) for sub_id in fake.aborted)
+
+
+@pytest.mark.parametrize("failure", ["poison", "broken"], ids=["step-raises", "engine-isolates-failure"])
+def test_a_failing_choice_aborts_its_siblings(failure):
+    fake = FakeEngine()
+
+    async def main():
+        engine = await started(fake)
+        stream = await engine.submit("n3", [("fine", params(10_000)), (failure, params(3)), ("fine", params(10_000))])
+        with pytest.raises(RequestFailedError):
+            await drain(stream)
+        for _ in range(200):
+            if not fake.requests:
+                break
+            await asyncio.sleep(0.01)
+        still_running = sorted(fake.requests)  # before shutdown aborts whatever is left
+        await engine.shutdown()
+        return still_running
+
+    assert run(main()) == [], "the failed choice's siblings kept generating"
+    assert {"n3-0", "n3-2"} <= set(fake.aborted)
 
 
 @pytest.mark.parametrize("blame", [True, False], ids=["exception-names-request", "anonymous-exception"])

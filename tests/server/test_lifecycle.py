@@ -1,5 +1,6 @@
-"""Back-pressure and shutdown on a server with one sequence slot and a one-request queue:
-a full queue answers 429, and SIGTERM lets the in-flight stream finish before the process exits 0."""
+"""Back-pressure and shutdown on a server with one sequence slot and a queue of two sequences:
+a full queue answers 429 (counting sequences, prompts x n), and SIGTERM lets the in-flight stream finish
+before the process exits 0."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max
 
 @pytest.fixture(scope="module")
 def small_server(start_server):
-    return start_server(["--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "256",
+    return start_server(["--max-num-seqs", "1", "--max-queue", "2", "--max-model-len", "256",
                          "--kv-cache-memory-gb", "0.05", "--shutdown-timeout", "60"]).wait_ready()
 
 
@@ -45,11 +46,18 @@ def test_full_queue_answers_429(small_server):
             waiter.start()
             _wait_for(url, lambda s: s["waiting"] == 1)
 
-            rejected = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+            # one sequence waits; two more (n=2) would make three in a queue of two
+            rejected = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "n": 2}, timeout=30)
             assert rejected.status_code == 429, rejected.text
             error = rejected.json()["error"]
             assert error["code"] == "queue_full" and "retry" in error["message"]
+            assert "1 waiting and 2 more" in error["message"] and "limit of 2" in error["message"]
             assert rejected.headers.get("retry-after") == "1"
+            # three prompts can never fit a queue of two: a 400, not an invitation to retry
+            too_big = httpx.post(f"{url}/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 3},
+                                 timeout=30)
+            assert too_big.status_code == 400 and "3 sequences" in too_big.json()["error"]["message"], too_big.text
+            assert engine_status(url)["waiting"] == 1
         # leaving the stream disconnects the running request: the waiting one gets the slot and finishes
         waiter.join(timeout=60)
     assert waiting_result["response"].status_code == 200
