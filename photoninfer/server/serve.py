@@ -30,6 +30,14 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "(default 1024)")
     g.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body accepted, else HTTP 413 (default 4 MiB)")
+    g.add_argument("--header-timeout", type=float, default=None,
+                   help="seconds a client has to send a request's headers, else HTTP 408 and the connection is "
+                        "closed (default 10)")
+    g.add_argument("--body-timeout", type=float, default=None,
+                   help="seconds a client has to send a request's body once the headers are in, else HTTP 408 "
+                        "(default 30)")
+    g.add_argument("--max-connections", type=int, default=None,
+                   help="open connections allowed at once; beyond it new ones get HTTP 503 (default 1024)")
     g.add_argument("--shutdown-timeout", type=float, default=60.0,
                    help="seconds to let in-flight requests finish after SIGTERM before aborting them")
     parser.set_defaults(func=run_serve)
@@ -54,6 +62,18 @@ def _server_class():
     return Server
 
 
+def _check_limits(args: argparse.Namespace) -> None:
+    for flag, value in (("--max-queue", args.max_queue), ("--max-connections", args.max_connections),
+                        ("--max-body-bytes", args.max_body_bytes)):
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if value is not None and not value > 0:
+            raise SystemExit(f"{flag} must be a positive number of seconds, got {value}")
+    if not args.shutdown_timeout >= 0:
+        raise SystemExit(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -61,18 +81,21 @@ def run_serve(args: argparse.Namespace) -> int:
     from photoninfer.engine.async_engine import AsyncLLMEngine
     from photoninfer.engine.llm_engine import LLMEngine
     from photoninfer.server.app import ServerSettings, create_app
-    from photoninfer.server.guard import DEFAULT_MAX_BODY_BYTES
+    from photoninfer.server.connections import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, guarded_protocol
+    from photoninfer.server.guard import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
-    if args.max_queue is not None and args.max_queue < 1:
-        raise SystemExit("--max-queue must be at least 1")
+    _check_limits(args)
     logger.info("loading the model ...")
     engine = LLMEngine(engine_config_from_args(args))
     async_engine = AsyncLLMEngine(engine, max_queue=args.max_queue)
     settings = ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key,
-                              max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+                              max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                              body_timeout=args.body_timeout or DEFAULT_BODY_TIMEOUT_S)
     app = create_app(async_engine, settings)
+    protocol = guarded_protocol(args.header_timeout or DEFAULT_HEADER_TIMEOUT_S,
+                                args.max_connections or DEFAULT_MAX_CONNECTIONS)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=logging.getLogger().level,
-                            timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)
+                            timeout_graceful_shutdown=args.shutdown_timeout, log_config=None, http=protocol)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; by then the work is
     # done, so let that re-raised signal end the process with status 0 instead of killing it.
     for sig in (signal.SIGTERM, signal.SIGINT):
