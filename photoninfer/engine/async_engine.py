@@ -34,6 +34,10 @@ class EngineDeadError(PhotonInferError):
     """The engine thread is not running (stopped or crashed); no request can be served (HTTP 503)."""
 
 
+class ServerShuttingDownError(EngineDeadError):
+    """The server stopped before this request finished (its shutdown timeout expired) (HTTP 503)."""
+
+
 class RequestFailedError(PhotonInferError):
     """The engine failed while serving this request; other requests go on."""
 
@@ -154,6 +158,14 @@ class AsyncLLMEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+
+    def end_in_flight(self, error: Exception) -> None:
+        """Ends every in-flight request now: its engine sequences are aborted and its reader gets `error`
+        (used when the server's shutdown timeout expires, so callers can still answer cleanly)."""
+        for stream in {stream for stream, _ in self._routes.values()}:
+            stream.aborted = True
+            self._abort(stream)
+            stream.queue.put_nowait(error)
 
     def stats(self):
         """The latest engine statistics (EngineStats), as of the last step or inbox change."""

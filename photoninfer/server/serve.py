@@ -1,17 +1,24 @@
 """`photoninfer serve`: load the model, start the engine thread and the OpenAI-compatible HTTP server.
 
 SIGTERM / Ctrl-C: uvicorn stops accepting connections and waits for in-flight requests (streams included)
-to finish, up to --shutdown-timeout seconds; then the engine thread stops and the process exits 0.
+to finish, up to --shutdown-timeout seconds. Requests still running then are ended: a stream gets an error
+event and `data: [DONE]`, any other request a 503. Then the engine thread stops and the process exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
+from typing import Callable
 
 
 logger = logging.getLogger("photoninfer.server")
+
+# After --shutdown-timeout the engine ends the requests still running; uvicorn cancels whatever has not
+# finished answering this much later (a client that stopped reading its stream).
+_LAST_RESORT_GRACE_S = 5.0
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,17 +46,31 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-connections", type=int, default=None,
                    help="open connections allowed at once; beyond it new ones get HTTP 503 (default 1024)")
     g.add_argument("--shutdown-timeout", type=float, default=60.0,
-                   help="seconds to let in-flight requests finish after SIGTERM before aborting them")
+                   help="seconds to let in-flight requests finish after SIGTERM; then those still running "
+                        "end with an error (default 60)")
     parser.set_defaults(func=run_serve)
     return parser
 
 
 def _server_class():
-    """uvicorn.Server that logs where the chat page is once the socket is listening (uvicorn is imported
-    here, not at module level, so the CLI's other commands start without the server's dependencies)."""
+    """uvicorn.Server that logs where the chat page is once the socket is listening, and that ends the
+    requests still running when the shutdown timeout expires (uvicorn is imported here, not at module level,
+    so the CLI's other commands start without the server's dependencies)."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        shutdown_timeout: float = 60.0
+        on_shutdown_timeout: Callable[[], None] = staticmethod(lambda: None)
+
+        async def shutdown(self, sockets=None) -> None:
+            # uvicorn's own timeout cancels request tasks mid-write (a bare close and CancelledError
+            # tracebacks); ours comes first and ends them through the engine, so each answers cleanly.
+            deadline = asyncio.get_running_loop().call_later(self.shutdown_timeout, self.on_shutdown_timeout)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                deadline.cancel()
+
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started and self.servers and self.servers[0].sockets:
@@ -78,7 +99,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from photoninfer.cli import engine_config_from_args
-    from photoninfer.engine.async_engine import AsyncLLMEngine
+    from photoninfer.engine.async_engine import AsyncLLMEngine, ServerShuttingDownError
     from photoninfer.engine.llm_engine import LLMEngine
     from photoninfer.server.app import ServerSettings, create_app
     from photoninfer.server.connections import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, guarded_protocol
@@ -95,11 +116,17 @@ def run_serve(args: argparse.Namespace) -> int:
     protocol = guarded_protocol(args.header_timeout or DEFAULT_HEADER_TIMEOUT_S,
                                 args.max_connections or DEFAULT_MAX_CONNECTIONS)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=logging.getLogger().level,
-                            timeout_graceful_shutdown=args.shutdown_timeout, log_config=None, http=protocol)
+                            timeout_graceful_shutdown=args.shutdown_timeout + _LAST_RESORT_GRACE_S, log_config=None,
+                            http=protocol)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; by then the work is
     # done, so let that re-raised signal end the process with status 0 instead of killing it.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
-    _server_class()(config).run()
+    server = _server_class()(config)
+    server.shutdown_timeout = args.shutdown_timeout
+    server.on_shutdown_timeout = lambda: async_engine.end_in_flight(ServerShuttingDownError(
+        f"the server is shutting down and its --shutdown-timeout ({args.shutdown_timeout:g} s) expired before "
+        "this request finished"))
+    server.run()
     logger.info("server stopped")
     return 0

@@ -14,10 +14,10 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from photoninfer.engine.async_engine import AsyncLLMEngine, Prompt, RequestFailedError, RequestStream
+from photoninfer.engine.async_engine import AsyncLLMEngine, EngineDeadError, Prompt, RequestFailedError, RequestStream
 from photoninfer.outputs import CompletionOutput, RequestOutput
 from photoninfer.sampling_params import SamplingParams
-from photoninfer.server.errors import APIError, error_body
+from photoninfer.server.errors import APIError, engine_failure, error_body
 from photoninfer.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -109,8 +109,9 @@ async def sse(stream: RequestStream, events: AsyncIterator[dict]) -> AsyncIterat
     try:
         async for event in events:
             yield f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
-    except RequestFailedError as exc:
-        yield f"data: {json.dumps(error_body(500, str(exc), code='engine_error'))}\n\n"
+    except (RequestFailedError, EngineDeadError) as exc:  # the request failed, or the server is stopping
+        status, code = engine_failure(exc)
+        yield f"data: {json.dumps(error_body(status, str(exc), code=code))}\n\n"
     except Exception as exc:  # a bug while formatting: tell the client rather than cut the stream
         logger.exception("error while streaming %s", stream.request_id)
         yield f"data: {json.dumps(error_body(500, f'internal server error: {exc}', code='internal_error'))}\n\n"
