@@ -7,11 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import time
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from server_harness import REPO
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -94,3 +97,12 @@ def test_connections_beyond_the_limit_get_503_until_slots_free_up(guarded_server
             with contextlib.suppress(OSError):
                 sock.close()
     assert httpx.get(f"{guarded_server.url}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("flag,value", [("--header-timeout", "0"), ("--body-timeout", "-1"),
+                                        ("--max-connections", "0"), ("--shutdown-timeout", "nan")])
+def test_nonsensical_limit_is_refused_before_the_model_loads(flag, value):
+    result = subprocess.run([sys.executable, "-m", "photoninfer", "serve", flag, value], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and flag in result.stderr, result.stderr
+    assert "loading the model" not in result.stderr
