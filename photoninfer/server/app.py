@@ -21,7 +21,7 @@ from photoninfer.engine.async_engine import AsyncLLMEngine
 from photoninfer.server.chat_completions import create_chat_completion
 from photoninfer.server.completions import create_completion
 from photoninfer.server.errors import APIError, install_error_handlers
-from photoninfer.server.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
+from photoninfer.server.guard import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, RequestGuard
 from photoninfer.server.metrics import ServerMetrics
 from photoninfer.server.protocol import (
     ChatCompletionRequest,
@@ -39,8 +39,8 @@ STATIC_DIR = pathlib.Path(__file__).parent / "static"
 _STREAM_DOC = {200: {"description": "JSON answer, or with stream=true a text/event-stream of chunks ending in "
                                     "`data: [DONE]`.", "content": {"text/event-stream": {}}}}
 _ERRORS_DOC = {code: {"description": text} for code, text in {
-    400: "invalid request", 401: "missing or wrong API key", 404: "unknown model", 413: "body too large",
-    429: "waiting queue full"}.items()}
+    400: "invalid request", 401: "missing or wrong API key", 404: "unknown model",
+    408: "request body too slow", 413: "body too large", 429: "waiting queue full"}.items()}
 
 
 @dataclasses.dataclass
@@ -48,6 +48,7 @@ class ServerSettings:
     served_model_name: Optional[str] = None  # default: the engine's model name
     api_key: Optional[str] = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # seconds to receive a request body, else 408
 
 
 def create_app(engine: AsyncLLMEngine, settings: Optional[ServerSettings] = None) -> FastAPI:
@@ -66,7 +67,7 @@ def create_app(engine: AsyncLLMEngine, settings: Optional[ServerSettings] = None
     app = FastAPI(title="PhotonInfer", description="OpenAI-compatible LLM inference server.", lifespan=lifespan)
     install_error_handlers(app, metrics.count_rejected)
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-                       on_reject=metrics.count_rejected)
+                       on_reject=metrics.count_rejected, body_timeout=settings.body_timeout)
     app.state.serving = ctx
 
     @app.exception_handler(ClientDisconnected)

@@ -13,7 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from photoninfer.engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
+from photoninfer.engine.async_engine import (
+    EngineDeadError,
+    QueueFullError,
+    RequestFailedError,
+    ServerShuttingDownError,
+)
 from photoninfer.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +55,15 @@ def error_body(status: int, message: str, param: Optional[str] = None, code: Opt
 def error_response(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
                    headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def engine_failure(exc: Exception) -> tuple[int, str]:
+    """(HTTP status, error code) for an error the engine side raised for a request already accepted."""
+    if isinstance(exc, ServerShuttingDownError):
+        return 503, "server_shutting_down"
+    if isinstance(exc, EngineDeadError):
+        return 503, "engine_unavailable"
+    return 500, "engine_error"
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -134,12 +148,10 @@ def install_error_handlers(app: FastAPI, on_reject: Callable[[int], Any] = lambd
         return reply(429, str(exc), None, "queue_full", headers={"Retry-After": "1"})
 
     @app.exception_handler(EngineDeadError)
-    async def _engine_dead(request: Request, exc: EngineDeadError):
-        return reply(503, str(exc), None, "engine_unavailable")
-
     @app.exception_handler(RequestFailedError)
-    async def _engine_failed(request: Request, exc: RequestFailedError):
-        return reply(500, str(exc), None, "engine_error")
+    async def _engine_failed(request: Request, exc: Exception):
+        status, code = engine_failure(exc)
+        return reply(status, str(exc), None, code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

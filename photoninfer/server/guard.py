@@ -1,4 +1,5 @@
-"""RequestGuard: ASGI middleware run before any route — API key check, then request body size limit.
+"""RequestGuard: ASGI middleware run before any route — API key check, then request body size and read
+time limits.
 
 It is plain ASGI (not a FastAPI dependency) so that it answers before FastAPI parses the body: a client
 without the key gets 401 even when its JSON is also broken, and a huge body is never parsed at all.
@@ -6,6 +7,7 @@ without the key gets 401 even when its JSON is also broken, and a huge body is n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from typing import Callable, Optional
@@ -13,6 +15,7 @@ from typing import Callable, Optional
 from photoninfer.server.errors import error_body
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 30.0  # to receive the whole body once the headers are in
 PROTECTED_PREFIX = "/v1/"  # the OpenAI API; the page, /health, /metrics and /docs stay open
 
 
@@ -22,11 +25,13 @@ class _BodyTooLarge(Exception):
 
 class RequestGuard:
     def __init__(self, app, api_key: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 on_reject: Callable[[int], object] = lambda status: None):
+                 on_reject: Callable[[int], object] = lambda status: None,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.on_reject = on_reject
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -41,9 +46,12 @@ class RequestGuard:
             if int(declared) > self.max_body_bytes:
                 return await self._reject(send, 413, self._too_large_message(int(declared)), "request_too_large")
         try:
-            messages = await self._read_body(receive)
+            messages = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
         except _BodyTooLarge:
             return await self._reject(send, 413, self._too_large_message(None), "request_too_large")
+        except asyncio.TimeoutError:  # a slow (or stalled) client must not hold a connection forever
+            return await self._reject(send, 408, f"the request body did not arrive within {self.body_timeout:g} s",
+                                      "request_timeout", [(b"connection", b"close")])
         return await self.app(scope, _replay(messages, receive), send)
 
     def _authorized(self, scope) -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from photoninfer.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -23,8 +24,35 @@ INT64 = dict(ge=-(2**63), le=2**63 - 1)
 TokenId = Annotated[int, Field(ge=0)]
 
 
+def unencodable_text(value: Any, path: str) -> Optional[str]:
+    """Why `value` (a str, or lists/dicts holding some) cannot be encoded as UTF-8, or None if it can."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"{path} cannot be encoded as UTF-8: it holds a lone surrogate (U+{ord(value[exc.start]):04X}) "
+                    f"at character {exc.start}; send valid Unicode text")
+        return None
+    if isinstance(value, list) and value and isinstance(value[0], (str, list, dict)):  # skip token id lists
+        return next(filter(None, (unencodable_text(item, f"{path}[{i}]") for i, item in enumerate(value))), None)
+    if isinstance(value, dict):  # logit_bias: the keys are text
+        return next(filter(None, (unencodable_text(key, f"{path} key") for key in value)), None)
+    return None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _text_is_encodable(cls, value: Any, info: ValidationInfo) -> Any:
+        """JSON may escape a lone surrogate ("\\ud800"), which no tokenizer can encode: a 400 naming the field."""
+        problem = unencodable_text(value, info.field_name)
+        if problem:
+            raise PydanticCustomError("unencodable_text", problem)
+        return value
 
 
 class StreamOptions(_Request):

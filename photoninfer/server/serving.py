@@ -14,10 +14,10 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from photoninfer.engine.async_engine import AsyncLLMEngine, Prompt, RequestFailedError, RequestStream
+from photoninfer.engine.async_engine import AsyncLLMEngine, EngineDeadError, Prompt, RequestFailedError, RequestStream
 from photoninfer.outputs import CompletionOutput, RequestOutput
 from photoninfer.sampling_params import SamplingParams
-from photoninfer.server.errors import APIError, error_body
+from photoninfer.server.errors import APIError, engine_failure, error_body
 from photoninfer.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -82,27 +82,40 @@ class ServingContext:
 
     def streaming_response(self, stream: RequestStream, events: AsyncIterator[dict]) -> StreamingResponse:
         """An SSE response; proxies are told not to buffer it, so tokens reach the client as they come."""
-        return StreamingResponse(self.sse(stream, events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EngineStreamResponse(stream, self.metrics, sse(stream, events), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def sse(self, stream: RequestStream, events: AsyncIterator[dict]) -> AsyncIterator[str]:
-        """Frames events as server-sent events, ends with [DONE]; an engine failure becomes an error event.
 
-        If the client disconnects, Starlette cancels this generator and `finally` aborts the request,
-        freeing its KV blocks at once.
-        """
+class _EngineStreamResponse(StreamingResponse):
+    """A StreamingResponse that aborts its engine request however the response ends: finished, failed,
+    cancelled at shutdown, or with the client gone before the first byte, when the body generator never
+    even started (so no `finally` inside it would run)."""
+
+    def __init__(self, stream: RequestStream, metrics: ServerMetrics, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self.stream = stream
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
-        except RequestFailedError as exc:
-            yield f"data: {json.dumps(error_body(500, str(exc), code='engine_error'))}\n\n"
-        except Exception as exc:  # a bug while formatting: tell the client rather than cut the stream
-            logger.exception("error while streaming %s", stream.request_id)
-            yield f"data: {json.dumps(error_body(500, f'internal server error: {exc}', code='internal_error'))}\n\n"
+            await super().__call__(scope, receive, send)
         finally:
-            stream.abort()
-            self.metrics.observe_request(stream)
-        yield "data: [DONE]\n\n"
+            self.stream.abort()  # frees the KV blocks at once; a no-op if the request has finished
+            self.metrics.observe_request(self.stream)
+
+
+async def sse(stream: RequestStream, events: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Frames events as server-sent events, ends with [DONE]; an engine failure becomes an error event."""
+    try:
+        async for event in events:
+            yield f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    except (RequestFailedError, EngineDeadError) as exc:  # the request failed, or the server is stopping
+        status, code = engine_failure(exc)
+        yield f"data: {json.dumps(error_body(status, str(exc), code=code))}\n\n"
+    except Exception as exc:  # a bug while formatting: tell the client rather than cut the stream
+        logger.exception("error while streaming %s", stream.request_id)
+        yield f"data: {json.dumps(error_body(500, f'internal server error: {exc}', code='internal_error'))}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 async def _until_disconnect(request: Request, work) -> None:

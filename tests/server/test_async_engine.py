@@ -4,86 +4,16 @@ all-or-none admission, aborts, the queue limit, and a loop that survives a faili
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import threading
-import time
 
 import pytest
+from fake_engine import FakeEngine
 
 from photoninfer.engine.async_engine import AsyncLLMEngine, QueueFullError, RequestFailedError
 from photoninfer.errors import InvalidRequestError
-from photoninfer.outputs import CompletionOutput, RequestOutput
+from photoninfer.outputs import RequestOutput
 from photoninfer.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@dataclasses.dataclass
-class FakeStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_blocks_total: int = 100
-    kv_blocks_used: int = 0
-    steps_total: int = 0
-    last_step_num_seqs: int = 0
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-
-
-class StepError(Exception):
-    def __init__(self, message, request_id=None):
-        super().__init__(message)
-        if request_id is not None:
-            self.request_id = request_id
-
-
-class FakeEngine:
-    """Generates token i+1 at step i; "reject" prompts fail admission, "poison" prompts make step() raise."""
-
-    def __init__(self, max_running: int = 100, blame_poison: bool = True):
-        self.requests: dict[str, tuple[str, SamplingParams, list[int]]] = {}
-        self.max_running = max_running
-        self.blame_poison = blame_poison
-        self.aborted: list[str] = []
-        self.steps = 0
-        self.gate = threading.Event()  # tests may hold steps until they release the gate
-        self.gate.set()
-
-    def add_request(self, request_id, prompt, params, arrival_time=None):
-        if prompt == "reject":
-            raise InvalidRequestError("prompt rejected", param="prompt")
-        self.requests[request_id] = (prompt, params, [])
-
-    def abort_request(self, request_id):
-        if self.requests.pop(request_id, None) is not None:
-            self.aborted.append(request_id)
-
-    def has_unfinished_requests(self):
-        return bool(self.requests)
-
-    def step(self):
-        self.gate.wait()
-        time.sleep(0.001)  # a step takes time, as a real one does
-        self.steps += 1
-        running = list(self.requests.items())[: self.max_running]
-        for request_id, (prompt, _, _) in running:
-            if prompt == "poison":
-                raise StepError("boom", request_id if self.blame_poison else None)
-        outputs = []
-        for request_id, (prompt, params, tokens) in running:
-            tokens.append(len(tokens) + 1)
-            done = len(tokens) >= params.max_tokens
-            completion = CompletionOutput(0, " ".join(map(str, tokens)), tokens,
-                                          finish_reason="length" if done else None)
-            outputs.append(RequestOutput(request_id, prompt, [7, 8], [completion], done))
-            if done:
-                del self.requests[request_id]
-        return outputs
-
-    def stats(self):
-        running = min(len(self.requests), self.max_running)
-        return FakeStats(num_running=running, num_waiting=len(self.requests) - running,
-                         kv_blocks_used=len(self.requests), steps_total=self.steps)
 
 
 def run(coro):
@@ -196,6 +126,49 @@ def test_queue_limit_raises_queue_full():
         await engine.shutdown()
 
     run(main())
+
+
+def test_queue_limit_counts_sequences_not_requests():
+    fake = FakeEngine(max_running=1)
+
+    async def main():
+        engine = await started(fake, max_queue=3)
+        running = await engine.submit("run", [("a", params(10_000))])
+        while fake.stats().num_waiting:  # let the first sequence start running
+            await asyncio.sleep(0.01)
+        waiting = await engine.submit("wait", [("b", params(1)), ("c", params(1))])  # 2 sequences wait
+        with pytest.raises(QueueFullError, match=r"2 waiting .* 2 more .* limit of 3"):
+            await engine.submit("pair", [("d", params(1)), ("e", params(1))])
+        one_more = await engine.submit("one", [("f", params(1))])  # 2 + 1 fits
+        with pytest.raises(InvalidRequestError, match="4 sequences"):  # could never fit, even when idle
+            await engine.submit("four", [(p, params(1)) for p in "ghij"])
+        running.abort()
+        assert len(await drain(waiting)) == 2 and len(await drain(one_more)) == 1
+        await engine.shutdown()
+
+    run(main())
+    assert not any(sub_id.startswith(("pair", "four")) for sub_id in fake.aborted)
+
+
+@pytest.mark.parametrize("failure", ["poison", "broken"], ids=["step-raises", "engine-isolates-failure"])
+def test_a_failing_choice_aborts_its_siblings(failure):
+    fake = FakeEngine()
+
+    async def main():
+        engine = await started(fake)
+        stream = await engine.submit("n3", [("fine", params(10_000)), (failure, params(3)), ("fine", params(10_000))])
+        with pytest.raises(RequestFailedError):
+            await drain(stream)
+        for _ in range(200):
+            if not fake.requests:
+                break
+            await asyncio.sleep(0.01)
+        still_running = sorted(fake.requests)  # before shutdown aborts whatever is left
+        await engine.shutdown()
+        return still_running
+
+    assert run(main()) == [], "the failed choice's siblings kept generating"
+    assert {"n3-0", "n3-2"} <= set(fake.aborted)
 
 
 @pytest.mark.parametrize("blame", [True, False], ids=["exception-names-request", "anonymous-exception"])

@@ -93,6 +93,21 @@ CASES = [
     ("completion-best-of", COMPLETIONS, completion(best_of=3), {}, 400, "best_of", ""),
     ("completion-over-max-model-len", COMPLETIONS, completion(prompt="hello " * 2000), {}, 400, "prompt",
      str(MAX_MODEL_LEN)),
+    # JSON may escape a lone surrogate; no tokenizer can encode it, and the error names the field
+    ("completion-lone-surrogate", COMPLETIONS, b'{"prompt": "\\ud800", "max_tokens": 4}', {}, 400, "prompt",
+     "UTF-8"),
+    ("completion-lone-surrogate-in-batch", COMPLETIONS, b'{"prompt": ["fine", "a\\udc00b"], "max_tokens": 4}', {},
+     400, "prompt", "prompt[1]"),
+    ("chat-lone-surrogate", CHAT, b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', {}, 400,
+     "messages[0].content", "UTF-8"),
+    ("chat-lone-surrogate-in-part", CHAT,
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}', {}, 400,
+     "messages[0].content[0].text", "UTF-8"),
+    ("stop-lone-surrogate", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}', {},
+     400, "stop[0]", "unicode"),
+    ("logit-bias-key-lone-surrogate", COMPLETIONS, b'{"prompt": "hi", "logit_bias": {"\\ud800": 1}}', {}, 400,
+     "logit_bias", "UTF-8"),
+    ("user-lone-surrogate", COMPLETIONS, b'{"prompt": "hi", "user": "\\ud800"}', {}, 400, "user", "UTF-8"),
     ("no-api-key", CHAT, chat(), {"Authorization": ""}, 401, None, "API key"),
     ("wrong-api-key", CHAT, chat(), {"Authorization": "Bearer nope"}, 401, None, "API key"),
     ("basic-auth-scheme", CHAT, chat(), {"Authorization": f"Basic {API_KEY}"}, 401, None, "API key"),
@@ -161,6 +176,22 @@ def test_body_over_limit_when_streamed_without_length_is_413(raw_http):
     except httpx.TransportError:
         pytest.skip("connection closed before the 413 could be read")
     _assert_openai_error(response, 413, None, "too large")
+
+
+def test_lone_surrogate_in_chat_does_not_blame_the_template(raw_http):
+    body = b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 4}'
+    response = raw_http.post(CHAT, content=body, headers={**AUTH, **JSON})
+    _assert_openai_error(response, 400, "messages[0].content", "surrogate")
+    assert "template" not in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path,body", [
+    (COMPLETIONS, b'{"prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'),
+    (CHAT, b'{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}], "max_tokens": 2}'),
+], ids=["completions", "chat"])
+def test_surrogate_pair_is_a_character_not_an_error(raw_http, path, body):
+    response = raw_http.post(path, content=body, headers={**AUTH, **JSON})
+    assert response.status_code == 200, response.text
 
 
 def test_rejections_are_counted_and_engine_stays_clean(server, http):

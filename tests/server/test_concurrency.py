@@ -4,7 +4,10 @@ clients that disconnect mid-answer get their KV blocks freed at once."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -113,3 +116,24 @@ def test_non_streaming_client_timeout_frees_blocks(server):
         httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=1.5,
                    headers={"Authorization": f"Bearer {API_KEY}"})
     assert wait_until_idle(server.url, timeout=10)["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 400,
+                              "ignore_eos": True, "stream": True, "n": 2}),
+], ids=["completions", "chat-n2"])
+def test_client_leaving_before_the_first_byte_frees_its_blocks(server, http, path, body):
+    """The client sends a streaming request and hangs up at once, before the server has sent anything."""
+    wait_until_idle(server.url)
+    before = _requests_by_outcome(_metrics(http))
+    payload = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(head + payload)
+    # 400 tokens take far longer than this on a CPU: only an abort frees the blocks in time
+    assert wait_until_idle(server.url, timeout=8)["kv_blocks_used"] == 0
+    after = _requests_by_outcome(_metrics(http))
+    assert after.get("abort", 0) - before.get("abort", 0) == 1
