@@ -98,4 +98,5 @@ class LLM:
             completion = part.outputs[0]
             completion.index = i
             outputs.append(completion)
-        return RequestOutput(request_id, first.prompt, first.prompt_token_ids, outputs, True, first.metrics)
+        return RequestOutput(request_id, first.prompt, first.prompt_token_ids, outputs, True, first.metrics,
+                             prompt_logprobs=first.prompt_logprobs)
