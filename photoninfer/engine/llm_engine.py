@@ -257,8 +257,8 @@ class LLMEngine:
         return outputs
 
     def _add_prompt_logprobs(self, request: _Request, chunk: PromptLogprobsChunk) -> None:
-        """Entries arrive in prompt order. A recompute after preemption may overlap entries that a step
-        still in flight delivered meanwhile (it was asked for before they were known): those are skipped."""
+        """Entries arrive in prompt order. Should a recompute after preemption repeat entries that a step in
+        flight delivered meanwhile (asked for before they were known), the repeated ones are skipped."""
         known = request.prompt_logprobs
         if chunk.first_entry > len(known):
             raise RuntimeError(f"prompt logprobs from entry {chunk.first_entry}, but only {len(known)} are known")
