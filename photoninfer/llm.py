@@ -113,5 +113,6 @@ def merge_outputs(request_ids: list[str], finished: dict[str, RequestOutput]) ->
             completion.index = i
             outputs.append(completion)
         first = parts[0]
-        merged.append(RequestOutput(request_id, first.prompt, first.prompt_token_ids, outputs, True, first.metrics))
+        merged.append(RequestOutput(request_id, first.prompt, first.prompt_token_ids, outputs, True, first.metrics,
+                                    prompt_logprobs=first.prompt_logprobs))
     return merged

@@ -16,6 +16,10 @@ class Logprob:
 # For each generated token: the chosen token and the top-N alternatives, keyed by token id.
 TokenLogprobs = dict[int, Logprob]
 
+# For each prompt token: None for the first (nothing precedes it), then the token given the ones before it
+# and the top-N alternatives (vLLM's shape).
+PromptLogprobs = list[Optional[TokenLogprobs]]
+
 
 @dataclass
 class CompletionOutput:
@@ -48,3 +52,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    # Set (complete) once the whole prompt is computed, when SamplingParams.prompt_logprobs asked for them.
+    prompt_logprobs: Optional[PromptLogprobs] = None

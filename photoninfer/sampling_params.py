@@ -22,7 +22,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    max_tokens: Optional[int] = 16  # None = up to max_model_len
+    max_tokens: Optional[int] = 16  # None = up to max_model_len; 0 = prefill only (e.g. for prompt_logprobs)
     min_tokens: int = 0
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] = field(default_factory=list)
@@ -30,6 +30,9 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: Optional[int] = None
     logprobs: Optional[int] = None  # number of top alternatives returned beside the chosen token
+    # For each prompt token after the first: its logprob given the tokens before it, plus this many top
+    # alternatives (as vLLM). Such a request computes its whole prompt: it never reuses cached prefix blocks.
+    prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
 
     def __post_init__(self):
@@ -70,8 +73,8 @@ class SamplingParams:
                 fail(param, f"must be in [-2, 2], got {getattr(self, param)}")
         if number("repetition_penalty", self.repetition_penalty) <= 0:
             fail("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
-        if self.max_tokens is not None and number("max_tokens", self.max_tokens, integer=True) < 1:
-            fail("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and number("max_tokens", self.max_tokens, integer=True) < 0:
+            fail("max_tokens", f"must be >= 0 (0 = prefill only), got {self.max_tokens}")
         if number("min_tokens", self.min_tokens, integer=True) < 0:
             fail("min_tokens", f"must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -86,3 +89,6 @@ class SamplingParams:
             fail("seed", f"must fit in 64 bits ([{SEED_RANGE[0]}, {SEED_RANGE[1]}]), got {self.seed}")
         if self.logprobs is not None and not 0 <= number("logprobs", self.logprobs, integer=True) <= MAX_LOGPROBS:
             fail("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if (self.prompt_logprobs is not None
+                and not 0 <= number("prompt_logprobs", self.prompt_logprobs, integer=True) <= MAX_LOGPROBS):
+            fail("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")

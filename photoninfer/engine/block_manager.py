@@ -61,8 +61,9 @@ class BlockManager:
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest prefix of `seq`'s tokens. The block of the last token is never
-        reused: its logits must be computed, and a shared block must not be written."""
-        if not self.enable_prefix_caching or seq.block_table:
+        reused: its logits must be computed, and a shared block must not be written. A sequence that wants
+        prompt logprobs reuses nothing: a cached block has no logits."""
+        if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
             return []
         blocks = []
         for key in self._keys(seq.token_ids, (seq.num_tokens - 1) // self.block_size):

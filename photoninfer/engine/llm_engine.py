@@ -19,6 +19,7 @@ from photoninfer.model.loader import default_model_path, load_checkpoint
 from photoninfer.model.tokenizer import load_tokenizer
 from photoninfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from photoninfer.runner.model_runner import ModelRunner
+from photoninfer.runner.prompt_logprobs import PromptLogprobsChunk, PromptLogprobsWanted
 from photoninfer.runner.sampler import SampleResult, SamplingRow, has_penalties
 from photoninfer.sampling_params import SamplingParams
 
@@ -51,6 +52,7 @@ class _Request:
     metrics: RequestMetrics
     logprobs: Optional[list] = None
     cumulative_logprob: Optional[float] = None
+    prompt_logprobs: Optional[list] = None  # entries so far: [None] first, then one per computed prompt token
     banned_while_short: tuple[int, ...] = ()  # EOS / stop token ids, masked until min_tokens is reached
 
 
@@ -108,6 +110,7 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time=seq.arrival_time),
             logprobs=[] if params.logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             banned_while_short=tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))),
         )
         self.scheduler.add(seq)
@@ -130,10 +133,10 @@ class LLMEngine:
 
     def _check_length(self, prompt_len: int, params: SamplingParams) -> int:
         """Returns the effective max_tokens; rejects prompts that cannot fit the context window."""
-        if prompt_len >= self.max_model_len:
+        if prompt_len > self.max_model_len or (prompt_len == self.max_model_len and params.max_tokens != 0):
             raise InvalidRequestError(
                 f"the prompt has {prompt_len} tokens, but the maximum context length is {self.max_model_len} tokens "
-                f"(at least one token must be generated)", param="prompt")
+                f"(at least one token must be generated, unless max_tokens is 0)", param="prompt")
         if params.max_tokens is None:
             return self.max_model_len - prompt_len
         if prompt_len + params.max_tokens > self.max_model_len:
@@ -191,13 +194,16 @@ class LLMEngine:
 
     def _launch(self, sched):
         now = time.time()
-        rows = {}
+        rows, wanted = {}, {}
         for item in sched.scheduled:
             request = self.requests[item.seq.request_id]
             request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
             if item.samples:
                 rows[item.seq.seq_id] = self._sampling_row(request)
-        handle = self.runner.launch(sched, rows, self._in_flight)
+            if request.prompt_logprobs is not None and len(request.prompt_logprobs) < item.seq.num_prompt_tokens:
+                wanted[item.seq.seq_id] = PromptLogprobsWanted(item.seq.params.prompt_logprobs,
+                                                               len(request.prompt_logprobs))
+        handle = self.runner.launch(sched, rows, self._in_flight, wanted)
         self.scheduler.advance(sched)
         for seq in handle.sampling_seqs:
             last = seq.num_output_tokens + 1 >= seq.max_tokens or seq.num_tokens + 1 >= self.max_model_len
@@ -219,6 +225,7 @@ class LLMEngine:
             else:
                 seq.append_token(token)
         self.scheduler.cache_computed_blocks(handle.sched)
+        outputs += self._prompt_outputs(handle)
         for seq in handle.sampling_seqs:
             request = self.requests.get(seq.request_id)
             if request is None or seq.is_finished:
@@ -231,6 +238,35 @@ class LLMEngine:
                 logger.exception("request %s failed", seq.request_id)
                 outputs.append(self._fail_request(request, exc))
         return outputs
+
+    def _prompt_outputs(self, handle) -> list[RequestOutput]:
+        """Keep a step's prompt-logprob entries; end the prefill-only (max_tokens 0) requests it completed."""
+        outputs = []
+        for item in handle.sched.scheduled:
+            request = self.requests.get(item.seq.request_id)
+            chunk = handle.prompt_logprobs.get(item.seq.seq_id)
+            prefill_only_done = item.end == item.seq.num_tokens and item.seq.max_tokens == 0
+            if request is None or item.seq.is_finished or (chunk is None and not prefill_only_done):
+                continue
+            try:
+                if chunk is not None:
+                    self._add_prompt_logprobs(request, chunk)
+                if prefill_only_done:  # the prompt (and its logprobs) is all there is
+                    self._finish(request, "length", None)
+                    outputs.append(self._output(request))
+            except Exception as exc:  # one request's failure must not take the rest of the batch down
+                logger.exception("request %s failed", item.seq.request_id)
+                outputs.append(self._fail_request(request, exc))
+        return outputs
+
+    def _add_prompt_logprobs(self, request: _Request, chunk: PromptLogprobsChunk) -> None:
+        """Entries arrive in prompt order. Should a recompute after preemption repeat entries that a step in
+        flight delivered meanwhile (asked for before they were known), the repeated ones are skipped."""
+        known = request.prompt_logprobs
+        if chunk.first_entry > len(known):
+            raise RuntimeError(f"prompt logprobs from entry {chunk.first_entry}, but only {len(known)} are known")
+        new = chunk.entries[len(known) - chunk.first_entry:]
+        known.extend(self._logprob_entry(request.detokenizer, entry) for entry in new)
 
     def _fail_request(self, request: _Request, exc: Exception) -> RequestOutput:
         """End a request whose processing raised: finish_reason "error", stop_reason the error text."""
@@ -298,8 +334,11 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is not None and len(prompt_logprobs) < seq.num_prompt_tokens:
+            prompt_logprobs = None  # handed out once complete; never changed after that
         return RequestOutput(seq.request_id, request.prompt, seq.prompt_token_ids, [completion],
-                             finished=seq.is_finished, metrics=request.metrics)
+                             finished=seq.is_finished, metrics=request.metrics, prompt_logprobs=prompt_logprobs)
 
     # ---- introspection ------------------------------------------------------------------------------
 

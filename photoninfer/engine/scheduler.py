@@ -7,7 +7,7 @@ out at most `max_num_batched_tokens` of them.
            sequence is preempted (blocks freed, progress reset, put back at the head of the queue).
   phase 2: WAITING/PREEMPTED sequences are admitted while the token budget, `max_num_seqs` and the
            free blocks allow. A prompt larger than the remaining budget is admitted in chunks.
-A sequence is sampled only in the step whose chunk reaches its last token.
+A sequence is sampled only in the step whose chunk reaches its last token (never with max_tokens 0).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class ScheduledSequence:
     @classmethod
     def of(cls, seq: Sequence, num_new_tokens: int) -> "ScheduledSequence":
         end = seq.num_computed_tokens + num_new_tokens
-        return cls(seq, seq.num_computed_tokens, end, end == seq.num_tokens)
+        # max_tokens 0: the prompt is only prefilled (for its prompt logprobs), nothing is sampled
+        return cls(seq, seq.num_computed_tokens, end, end == seq.num_tokens and seq.max_tokens != 0)
 
     @property
     def num_new_tokens(self) -> int:

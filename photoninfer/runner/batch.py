@@ -169,14 +169,15 @@ class BatchBuilder:
             num_tokens=tokens, num_seqs=1, max_query_len=tokens, max_seq_len=self.graph_max_context,
             query_start_host=np.array([0, tokens]), seq_lens_host=np.array([tokens]), graph_tokens=tokens)
 
-    def _graph_layout(self, num_seqs: int, num_tokens: int, max_seq_len: int,
-                      all_sample: bool) -> tuple[Optional[int], Optional[int]]:
+    def _graph_layout(self, num_seqs: int, num_tokens: int, max_seq_len: int, all_sample: bool,
+                      prefill_graphs: bool) -> tuple[Optional[int], Optional[int]]:
         """(decode graph size, prefill graph tokens) this step can replay; (None, None) runs it eagerly."""
         if max_seq_len > self.graph_max_context:
             return None, None
         if num_tokens == num_seqs and all_sample and self.graph_sizes and num_seqs <= self.graph_sizes[-1]:
             return next(size for size in self.graph_sizes if size >= num_seqs), None
-        if num_seqs == 1 and self.graph_prefill_tokens and 1 < num_tokens <= self.graph_prefill_tokens[-1]:
+        if (prefill_graphs and num_seqs == 1 and self.graph_prefill_tokens
+                and 1 < num_tokens <= self.graph_prefill_tokens[-1]):
             return None, next(size for size in self.graph_prefill_tokens if size >= num_tokens)
         return None, None
 
@@ -186,11 +187,11 @@ class BatchBuilder:
                 torch.empty(2 * self.max_seqs + 1 + self.max_seqs * self.max_blocks, dtype=torch.int32, pin_memory=pin))
 
     def build(self, sched: SchedulerOutput, pending_index: Optional[dict[int, int]] = None,
-              extra_logits_rows=None) -> tuple[ForwardBatch, list]:
+              prefill_graphs: bool = True) -> tuple[ForwardBatch, list]:
         """Returns the batch and the sequences that sample this step, in logits-row order.
 
         `pending_index[seq_id]` is where a sequence's pending token sits in the previous step's sampled ids.
-        `extra_logits_rows(item, row_start)` may return more rows whose logits are wanted (prompt logprobs)."""
+        Without `prefill_graphs`, a lone prefill is laid out for an eager forward."""
         self.rows.release_finished(sched.preempted)
         items = sched.scheduled
         num_seqs = len(items)
@@ -227,10 +228,6 @@ class BatchBuilder:
                 p = np.arange(start, end)
                 pos[t:t + n] = p
                 slots[t:t + n] = self.rows.table[row, p // bs].astype(np.int64) * bs + p % bs
-            if extra_logits_rows is not None:
-                for r in extra_logits_rows(item, t):
-                    logit_rows[num_logits] = r
-                    num_logits += 1
             t += n
             query_start[i + 1] = t
             seq_lens[i] = end
@@ -240,7 +237,7 @@ class BatchBuilder:
                 sampling_seqs.append(seq)
         max_seq_len = int(seq_lens.max()) if num_seqs else 0
         graph_size, graph_tokens = self._graph_layout(num_seqs, num_tokens, max_seq_len,
-                                                      len(sampling_seqs) == num_seqs)
+                                                      len(sampling_seqs) == num_seqs, prefill_graphs)
         rows_out = graph_size or num_seqs
         width = self.graph_width if graph_size or graph_tokens else max(1, -(-max_seq_len // bs))
         S = self.max_seqs

@@ -5,7 +5,7 @@ chunk reached their last token."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -18,6 +18,8 @@ from photoninfer.model.loader import Checkpoint
 from photoninfer.runner.attention import make_attention_backend, triton_available
 from photoninfer.runner.batch import BatchBuilder
 from photoninfer.runner.cuda_graph import StepGraphs
+from photoninfer.runner.prompt_logprobs import (PromptLogprobsChunk, PromptLogprobsWanted, prompt_rows,
+                                                prompt_token_logprobs)
 from photoninfer.runner.sampler import SampledTokens, SampleResult, Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
@@ -117,14 +119,17 @@ class ModelRunner:
         return self.collect(self.launch(sched, rows))
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, rows: dict[int, SamplingRow],
-               previous: Optional[StepHandle] = None) -> StepHandle:
+    def launch(self, sched: SchedulerOutput, rows: dict[int, SamplingRow], previous: Optional[StepHandle] = None,
+               prompt_logprobs: Optional[dict[int, PromptLogprobsWanted]] = None) -> StepHandle:
         """Queue one step on the device and return without waiting for it. Input tokens that `previous`
-        sampled and the host has not read yet are taken from its device tensor."""
+        sampled and the host has not read yet are taken from its device tensor. The prompt-logprob entries
+        of the sequences in `prompt_logprobs` (keyed by seq_id) are computed at once (a host sync)."""
         pending = previous.pending_index() if previous is not None else None
-        batch, sampling_seqs = self.batch_builder.build(sched, pending)
+        # a prompt-logprob step needs every row's hidden state: no lone-prefill graph (decode steps have no prompt rows)
+        batch, sampling_seqs = self.batch_builder.build(sched, pending, prefill_graphs=not prompt_logprobs)
         if batch.pending_dst is not None:
             batch.input_ids[batch.pending_dst] = previous.sampled.token_ids[batch.pending_src]
+        chunks = {}
         if batch.graph_size is not None or batch.graph_tokens is not None:
             logits = self.graphs.run(batch)
             if not sampling_seqs:
@@ -132,12 +137,29 @@ class ModelRunner:
         else:
             meta = self.model.attention.prepare(batch)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
+            if prompt_logprobs:
+                chunks = self._prompt_logprobs(sched, batch.query_start_host.tolist(), hidden, prompt_logprobs)
             if not sampling_seqs:
-                return StepHandle(sched, [], None)
+                return StepHandle(sched, [], None, chunks)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
         sampled = self.sampler.sample(logits, [rows[seq.seq_id] for seq in sampling_seqs])
         sampled.copy_to_host()
-        return StepHandle(sched, sampling_seqs, sampled)
+        return StepHandle(sched, sampling_seqs, sampled, chunks)
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, query_start, hidden: torch.Tensor,
+                         wanted: dict[int, PromptLogprobsWanted]) -> dict[int, PromptLogprobsChunk]:
+        """Entries from the rows of each chunk that predict a prompt token (query_start[i]: item i's first row)."""
+        chunks = {}
+        for item, offset in zip(sched.scheduled, query_start):
+            seq, want = item.seq, wanted.get(item.seq.seq_id)
+            positions = prompt_rows(item.start, item.end, seq.num_prompt_tokens, want.first_entry) if want else ()
+            if positions:
+                first, last = positions[0], positions[-1]
+                rows = hidden[offset + first - item.start : offset + last + 1 - item.start]
+                targets = torch.tensor(seq.token_ids[first + 1 : last + 2], dtype=torch.long, device=self.device)
+                entries = prompt_token_logprobs(rows, targets, want.num_top, self.model.compute_logits)
+                chunks[seq.seq_id] = PromptLogprobsChunk(first + 1, entries)
+        return chunks
 
     @staticmethod
     def collect(handle: StepHandle) -> dict[int, SampleResult]:
@@ -154,6 +176,7 @@ class StepHandle:
     sched: SchedulerOutput
     sampling_seqs: list
     sampled: Optional[SampledTokens]
+    prompt_logprobs: dict[int, PromptLogprobsChunk] = field(default_factory=dict)  # seq_id -> its chunk's entries
 
     def pending_index(self) -> dict[int, int]:
         return {seq.seq_id: i for i, seq in enumerate(self.sampling_seqs)}

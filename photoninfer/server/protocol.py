@@ -84,7 +84,8 @@ class _SamplingRequest(_Request):
     user: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = Field(None, description="Not supported; must be empty if sent.")
 
-    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], vocab_size: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], vocab_size: int,
+                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
         """Builds validated SamplingParams (raises InvalidRequestError with `param` set)."""
         top_k = self.top_k or 0
         return SamplingParams(
@@ -103,6 +104,7 @@ class _SamplingRequest(_Request):
             ignore_eos=self.ignore_eos,
             seed=None if self.seed is None else self.seed % 2**63,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -196,7 +198,7 @@ PromptInput = Union[
 
 class CompletionRequest(_SamplingRequest):
     prompt: PromptInput = Field(description="A string, a list of strings, token ids, or a list of token id lists.")
-    max_tokens: Optional[int] = Field(16, ge=1)
+    max_tokens: Optional[int] = Field(16, ge=0, description="0: no new tokens (with echo + logprobs: score the prompt).")
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: Optional[str] = Field(None, description="Not supported.")

@@ -88,7 +88,7 @@ CASES = [
     ("completion-missing-prompt", COMPLETIONS, {"max_tokens": 4}, {}, 400, "prompt", ""),
     ("completion-logprobs-too-many", COMPLETIONS, completion(logprobs=21), {}, 400, "logprobs", ""),
     ("completion-logprobs-negative", COMPLETIONS, completion(logprobs=-1), {}, 400, "logprobs", ""),
-    ("completion-echo-with-logprobs", COMPLETIONS, completion(echo=True, logprobs=1), {}, 400, "echo", ""),
+    ("completion-negative-max-tokens", COMPLETIONS, completion(max_tokens=-1), {}, 400, "max_tokens", ""),
     ("completion-suffix", COMPLETIONS, completion(suffix="end"), {}, 400, "suffix", ""),
     ("completion-best-of", COMPLETIONS, completion(best_of=3), {}, 400, "best_of", ""),
     ("completion-over-max-model-len", COMPLETIONS, completion(prompt="hello " * 2000), {}, 400, "prompt",

@@ -111,7 +111,7 @@ def test_logprobs_report_raw_distribution_rank_and_top_n():
 
 @pytest.mark.parametrize("kwargs,param", [
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -2}, "top_k"), ({"min_p": 2}, "min_p"), ({"max_tokens": 0}, "max_tokens"),
+    ({"top_k": -2}, "top_k"), ({"min_p": 2}, "min_p"), ({"max_tokens": -1}, "max_tokens"),
     ({"presence_penalty": 3}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"logprobs": 50}, "logprobs"), ({"stop": [""]}, "stop"), ({"seed": 1.5}, "seed"),
     ({"temperature": float("nan")}, "temperature"), ({"n": 0}, "n"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
