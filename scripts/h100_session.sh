@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one command: GPU tests, kernel checks/timings, then the bench (side by side with HF).
-#   bash scripts/h100_session.sh [tests] [kernels] [bench ARGS...]
+#   bash scripts/h100_session.sh [tests|gputests] [kernels] [hostprof] [bench ARGS... +] [bench ARGS...]
+# (each bench's arguments end at a lone "+" or at the end)
 # Run from the repo root on the GPU machine; logs and JSON go to $OUT (default ./gpu-out).
 # Needs: the SmolLM2 tokenizer saved in .devcarry/tok (the GGUF is too large to upload there).
 set -uo pipefail
@@ -15,7 +16,9 @@ while [ $# -gt 0 ]; do
     gputests) shift; timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     hostprof) shift; timeout 240 python3 scripts/host_profile.py --concurrency 1,256 --ttft 2>&1 | tee "$OUT/host_profile.log" | grep -v "^Loading" | cut -c1-160 | head -150 ;;
     kernels) shift; timeout 240 python3 scripts/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
-    bench) shift; timeout 540 python3 -m photoninfer bench "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^USDT" | tail -40; break ;;
+    bench) shift; args=(); while [ $# -gt 0 ] && [ "$1" != "+" ]; do args+=("$1"); shift; done; [ $# -gt 0 ] && shift
+           n=$((${n:-0} + 1)); timeout 540 python3 -m photoninfer bench "${args[@]}" 2>&1 | tee "$OUT/bench$n.log" \
+             | grep -v "^USDT" | grep -v "INFO photoninfer.bench" | tail -25 ;;
     *) echo "unknown step $1"; exit 2 ;;
   esac
 done
