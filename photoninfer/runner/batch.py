@@ -203,38 +203,36 @@ class BatchBuilder:
         host64, host32 = staging64.numpy(), staging32.numpy()
         T, bs = self.max_tokens, self.block_size
         ids, pos, slots, logit_rows, pending_dst, pending_src = (host64[i * T:(i + 1) * T] for i in range(6))
-        query_start = np.empty(num_seqs + 1, dtype=np.int64)
-        seq_lens = np.empty(num_seqs, dtype=np.int64)
-        rows = np.empty(num_seqs, dtype=np.int64)
-        sampling_seqs, num_logits, num_pending, t = [], 0, 0, 0
-        query_start[0] = 0
-        for i, item in enumerate(items):
-            seq, start, end = item.seq, item.start, item.end
-            row = self.rows.row_for(seq)
-            rows[i] = row
-            n = end - start
-            if n == 1:  # decode: scalar work only
-                token = seq.token_ids[start]
-                if token == PLACEHOLDER:
-                    pending_dst[num_pending], pending_src[num_pending] = t, pending_index[seq.seq_id]
-                    num_pending += 1
-                ids[t] = token
-                pos[t] = start
-                slots[t] = self.rows.table[row, start // bs] * bs + start % bs
-            else:
-                ids[t:t + n] = seq.token_ids[start:end]
-                if (ids[t:t + n] == PLACEHOLDER).any():
-                    raise RuntimeError(f"{seq}: a chunk of several tokens holds a pending token")
-                p = np.arange(start, end)
+        rows = np.array([self.rows.row_for(item.seq) for item in items], dtype=np.int64)
+        starts = np.array([item.start for item in items], dtype=np.int64)
+        seq_lens = np.array([item.end for item in items], dtype=np.int64)
+        query_start = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(seq_lens - starts, out=query_start[1:])
+        table = self.rows.table
+        if num_tokens == num_seqs:  # decode rows only: one token each, all in numpy
+            tokens = np.array([item.seq.token_ids[item.start] for item in items], dtype=np.int64)
+            ids[:num_seqs], pos[:num_seqs] = tokens, starts
+            slots[:num_seqs] = table[rows, starts // bs].astype(np.int64) * bs + starts % bs
+        else:
+            for i, item in enumerate(items):
+                t, n, start = query_start[i], item.end - item.start, item.start
+                tokens = item.seq.token_ids[start:item.end]
+                ids[t:t + n] = tokens if n > 1 else tokens[0]
+                p = np.arange(start, item.end)
                 pos[t:t + n] = p
-                slots[t:t + n] = self.rows.table[row, p // bs].astype(np.int64) * bs + p % bs
-            t += n
-            query_start[i + 1] = t
-            seq_lens[i] = end
-            if item.samples:
-                logit_rows[num_logits] = t - 1
-                num_logits += 1
-                sampling_seqs.append(seq)
+                slots[t:t + n] = table[rows[i], p // bs].astype(np.int64) * bs + p % bs
+        pending = (ids[:num_tokens] == PLACEHOLDER).nonzero()[0]
+        num_pending = len(pending)
+        if num_pending:  # tokens sampled by the previous step, not read back yet: taken on the device
+            seq_of_row = np.searchsorted(query_start, pending, side="right") - 1
+            if (query_start[seq_of_row + 1] - query_start[seq_of_row] != 1).any():
+                raise RuntimeError("a chunk of several tokens holds a pending token")
+            pending_dst[:num_pending] = pending
+            pending_src[:num_pending] = [pending_index[items[i].seq.seq_id] for i in seq_of_row]
+        samples = [i for i, item in enumerate(items) if item.samples]
+        sampling_seqs = [items[i].seq for i in samples]
+        num_logits = len(samples)
+        logit_rows[:num_logits] = query_start[1:][samples] - 1
         max_seq_len = int(seq_lens.max()) if num_seqs else 0
         graph_size, graph_tokens = self._graph_layout(num_seqs, num_tokens, max_seq_len,
                                                       len(sampling_seqs) == num_seqs, prefill_graphs)
