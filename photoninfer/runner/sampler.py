@@ -153,28 +153,33 @@ def batched_truncated_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> to
 
 def _rank_thresholds(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Probability of the last token each row keeps under its top-k, then top-p (on the top-k set)."""
-    vocab = probs.shape[1]
+    vocab, device = probs.shape[1], probs.device
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     wants_nucleus_beyond_k = any(k == vocab and p.top_p < 1.0 for k, p in zip(top_k, params))
     width = min(vocab, max(max(k for k in top_k if k < vocab) if any(k < vocab for k in top_k) else 1,
                            NUCLEUS_SEARCH_WIDTH if wants_nucleus_beyond_k else 1))
     best, _ = torch.topk(probs, width, dim=-1)  # [n, width], best first
-    k = torch.tensor(top_k, device=probs.device).clamp(max=width).unsqueeze(1)
-    in_top_k = torch.arange(width, device=probs.device).unsqueeze(0) < k
+    k = torch.tensor(top_k, device=device).clamp(max=width).unsqueeze(1)
+    in_top_k = torch.arange(width, device=device).unsqueeze(0) < k
     kept = best * in_top_k
-    renormalized = kept / kept.sum(dim=-1, keepdim=True)  # top-p applies to the top-k set, renormalized
-    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=probs.device).unsqueeze(1)
-    keep = in_top_k & (torch.cumsum(renormalized, dim=-1) - renormalized < top_p)
+    # top-p applies to the top-k set renormalized; without top-k, to the whole distribution (mass 1), not
+    # to the searched columns, which may hold much less than all of it.
+    has_top_k = torch.tensor([kk < vocab for kk in top_k], device=device).unsqueeze(1)
+    shares = torch.where(has_top_k, kept / kept.sum(dim=-1, keepdim=True), kept)
+    mass_upto = torch.cumsum(shares, dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=device).unsqueeze(1)
+    keep = in_top_k & (mass_upto - shares < top_p)
     keep[:, 0] = True  # the best token always stays (a top_p below float32's range would drop it)
     threshold = best.gather(1, keep.sum(dim=-1, keepdim=True) - 1).squeeze(1)
-    # A nucleus wider than the searched columns (a very flat distribution): sort those rows whole.
-    short = [i for i, (kk, p) in enumerate(zip(top_k, params))
-             if kk == vocab and p.top_p < 1.0 and width < vocab and float(best[i].sum()) < p.top_p]
-    if short:
-        ordered = torch.sort(probs[short], dim=-1, descending=True).values
-        keep_sorted = torch.cumsum(ordered, dim=-1) - ordered < top_p[short]
-        keep_sorted[:, 0] = True
-        threshold[short] = ordered.gather(1, keep_sorted.sum(dim=-1, keepdim=True) - 1).squeeze(1)
+    if wants_nucleus_beyond_k and width < vocab:
+        # A nucleus wider than the searched columns (a flat distribution): sort those rows whole.
+        # One host sync, only when a row may need it.
+        short = (~has_top_k & (mass_upto[:, -1:] < top_p)).squeeze(1).nonzero().squeeze(1)
+        if short.numel():
+            ordered = torch.sort(probs[short], dim=-1, descending=True).values
+            keep_sorted = torch.cumsum(ordered, dim=-1) - ordered < top_p[short]
+            keep_sorted[:, 0] = True
+            threshold[short] = ordered.gather(1, keep_sorted.sum(dim=-1, keepdim=True) - 1).squeeze(1)
     return threshold
 
 

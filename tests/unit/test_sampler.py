@@ -148,3 +148,28 @@ def test_a_vanishing_top_p_keeps_only_the_best_token():
     for top_k in (0, 3):
         rows = [SamplingRow(SamplingParams(temperature=1.0, top_p=5e-324, top_k=top_k), [], 0, None)] * 20
         assert {r.token_id for r in sampler(LOGITS.expand(20, -1).contiguous(), rows)} == {0}
+
+
+@pytest.mark.parametrize("shape", ["zipf", "gaussian", "nearly_uniform"])
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9, 0.99])
+def test_top_p_is_exact_on_a_flat_32k_vocabulary(shape, top_p):
+    """The nucleus is the same set as a full sort's, whatever share of the mass the searched columns hold:
+    a 32k vocabulary whose best 1,024 tokens hold well under all of it (issue 8, defect 6)."""
+    from photoninfer.runner.sampler import batched_truncated_probs
+
+    vocab = 32_000
+    g = torch.Generator().manual_seed(1)
+    if shape == "zipf":  # p ~ 1/rank: the best 1,024 hold about 69% of the mass
+        logits = -torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))[torch.randperm(vocab, generator=g)]
+    elif shape == "gaussian":
+        logits = torch.randn(vocab, generator=g) * 1.5
+    else:
+        logits = torch.randn(vocab, generator=g) * 0.05
+    params = [SamplingParams(top_p=top_p), SamplingParams(temperature=0.8, top_k=50, top_p=top_p),
+              SamplingParams(temperature=1.5, top_p=top_p)]
+    batched = batched_truncated_probs(logits.expand(len(params), -1).contiguous(),
+                                      [SamplingRow(p, [], 0, None) for p in params])
+    for i, p in enumerate(params):
+        reference = truncated_probs(logits / p.temperature, p.top_k, p.top_p, p.min_p)
+        assert int((batched[i] > 0).sum()) == int((reference > 0).sum()), (i, p)
+        assert torch.equal(batched[i] > 0, reference > 0), (i, p)
