@@ -9,10 +9,12 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
+
 from photoninfer.config import EngineConfig, resolve_device, resolve_dtype
 from photoninfer.engine.block_manager import BlockManager
 from photoninfer.engine.detokenizer import IncrementalDetokenizer
-from photoninfer.engine.scheduler import Scheduler
+from photoninfer.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from photoninfer.engine.sequence import Sequence
 from photoninfer.errors import ConfigError, InvalidRequestError
 from photoninfer.model.loader import default_model_path, load_checkpoint
@@ -71,14 +73,24 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.max_model_len = self.runner.max_model_len
-        self.eos_token_ids = set(self.model_config.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = self._eos_token_ids()
         self.requests: dict[str, _Request] = {}
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self._in_flight = None  # the launched step whose results are not read yet (async scheduling)
         self._steps = self._last_seqs = self._last_tokens = self._prompt_tokens = self._gen_tokens = 0
+
+    def _eos_token_ids(self) -> set[int]:
+        """The model's and the tokenizer's EOS ids that the model can produce (others would index past
+        the logits when min_tokens bans EOS)."""
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        outside = sorted(t for t in eos if not 0 <= t < self.model_config.vocab_size)
+        if outside:
+            logger.warning("EOS token ids %s lie outside the model's vocabulary of %d; ignored", outside,
+                           self.model_config.vocab_size)
+        return eos.difference(outside)
 
     # ---- requests ----------------------------------------------------------------------------------
 
@@ -97,6 +109,8 @@ class LLMEngine:
                 f"LLMEngine runs one sequence per request, got n={params.n}; add n requests (as LLM and the "
                 "server do) or use LLM.generate", param="n")
         text, token_ids = self._tokenize(prompt, add_special_tokens)
+        self._check_token_ids(token_ids, "prompt")
+        self._check_token_ids(params.stop_token_ids, "stop_token_ids")
         max_tokens = self._check_length(len(token_ids), params)
         seq = Sequence(request_id, token_ids, params, arrival_time or time.time(), max_tokens)
         self.requests[request_id] = _Request(
@@ -121,15 +135,21 @@ class LLMEngine:
             text = prompt
         elif isinstance(prompt, (list, tuple)):
             token_ids, text = list(prompt), None
-            vocab = self.model_config.vocab_size
-            bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}", param="prompt")
         else:
             raise InvalidRequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", param="prompt")
         if not token_ids:
             raise InvalidRequestError("prompt is empty", param="prompt")
         return text, token_ids
+
+    def _check_token_ids(self, token_ids: list[int], param: str) -> None:
+        """Every id must index the model's vocabulary: a wrong one would fail the whole step (on CUDA, a
+        device-side assert that no retry survives)."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"{param} token ids must be integers in [0, {vocab}) (the model's vocabulary of {vocab}), "
+                f"got {bad[:5]}", param=param)
 
     def _check_length(self, prompt_len: int, params: SamplingParams) -> int:
         """Returns the effective max_tokens; rejects prompts that cannot fit the context window."""
@@ -178,7 +198,9 @@ class LLMEngine:
             sched.scheduled = [item for item in sched.scheduled if not item.seq.is_finished]
         if sched.is_empty:
             return outputs
-        handle = self._launch(sched)
+        handle = self._launch(sched, outputs)
+        if handle is None:  # every scheduled request failed
+            return outputs
         if self._in_flight is not None:
             outputs += self._finish_step(self._in_flight, final_only)
         self._in_flight = handle
@@ -192,7 +214,9 @@ class LLMEngine:
         """Penalties read every earlier token: the previous step's tokens must be on the host first."""
         return any(item.samples and has_penalties(item.seq.params) for item in sched.scheduled)
 
-    def _launch(self, sched):
+    def _launch(self, sched, outputs: list[RequestOutput]):
+        """Launch the step. Requests whose parameters make the launch raise fail alone (their outputs go
+        to `outputs`); the rest are launched. None if nothing is left to launch."""
         now = time.time()
         rows, wanted = {}, {}
         for item in sched.scheduled:
@@ -203,7 +227,20 @@ class LLMEngine:
             if request.prompt_logprobs is not None and len(request.prompt_logprobs) < item.seq.num_prompt_tokens:
                 wanted[item.seq.seq_id] = PromptLogprobsWanted(item.seq.params.prompt_logprobs,
                                                                len(request.prompt_logprobs))
-        handle = self.runner.launch(sched, rows, self._in_flight, wanted)
+        try:
+            handle = self.runner.launch(sched, rows, self._in_flight, wanted)
+        except Exception as exc:
+            if _is_device_fatal(exc):
+                raise
+            logger.exception("launching a step of %d sequences failed; retrying in parts to find the cause",
+                             len(sched.scheduled))
+            failures = self._find_culprits(sched.scheduled, rows, wanted, exc)
+            outputs += [self._fail_request(self.requests[item.seq.request_id], e) for item, e in failures]
+            failed = {item.seq.seq_id for item, _ in failures}
+            sched = SchedulerOutput([i for i in sched.scheduled if i.seq.seq_id not in failed], sched.preempted)
+            if sched.is_empty:
+                return None
+            handle = self.runner.launch(sched, rows, self._in_flight, wanted)
         self.scheduler.advance(sched)
         for seq in handle.sampling_seqs:
             last = seq.num_output_tokens + 1 >= seq.max_tokens or seq.num_tokens + 1 >= self.max_model_len
@@ -267,6 +304,34 @@ class LLMEngine:
             raise RuntimeError(f"prompt logprobs from entry {chunk.first_entry}, but only {len(known)} are known")
         new = chunk.entries[len(known) - chunk.first_entry:]
         known.extend(self._logprob_entry(request.detokenizer, entry) for entry in new)
+
+    def _find_culprits(self, items: list[ScheduledSequence], rows: dict, wanted: dict, exc: Exception):
+        """The scheduled items whose launch raises, found by launching halves of the batch (their results
+        are thrown away: a rerun writes the same K/V into the same slots). Seeded requests' RNGs are put
+        back as they were, so the real launch draws what it would have drawn; one that a failed launch
+        had already advanced (a failure after the draw) stays advanced. Returns [(item, exception)]."""
+        generators = [row.generator for row in rows.values() if row.generator is not None]
+        states = [g.getstate() for g in generators]
+        try:
+            return self._bisect(items, rows, wanted, exc)
+        finally:
+            for generator, state in zip(generators, states):
+                generator.setstate(state)
+
+    def _bisect(self, items: list[ScheduledSequence], rows: dict, wanted: dict, exc: Exception):
+        if len(items) == 1:
+            logger.error("request %s failed the step: %s: %s", items[0].seq.request_id, type(exc).__name__, exc)
+            return [(items[0], exc)]
+        failures = []
+        half = len(items) // 2
+        for part in (items[:half], items[half:]):
+            try:
+                self.runner.collect(self.runner.launch(SchedulerOutput(part), rows, self._in_flight, wanted))
+            except Exception as part_exc:
+                if _is_device_fatal(part_exc):
+                    raise
+                failures += self._bisect(part, rows, wanted, part_exc)
+        return failures
 
     def _fail_request(self, request: _Request, exc: Exception) -> RequestOutput:
         """End a request whose processing raised: finish_reason "error", stop_reason the error text."""
@@ -356,3 +421,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_tokens=self.block_manager.prefix_hit_tokens,
         )
+
+
+def _is_device_fatal(exc: Exception) -> bool:
+    """A CUDA error (e.g. a device-side assert) leaves the context unusable: no retry can succeed."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) or "CUDA error" in str(exc)

@@ -139,3 +139,74 @@ def test_final_only_steps_return_just_finished_requests_with_the_streamed_result
     assert len(streamed) == 5 and [o.finished for o in finals] == [True]
     assert finals[0].outputs[0].token_ids == streamed[-1].outputs[0].token_ids
     assert finals[0].outputs[0].text == streamed[-1].outputs[0].text
+
+
+# ---- issue 8, defect 1: token ids are validated; a step failure fails its culprit alone -------------------
+
+SMALL_VOCAB = 1000
+
+
+@pytest.fixture(scope="module")
+def small_vocab_llm(make_tiny_model):
+    """A model whose vocabulary is smaller than its tokenizer's and whose EOS id lies outside it."""
+    path = make_tiny_model("llama3", vocab_size=SMALL_VOCAB, eos_token_id=5000)
+    return LLM(path, dtype="float32", device="cpu", max_model_len=256)
+
+
+@pytest.mark.parametrize("prompt,params,param", [
+    ([5, 6, 7], SamplingParams(stop_token_ids=[3, 49152], min_tokens=2), "stop_token_ids"),
+    ([5, 6, 7], SamplingParams(stop_token_ids=[10**12]), "stop_token_ids"),
+    ([5, 6, 49152], SamplingParams(), "prompt"),
+])
+def test_token_ids_outside_the_vocabulary_are_rejected_at_admission(llm, prompt, params, param):
+    with pytest.raises(InvalidRequestError, match="49152") as err:
+        llm.engine.add_request("bad-ids", prompt, params)
+    assert err.value.param == param
+    assert "bad-ids" not in llm.engine.requests and not llm.engine.has_unfinished_requests()
+
+
+def test_text_prompt_tokens_outside_the_model_vocabulary_are_rejected(small_vocab_llm):
+    with pytest.raises(InvalidRequestError, match=f"vocabulary of {SMALL_VOCAB}") as err:
+        small_vocab_llm.engine.add_request("big-ids", "The quick brown fox", SamplingParams())
+    assert err.value.param == "prompt"
+
+
+def test_eos_ids_outside_the_vocabulary_do_not_break_min_tokens(small_vocab_llm):
+    out = small_vocab_llm.generate([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3))[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 6
+
+
+def _run_all(engine):
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out.outputs[0]
+    return finals
+
+
+def test_a_step_that_raises_fails_only_the_request_that_caused_it(llm):
+    engine = llm.engine
+    innocent = {
+        "greedy": ("Once upon a time", SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)),
+        "seeded": (PROMPT, SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=8, ignore_eos=True)),
+        "penalized": ("a b c d", SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=8,
+                                                min_tokens=2, ignore_eos=True)),
+    }
+    alone = {}
+    for rid, (prompt, params) in innocent.items():
+        engine.add_request(rid, prompt, params)
+        alone[rid] = _run_all(engine)[rid].token_ids
+
+    engine.add_request("greedy", *innocent["greedy"])
+    engine.add_request("culprit", PROMPT, SamplingParams(temperature=0.0, max_tokens=8, min_tokens=4))
+    engine.add_request("seeded", *innocent["seeded"])
+    engine.add_request("penalized", *innocent["penalized"])
+    # Slip an out-of-vocabulary id past admission: the sampler's ban raises IndexError for this row.
+    engine.requests["culprit"].banned_while_short = (engine.model_config.vocab_size + 7,)
+    finals = _run_all(engine)
+
+    assert finals["culprit"].finish_reason == "error" and "IndexError" in finals["culprit"].stop_reason
+    for rid in innocent:
+        assert finals[rid].finish_reason == "length" and finals[rid].token_ids == alone[rid], rid
+    assert engine.stats().kv_blocks_used == 0 and not engine.requests
