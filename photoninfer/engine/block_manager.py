@@ -2,24 +2,38 @@
 so that later sequences starting with the same tokens reuse them (prefix caching).
 
 A block holds the K/V of `block_size` consecutive tokens of one sequence. A full block is identified by
-its tokens and everything before them (a hash chain), so two sequences with a common prefix can point
-at the same blocks; reference counts say how many sequences hold a block. A block nobody holds goes
+its tokens and everything before them: its key is sha256(previous block's key + its token ids), and the
+first block's parent is a digest of the cache namespace (the model and anything else that changes the K/V).
+A collision-resistant chain matters: with a weak hash, a crafted prompt could make others reuse its K/V.
+Two sequences with a common prefix can point at the same blocks; reference counts say how many sequences hold a block. A block nobody holds goes
 back to the free list but keeps its contents and identity until it is handed out again: the free list
 is ordered least recently freed first, so cached prefixes are evicted last-used-last.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from typing import Optional
 
 from photoninfer.engine.sequence import Sequence
 
-BlockKey = tuple[int, tuple[int, ...]]  # (hash of the previous block's key, this block's token ids)
+BlockKey = bytes  # sha256 digest of the previous block's key and this block's token ids
+
+
+def chain_key(parent: BlockKey, token_ids: list[int]) -> BlockKey:
+    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
+
+
+def root_key(namespace: bytes) -> BlockKey:
+    """The parent of every sequence's first block."""
+    return hashlib.sha256(b"photoninfer prefix cache v1\0" + namespace).digest()
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 namespace: bytes = b""):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"need positive num_blocks and block_size, got {num_blocks} and {block_size}")
         self.num_blocks = num_blocks
@@ -30,8 +44,9 @@ class BlockManager:
         self.cached_blocks: dict[BlockKey, int] = {}  # full blocks whose contents are known
         self.block_keys: list[Optional[BlockKey]] = [None] * num_blocks
         self.prefix_hit_tokens = 0  # tokens whose K/V came from the cache instead of being computed
-        # seq_id -> (blocks of that sequence already offered to the cache, hash of the last one's key)
-        self._cache_progress: dict[int, tuple[int, int]] = {}
+        self._root = root_key(namespace)
+        self._seq_keys: dict[int, list[BlockKey]] = {}  # seq_id -> keys of its full blocks computed so far
+        self._cache_progress: dict[int, int] = {}  # seq_id -> how many of its blocks were offered to the cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -50,13 +65,15 @@ class BlockManager:
 
     # ---- prefix cache ---------------------------------------------------------------------------------
 
-    def _keys(self, token_ids: list[int], num_blocks: int, start: int = 0, parent: int = 0) -> list[BlockKey]:
-        """Keys of blocks start..num_blocks-1; `parent` is the hash of block start-1's key (0 for none)."""
-        keys = []
-        for i in range(start, num_blocks):
-            key = (parent, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]))
-            keys.append(key)
-            parent = hash(key)
+    def _keys(self, seq: Sequence, num_blocks: int) -> list[BlockKey]:
+        """Keys of `seq`'s first `num_blocks` (full) blocks. Remembered per sequence: its tokens only grow,
+        so each block is hashed once, however often a waiting sequence is looked up."""
+        keys = self._seq_keys.setdefault(seq.seq_id, [])
+        parent = keys[-1] if keys else self._root
+        size = self.block_size
+        for i in range(len(keys), num_blocks):
+            parent = chain_key(parent, seq.token_ids[i * size : (i + 1) * size])
+            keys.append(parent)
         return keys
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
@@ -66,7 +83,8 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
             return []
         blocks = []
-        for key in self._keys(seq.token_ids, (seq.num_tokens - 1) // self.block_size):
+        num_blocks = (seq.num_tokens - 1) // self.block_size
+        for key in self._keys(seq, num_blocks)[:num_blocks]:
             block_id = self.cached_blocks.get(key)
             if block_id is None:
                 break
@@ -96,15 +114,15 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
-        done, parent = self._cache_progress.get(seq.seq_id, (0, 0))
+        done = self._cache_progress.get(seq.seq_id, 0)
         if num_full <= done:
             return
-        keys = self._keys(seq.token_ids, num_full, done, parent)
-        for key, block_id in zip(keys, seq.block_table[done:num_full]):
+        keys = self._keys(seq, num_full)
+        for key, block_id in zip(keys[done:num_full], seq.block_table[done:num_full]):
             if self.block_keys[block_id] is None and key not in self.cached_blocks:  # else: a copy is cached
                 self.block_keys[block_id] = key
                 self.cached_blocks[key] = block_id
-        self._cache_progress[seq.seq_id] = (num_full, hash(keys[-1]))
+        self._cache_progress[seq.seq_id] = num_full
 
     # ---- allocation ------------------------------------------------------------------------------------
 
@@ -133,3 +151,4 @@ class BlockManager:
                 self.free_block_ids[block_id] = None
         seq.block_table = []
         self._cache_progress.pop(seq.seq_id, None)
+        self._seq_keys.pop(seq.seq_id, None)

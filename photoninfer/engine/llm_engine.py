@@ -70,7 +70,10 @@ class LLMEngine:
         self.model_config = checkpoint.config
         self.tokenizer = load_tokenizer(config.tokenizer or model_path)
         self.runner = ModelRunner(checkpoint, config, self.device, self.dtype)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        # Cached K/V is only valid for the weights and precision that computed it.
+        kv_identity = f"{os.path.abspath(model_path)}|{self.dtype}|{config.quantization}".encode()
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          namespace=kv_identity)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = self._eos_token_ids()

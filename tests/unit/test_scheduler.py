@@ -191,3 +191,41 @@ def test_block_manager_refcounts_and_errors():
         bm.allocate(seq, 9)
     bm.free(seq)
     assert bm.num_free_blocks == 4
+
+
+# ---- issue 8, defect 7: prefix-cache keys are a collision-resistant hash chain -----------------------------
+
+def prefill(sched, seq):
+    sched.add(seq)
+    run_step(sched)
+    sched.finish(seq, "stop")  # its full blocks stay cached
+
+
+def test_a_block_is_reused_only_after_the_very_same_prefix():
+    """Block 2 of "victim" follows block 1 = [0, 0, 0, 0]; a lookup whose block 1 differs must not find it,
+    even when Python's hash() cannot tell the two first blocks apart: hash(2**61 - 1) == hash(0), so the
+    old chain (parent = hash(parent key)) gave both second blocks the same key. Any 64-bit hash collides
+    like this for ids in the vocabulary too, after an offline birthday search."""
+    assert hash(2**61 - 1) == hash(0)
+    sched = make_scheduler(num_blocks=20, block_size=4)
+    prefill(sched, Sequence("victim", [0, 0, 0, 0] + [5, 6, 7, 8] + [9], SamplingParams(max_tokens=1), 0.0))
+    prefill(sched, Sequence("other", [2**61 - 1] * 4 + [1, 2, 3, 4] + [9], SamplingParams(max_tokens=1), 0.0))
+    probe = Sequence("probe", [2**61 - 1] * 4 + [5, 6, 7, 8] + [9], SamplingParams(max_tokens=1), 0.0)
+    assert len(sched.block_manager.cached_prefix(probe)) == 1  # block 1 is "other"'s; block 2 is no one's
+
+
+def test_prefix_keys_depend_on_the_cache_namespace():
+    """Whatever changes the K/V (the model, its dtype) is part of the key: the same tokens under another
+    namespace are different blocks. Keys are sha256 digests: stable across processes."""
+    tokens = list(range(1, 10))
+    keys = {}
+    for namespace in (b"model-a", b"model-b", b"model-a"):
+        bm = BlockManager(8, 4, namespace=namespace)
+        seq = Sequence("s", tokens, SamplingParams(max_tokens=1), 0.0)
+        bm.allocate(seq, 9)
+        seq.num_computed_tokens = 9
+        bm.cache_full_blocks(seq)
+        keys.setdefault(namespace, []).append(set(bm.cached_blocks))
+    assert keys[b"model-a"][0] == keys[b"model-a"][1] and len(keys[b"model-a"][0]) == 2
+    assert not keys[b"model-a"][0] & keys[b"model-b"][0]
+    assert all(isinstance(k, bytes) and len(k) == 32 for k in keys[b"model-a"][0])
