@@ -21,17 +21,20 @@ class IncrementalDetokenizer:
 
     `output_text` only ever grows: a streaming server can send `output_text[len(previously_sent):]`.
     It never shows a stop string (unless `include_stop_str_in_output`) and never shows the end of the
-    text while that end could still be the start of a stop string.
+    text while that end could still be the start of a stop string. As in vLLM, a stop string ends the
+    output only when it is completed by a token after the first `min_tokens`.
     """
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], *, skip_special_tokens: bool = True,
-                 stop: list[str] = (), include_stop_str_in_output: bool = False):
+                 stop: list[str] = (), include_stop_str_in_output: bool = False, min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         if isinstance(stop, str):
             stop = [stop]
         self.stop = [s for s in stop if s]  # an empty stop string would match at once
         self.include_stop_str_in_output = include_stop_str_in_output
+        self.min_tokens = min_tokens
+        self.num_tokens = 0  # tokens taken by add_token
 
         self.output_text = ""
         self.stop_reason: str | None = None
@@ -65,6 +68,7 @@ class IncrementalDetokenizer:
             raise RuntimeError(
                 f"add_token called on a finished sequence (stop_reason={self.stop_reason!r})")
         self._ids.append(token_id)
+        self.num_tokens += 1
         text = self._decode(self._ids[self._prefix:])
         if text.endswith(REPLACEMENT_CHAR):
             # The last character is incomplete (or the bytes are simply invalid). Everything before the
@@ -93,7 +97,7 @@ class IncrementalDetokenizer:
         # A stop match must start inside held + new text: the visible text never ends with the start of
         # a stop string, and a match wholly inside the held text would have been found earlier.
         buf = self._held + new_text
-        match = self._find_stop(buf)
+        match = self._find_stop(buf, len(self._held)) if self.num_tokens > self.min_tokens else None
         if match is not None:
             start, stop = match
             end = start + len(stop) if self.include_stop_str_in_output else start
@@ -106,11 +110,13 @@ class IncrementalDetokenizer:
         self.output_text += buf[:len(buf) - hold]
         self._held = buf[len(buf) - hold:]
 
-    def _find_stop(self, buf: str) -> tuple[int, str] | None:
-        """The stop string that starts first in buf (on a tie, the shorter one: it was complete first)."""
+    def _find_stop(self, buf: str, held: int) -> tuple[int, str] | None:
+        """The stop string that starts first in buf and ends after its first `held` characters (on a tie,
+        the shorter one: it was complete first). One that ended within the held text was completed
+        within min_tokens."""
         best = None
         for s in self.stop:
-            i = buf.find(s)
+            i = buf.find(s, max(0, held - len(s) + 1))
             if i >= 0 and (best is None or (i, len(s)) < (best[0], len(best[1]))):
                 best = (i, s)
         return best

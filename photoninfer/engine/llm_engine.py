@@ -122,6 +122,7 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(
                 self.tokenizer.hf, token_ids, skip_special_tokens=params.skip_special_tokens,
                 stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
             ),
             generator=self._generator(params.seed),
             metrics=RequestMetrics(arrival_time=seq.arrival_time),

@@ -234,3 +234,37 @@ def test_add_token_after_end_raises(tok, prompt):
     detok.finish()
     with pytest.raises(RuntimeError):
         detok.add_token(ids[1])
+
+
+# --- stop strings and min_tokens (issue 8, defect 12): no stop string ends the output before min_tokens ---
+
+@pytest.mark.parametrize("min_tokens,expected", [
+    (0, ("Hello", " world")),
+    (1, ("Hello", " world")),  # " world" is output token 2: after min_tokens
+    (2, ("Hello world. The end", None)),  # " world" completes inside the first min_tokens tokens
+])
+def test_stop_string_does_not_fire_within_min_tokens(tok, prompt, min_tokens, expected):
+    ids = tok.encode("Hello world. The end")
+    detok, texts = stream(tok, prompt, ids, stop=[" world"], min_tokens=min_tokens)
+    detok.finish()
+    assert (detok.output_text, detok.stop_reason) == expected
+    assert_append_only([""] + texts)
+
+
+def test_stop_string_completed_after_min_tokens_may_start_before(tok, prompt):
+    # " world. The" spans output tokens 2..4; it fires when token 4 completes it, after min_tokens=3.
+    detok, _ = stream(tok, prompt, tok.encode("Hello world. The end"), stop=[" world. The"], min_tokens=3)
+    assert (detok.output_text, detok.stop_reason) == ("Hello", " world. The")
+    detok, _ = stream(tok, prompt, tok.encode("Hello world. The end"), stop=[" world. The"], min_tokens=4)
+    detok.finish()
+    assert (detok.output_text, detok.stop_reason) == ("Hello world. The end", None)
+
+
+def test_stop_string_held_through_min_tokens_fires_only_if_completed_after(tok, prompt):
+    # "ab" completes within min_tokens while it is still the start of "abab": held back, then released,
+    # since it did not end after min_tokens.
+    ids = tok.encode("xx ab ab")
+    n = len(tok.encode("xx ab"))
+    detok, _ = stream(tok, prompt, ids, stop=[" ab", " ab ab"], min_tokens=n)
+    detok.finish()
+    assert detok.stop_reason == " ab ab" and detok.output_text == "xx"

@@ -210,3 +210,49 @@ def test_a_step_that_raises_fails_only_the_request_that_caused_it(llm):
     for rid in innocent:
         assert finals[rid].finish_reason == "length" and finals[rid].token_ids == alone[rid], rid
     assert engine.stats().kv_blocks_used == 0 and not engine.requests
+
+
+# ---- issue 8, defect 12: stop strings wait for min_tokens; a token budget below max_num_seqs starves no one --
+
+def test_stop_string_does_not_end_the_output_before_min_tokens(llm):
+    full = greedy(llm)
+    stop = full.text[8:12]
+    stopped = greedy(llm, stop=[stop])
+    assert stopped.finish_reason == "stop"
+    min_tokens = len(stopped.token_ids) + 2  # the stop string completed within these tokens
+    out = greedy(llm, stop=[stop], min_tokens=min_tokens)
+    assert len(out.token_ids) > min_tokens
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]
+    assert out.text.startswith(full.text[: full.text.find(stop) + len(stop)])
+
+
+def test_token_budget_below_max_num_seqs_keeps_every_running_sequence_going(make_tiny_model, monkeypatch):
+    """max_num_batched_tokens=4 < max_num_seqs=16 is accepted (the chosen behaviour): admission only uses
+    the budget that running sequences left, so every running sequence gets a token in every step, and the
+    results equal an unconstrained engine's."""
+    path = make_tiny_model("llama3")
+    prompts = ["Hello", "Once upon a time there was", "a b c d e f g", "The quick brown fox", "1 2 3", "Why"]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine = LLM(path, dtype="float32", device="cpu", max_model_len=64, max_num_batched_tokens=4,
+                 max_num_seqs=16).engine
+    scheduled = []
+    real_schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        out = real_schedule()
+        scheduled.append({item.seq.seq_id for item in out.scheduled})
+        return out
+
+    monkeypatch.setattr(engine.scheduler, "schedule", recording_schedule)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    finals = {}
+    while engine.has_unfinished_requests():
+        running = {s.seq_id for s in engine.scheduler.running}
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out.outputs[0].token_ids
+        assert running <= scheduled[-1], "a running sequence got no token this step"
+        assert engine.stats().last_step_num_tokens <= 4
+    reference = LLM(path, dtype="float32", device="cpu", max_model_len=64).generate(prompts, params)
+    assert [finals[str(i)] for i in range(len(prompts))] == [o.outputs[0].token_ids for o in reference]
