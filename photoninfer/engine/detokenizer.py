@@ -1,19 +1,33 @@
 """Incremental detokenization with stop-string handling, for streaming.
 
-Decoding the whole output after every token costs O(n) per step. Instead we decode a short window of
-recent token ids. The window starts one chunk before the newest tokens (and before the first output
-token, it starts inside the prompt). That way tokenizers which drop a leading space at the start of a
-decode still give the first generated token its space. Byte-level BPE tokens can end halfway through a
-UTF-8 character; decode then shows U+FFFD at the end, so that part of the text waits until a later
-token completes the character.
+Decoding the whole output after every token costs O(n) per step. Instead a short window of recent token
+ids is decoded: it starts one chunk before the newest tokens (and before the first output token, it starts
+inside the prompt), so tokenizers that drop a leading space at the start of a decode still give the first
+generated token its space. This is the scheme of `tokenizers`' own `DecodeStream`, which does it in Rust
+with one call per token; we use it for fast (Rust-backed) tokenizers and keep the same window here, so a
+slow tokenizer, or a stream that gives up on invalid bytes, continues from the same state in Python.
+
+Byte-level BPE tokens can end halfway through a UTF-8 character; decode then shows U+FFFD at the end.
+`DecodeStream` then returns nothing; we still pass on the whole characters before it, and the rest waits
+until a later token completes the character.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 REPLACEMENT_CHAR = "\ufffd"
 # How many prompt tokens go in front of the first output token. One would do for the leading-space
 # problem. A few more allow for a last prompt token that is itself only part of a character.
 PROMPT_CONTEXT_TOKENS = 5
+
+
+def _rust_backend(tokenizer):
+    """The `tokenizers.Tokenizer` behind a fast HF tokenizer whose decode adds nothing in Python, else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None  # a slow tokenizer, or one whose decode rewrites spaces after the Rust decode
+    return backend
 
 
 class IncrementalDetokenizer:
@@ -41,9 +55,10 @@ class IncrementalDetokenizer:
         self.finished = False  # set by a stop match or finish(); add_token then refuses
         self._held = ""  # decoded text kept back because it may be the start of a stop string
 
-        # _ids holds the prompt context and then every output token. The window to decode is
-        # _ids[_prefix:]. _read marks where the text already handed on ends, and _emitted is how much
-        # of the window's decoded text has been handed on.
+        # _ids holds the prompt context and then every output token. The window is _ids[_prefix:]; its
+        # first tokens, _ids[_prefix:_read], were handed on already and are only there as context.
+        # _partial is how much of the window's text beyond them was handed on (the whole characters
+        # before an incomplete one). _prefix_len caches len(text of the context tokens).
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         context_text = self._decode(context)
         if context_text.endswith(REPLACEMENT_CHAR):
@@ -51,12 +66,19 @@ class IncrementalDetokenizer:
             # decode of the output alone would not, so leave the prompt out of the window.
             context, context_text = [], ""
         self._ids = context
-        self._prefix = 0
-        self._read = len(context)
-        self._emitted = len(context_text)
+        self._prefix, self._read = 0, len(context)
+        self._prefix_len: Optional[int] = len(context_text)
+        self._partial = 0
+        self._backend = _rust_backend(tokenizer)
+        self._stream = self._new_stream(context) if self._backend is not None else None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _new_stream(self, context: list[int]):
+        from tokenizers.decoders import DecodeStream
+
+        return DecodeStream(ids=context, skip_special_tokens=self.skip_special_tokens)
 
     def decode_token(self, token_id: int) -> str:
         """One token's own text, for logprob display. Special tokens show; a part of a character shows as U+FFFD."""
@@ -69,20 +91,43 @@ class IncrementalDetokenizer:
                 f"add_token called on a finished sequence (stop_reason={self.stop_reason!r})")
         self._ids.append(token_id)
         self.num_tokens += 1
-        text = self._decode(self._ids[self._prefix:])
-        if text.endswith(REPLACEMENT_CHAR):
-            # The last character is incomplete (or the bytes are simply invalid). Everything before the
-            # trailing U+FFFDs ends on a whole character, so later tokens can't change it: pass that on.
-            stable = len(text.rstrip(REPLACEMENT_CHAR))
-            new_text = text[self._emitted:stable]
-            self._emitted = max(self._emitted, stable)
-        else:
-            new_text = text[self._emitted:]
-            # The text ends on a whole character: move the window up, keeping the previous chunk of
-            # tokens in front as context.
+        piece = self._complete_piece(token_id)
+        if piece is not None:
+            new_text = piece[self._partial:]
+            # The window ends on a whole character: move it up, the last chunk staying as context.
             self._prefix, self._read = self._read, len(self._ids)
-            self._emitted = len(self._decode(self._ids[self._prefix:self._read]))
+            self._prefix_len, self._partial = None, 0
+        else:
+            new_text = self._whole_characters()
         self._add_text(new_text, final=False)
+
+    def _complete_piece(self, token_id: int) -> Optional[str]:
+        """The window's text beyond its context, if it grew and ends on a whole character; else None."""
+        if self._stream is not None:
+            try:
+                return self._stream.step(self._backend, token_id)
+            except Exception:
+                # DecodeStream refuses a window whose text no longer starts with its context's text (invalid
+                # bytes that a later byte turned into a character). Go on in Python from the same window.
+                self._stream = None
+        text = self._decode(self._ids[self._prefix:])
+        prefix_len = self._context_len()
+        if len(text) > prefix_len and not text.endswith(REPLACEMENT_CHAR):
+            return text[prefix_len:]
+        return None
+
+    def _whole_characters(self) -> str:
+        """New text of a window that ends inside a character (or did not grow): what lies before it."""
+        text = self._decode(self._ids[self._prefix:])
+        start = self._context_len() + self._partial
+        stable = len(text.rstrip(REPLACEMENT_CHAR))
+        self._partial = max(self._partial, stable - self._context_len())
+        return text[start:stable]
+
+    def _context_len(self) -> int:
+        if self._prefix_len is None:
+            self._prefix_len = len(self._decode(self._ids[self._prefix:self._read]))
+        return self._prefix_len
 
     def finish(self) -> None:
         """The sequence ended for another reason (EOS, length): show everything still held back."""
@@ -90,10 +135,13 @@ class IncrementalDetokenizer:
             return
         # Trailing incomplete bytes come out as U+FFFD, just as a full decode shows them.
         text = self._decode(self._ids[self._prefix:])
-        self._add_text(text[self._emitted:], final=True)
+        self._add_text(text[self._context_len() + self._partial:], final=True)
         self.finished = True
 
     def _add_text(self, new_text: str, *, final: bool) -> None:
+        if not self.stop:
+            self.output_text += new_text
+            return
         # A stop match must start inside held + new text: the visible text never ends with the start of
         # a stop string, and a match wholly inside the held text would have been found earlier.
         buf = self._held + new_text

@@ -30,6 +30,15 @@ def tok():
     return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
+@pytest.fixture(autouse=True, params=["decode_stream", "python"])
+def decode_path(request, monkeypatch):
+    """Every test runs twice: on tokenizers' DecodeStream, and on the Python window it falls back to (for
+    tokenizers without a Rust backend)."""
+    if request.param == "python":
+        monkeypatch.setattr("photoninfer.engine.detokenizer._rust_backend", lambda tokenizer: None)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def prompt(tok):
     # A chat prompt: it ends with special tokens and a newline, as the engine's prompts will.
@@ -268,3 +277,51 @@ def test_stop_string_held_through_min_tokens_fires_only_if_completed_after(tok, 
     detok, _ = stream(tok, prompt, ids, stop=[" ab", " ab ab"], min_tokens=n)
     detok.finish()
     assert detok.stop_reason == " ab ab" and detok.output_text == "xx"
+
+
+# --- cost (issue 8, defect 13) ---
+
+def test_streaming_plain_text_makes_no_python_decode_calls(tok, prompt, decode_path, monkeypatch):
+    """With a Rust-backed tokenizer, DecodeStream does the work: the HF tokenizer's Python decode (two
+    calls per token before) is not called while whole characters arrive. The fallback does call it."""
+    ids = tok.encode("Hello world. The end of a plain English sentence, with punctuation; and more words.")
+    detok = IncrementalDetokenizer(tok, prompt, stop=["###"])
+    calls = []
+    real_decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda *a, **k: calls.append(a) or real_decode(*a, **k))
+    for t in ids:
+        detok.add_token(t)
+    assert (calls == []) if decode_path == "decode_stream" else len(calls) >= len(ids)
+    monkeypatch.undo()
+    detok.finish()
+    assert detok.output_text == tok.decode(ids)
+
+
+class _StreamFailingAt:
+    """A DecodeStream that raises at its n-th step, as tokenizers does on a window whose text changed."""
+
+    def __init__(self, stream, n):
+        self.stream, self.n = stream, n
+
+    def step(self, tokenizer, token_id):
+        self.n -= 1
+        if self.n == 0:
+            raise Exception("Invalid prefix encountered")
+        return self.stream.step(tokenizer, token_id)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 5, 8])
+def test_a_failing_decode_stream_hands_over_to_the_python_window(tok, prompt, monkeypatch, fail_at):
+    from photoninfer.engine import detokenizer
+
+    real_new_stream = detokenizer.IncrementalDetokenizer._new_stream
+    monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "_new_stream",
+                        lambda self, context: _StreamFailingAt(real_new_stream(self, context), fail_at))
+    for text in MIXED_TEXTS:
+        ids = tok.encode(text)
+        detok, texts = stream(tok, prompt, ids)
+        assert_append_only([""] + texts)
+        for k, shown in enumerate(texts, start=1):
+            assert shown == tok.decode(ids[:k], skip_special_tokens=True).rstrip(FFFD)
+        detok.finish()
+        assert detok.output_text == text
