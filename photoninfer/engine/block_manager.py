@@ -5,9 +5,10 @@ A block holds the K/V of `block_size` consecutive tokens of one sequence. A full
 its tokens and everything before them: its key is sha256(previous block's key + its token ids), and the
 first block's parent is a digest of the cache namespace (the model and anything else that changes the K/V).
 A collision-resistant chain matters: with a weak hash, a crafted prompt could make others reuse its K/V.
-Two sequences with a common prefix can point at the same blocks; reference counts say how many sequences hold a block. A block nobody holds goes
-back to the free list but keeps its contents and identity until it is handed out again: the free list
-is ordered least recently freed first, so cached prefixes are evicted last-used-last.
+Two sequences with a common prefix can point at the same blocks; reference counts say how many sequences
+hold a block. A block nobody holds goes back to the free list but keeps its contents and identity until it
+is handed out again: the free list is ordered least recently freed first, so cached prefixes are evicted
+last-used-last.
 """
 
 from __future__ import annotations
@@ -67,12 +68,16 @@ class BlockManager:
 
     def _keys(self, seq: Sequence, num_blocks: int) -> list[BlockKey]:
         """Keys of `seq`'s first `num_blocks` (full) blocks. Remembered per sequence: its tokens only grow,
-        so each block is hashed once, however often a waiting sequence is looked up."""
+        so each block is hashed once, however often a waiting sequence is looked up. A block holding a
+        token not yet read back from the device (a negative placeholder) ends the list: its key is unknown."""
         keys = self._seq_keys.setdefault(seq.seq_id, [])
         parent = keys[-1] if keys else self._root
         size = self.block_size
         for i in range(len(keys), num_blocks):
-            parent = chain_key(parent, seq.token_ids[i * size : (i + 1) * size])
+            block = seq.token_ids[i * size : (i + 1) * size]
+            if min(block) < 0:
+                break
+            parent = chain_key(parent, block)
             keys.append(parent)
         return keys
 
@@ -117,12 +122,12 @@ class BlockManager:
         done = self._cache_progress.get(seq.seq_id, 0)
         if num_full <= done:
             return
-        keys = self._keys(seq, num_full)
-        for key, block_id in zip(keys[done:num_full], seq.block_table[done:num_full]):
+        keys = self._keys(seq, num_full)[:num_full]
+        for key, block_id in zip(keys[done:], seq.block_table[done:num_full]):
             if self.block_keys[block_id] is None and key not in self.cached_blocks:  # else: a copy is cached
                 self.block_keys[block_id] = key
                 self.cached_blocks[key] = block_id
-        self._cache_progress[seq.seq_id] = num_full
+        self._cache_progress[seq.seq_id] = max(done, len(keys))
 
     # ---- allocation ------------------------------------------------------------------------------------
 

@@ -229,3 +229,19 @@ def test_prefix_keys_depend_on_the_cache_namespace():
     assert keys[b"model-a"][0] == keys[b"model-a"][1] and len(keys[b"model-a"][0]) == 2
     assert not keys[b"model-a"][0] & keys[b"model-b"][0]
     assert all(isinstance(k, bytes) and len(k) == 32 for k in keys[b"model-a"][0])
+
+
+def test_a_block_with_a_token_still_on_the_device_is_cached_once_it_is_known():
+    """Async scheduling leaves a placeholder where a sampled id is not read back yet: that block's key is
+    unknown, so it is neither cached nor remembered until the id arrives."""
+    bm = BlockManager(8, 4)
+    seq = Sequence("s", [1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=4), 0.0)
+    seq.append_placeholder()
+    bm.allocate(seq, 8)
+    seq.num_computed_tokens = 8
+    bm.cache_full_blocks(seq)
+    assert len(bm.cached_blocks) == 1
+    seq.resolve_placeholder(8)
+    bm.cache_full_blocks(seq)
+    probe = Sequence("probe", [1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams(max_tokens=1), 0.0)
+    assert bm.cached_prefix(probe) == seq.block_table[:2]
