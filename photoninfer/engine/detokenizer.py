@@ -50,6 +50,7 @@ class IncrementalDetokenizer:
         self.min_tokens = min_tokens
         self.num_tokens = 0  # tokens taken by add_token
 
+        self._backend = _rust_backend(tokenizer)
         self.output_text = ""
         self.stop_reason: str | None = None
         self.finished = False  # set by a stop match or finish(); add_token then refuses
@@ -69,10 +70,11 @@ class IncrementalDetokenizer:
         self._prefix, self._read = 0, len(context)
         self._prefix_len: Optional[int] = len(context_text)
         self._partial = 0
-        self._backend = _rust_backend(tokenizer)
         self._stream = self._new_stream(context) if self._backend is not None else None
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:  # the same text, without the HF wrapper's Python overhead
+            return self._backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _new_stream(self, context: list[int]):
