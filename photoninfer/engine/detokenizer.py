@@ -46,6 +46,7 @@ class IncrementalDetokenizer:
         if isinstance(stop, str):
             stop = [stop]
         self.stop = [s for s in stop if s]  # an empty stop string would match at once
+        self._stop_prefixes = [(s, _proper_prefix_lengths(s)) for s in self.stop]
         self.include_stop_str_in_output = include_stop_str_in_output
         self.min_tokens = min_tokens
         self.num_tokens = 0  # tokens taken by add_token
@@ -173,10 +174,22 @@ class IncrementalDetokenizer:
 
     def _stop_prefix_len(self, buf: str) -> int:
         """Length of the longest end of buf that is the start of some stop string."""
+        if not buf:
+            return 0
         longest = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(buf)), longest, -1):
-                if buf.endswith(s[:k]):
+        for s, lengths in self._stop_prefixes:
+            for k in lengths.get(buf[-1], ()):  # only prefixes ending in buf's last character can match
+                if k <= longest:
+                    break
+                if k <= len(buf) and buf.endswith(s[:k]):
                     longest = k
                     break
         return longest
+
+
+def _proper_prefix_lengths(stop: str) -> dict[str, list[int]]:
+    """The lengths of `stop`'s proper prefixes by their last character, longest first."""
+    lengths: dict[str, list[int]] = {}
+    for k in range(len(stop) - 1, 0, -1):
+        lengths.setdefault(stop[k - 1], []).append(k)
+    return lengths

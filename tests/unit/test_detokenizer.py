@@ -325,3 +325,13 @@ def test_a_failing_decode_stream_hands_over_to_the_python_window(tok, prompt, mo
             assert shown == tok.decode(ids[:k], skip_special_tokens=True).rstrip(FFFD)
         detok.finish()
         assert detok.output_text == text
+
+
+def test_held_back_length_is_the_longest_end_that_starts_a_stop_string(tok):
+    rng = random.Random(7)
+    for _ in range(2000):
+        stops = ["".join(rng.choice("ab c") for _ in range(rng.randrange(1, 6))) for _ in range(rng.randrange(1, 4))]
+        buf = "".join(rng.choice("ab c") for _ in range(rng.randrange(0, 8)))
+        expected = max([k for s in stops for k in range(1, min(len(s) - 1, len(buf)) + 1) if buf.endswith(s[:k])],
+                       default=0)
+        assert IncrementalDetokenizer(tok, [], stop=stops)._stop_prefix_len(buf) == expected, (stops, buf)
