@@ -37,16 +37,35 @@ def _finished(sub_id: str) -> RequestOutput:
     return RequestOutput(sub_id, "p", [1], [CompletionOutput(0, sub_id, [1], finish_reason="length")], True)
 
 
+class CountingDict(dict):
+    """Counts how many finished entries a merge looks at (a timing assertion would be flaky under load)."""
+
+    visits = 0
+
+    def items(self):
+        for item in super().items():
+            self.visits += 1
+            yield item
+
+    def __iter__(self):
+        for key in super().__iter__():
+            self.visits += 1
+            yield key
+
+    def __getitem__(self, key):
+        self.visits += 1
+        return super().__getitem__(key)
+
+
 def test_merging_4000_prompts_is_linear():
     request_ids = [str(i) for i in range(4000)]
     # every third prompt has n = 2; sub-requests finish in a scrambled order
     sub_ids = [f"{rid}.{i}" for rid in request_ids for i in range(2 if int(rid) % 3 == 0 else 1)]
-    finished = {sub_id: _finished(sub_id) for sub_id in reversed(sub_ids)}
-    started = time.perf_counter()
+    finished = CountingDict({sub_id: _finished(sub_id) for sub_id in reversed(sub_ids)})
     merged = merge_outputs(request_ids, finished)
-    elapsed = time.perf_counter() - started
     assert [m.request_id for m in merged] == request_ids
     assert [c.text for c in merged[3].outputs] == ["3.0", "3.1"] and [c.index for c in merged[3].outputs] == [0, 1]
     assert [c.text for c in merged[4].outputs] == ["4.0"]
-    # the quadratic scan took ~1 s here (1.7 s on the H100 host); a linear merge takes milliseconds
-    assert elapsed < 0.25, f"merging 4,000 prompts took {elapsed:.2f}s"
+    # the quadratic scan looked at every finished entry once per request (1.7 s for 4,000 prompts on the
+    # H100 host); a linear merge looks at each a bounded number of times
+    assert finished.visits <= 2 * len(sub_ids), finished.visits
