@@ -32,8 +32,12 @@ def package_version(name: str) -> str | None:
 
 
 def git_state(path: str) -> dict:
-    """Commit and dirtiness of the checkout holding `path`. A copy without .git (as on a lent GPU machine) takes
-    the commit from $PHOTONINFER_GIT_COMMIT when set; otherwise the values are None."""
+    """Commit and dirtiness of the checkout holding `path`. $PHOTONINFER_GIT_COMMIT, when set, names the commit
+    instead: a copy of the tree (as on a lent GPU machine) may carry no .git, or a stale one."""
+    named = os.environ.get("PHOTONINFER_GIT_COMMIT")
+    if named:
+        return {"commit": named, "dirty": None, "source": "environment"}
+
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=20)
@@ -43,7 +47,7 @@ def git_state(path: str) -> dict:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
-        return {"commit": os.environ.get("PHOTONINFER_GIT_COMMIT") or None, "dirty": None, "source": "environment"}
+        return {"commit": None, "dirty": None, "source": "environment"}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status), "source": "git"}
 

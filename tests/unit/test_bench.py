@@ -211,3 +211,11 @@ def test_git_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monk
     assert git_state(str(tmp_path)) == {"commit": None, "dirty": None, "source": "environment"}
     monkeypatch.setenv("PHOTONINFER_GIT_COMMIT", "abc123")
     assert git_state(str(tmp_path))["commit"] == "abc123"
+
+
+def test_a_named_commit_wins_over_a_stale_checkout(monkeypatch):
+    """The lent GPU machine's copy can hold a .git from an older commit: the named commit is the one measured."""
+    from photoninfer.bench.environment import git_state
+
+    monkeypatch.setenv("PHOTONINFER_GIT_COMMIT", "abc123")
+    assert git_state(os.path.dirname(__file__)) == {"commit": "abc123", "dirty": None, "source": "environment"}
