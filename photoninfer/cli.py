@@ -32,6 +32,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs (every step runs eagerly)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=defaults.async_scheduling,
                    help="CUDA: overlap the host's scheduling and postprocessing with the device's step")
+    g.add_argument("--threads", type=int, default=None, help="CPU compute threads (default: one per physical core)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -41,7 +42,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, threads=args.threads,
     )
 
 

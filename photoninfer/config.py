@@ -72,13 +72,59 @@ _DTYPES = {
 }
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): only then are bf16 activations and
+    the packed 4-bit kernels fast."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and (
+            "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" means float32 on the CPU (the reference path) and bfloat16 on a GPU."""
+    """"auto" is bfloat16 on a GPU; on the CPU it is bfloat16 where the CPU has native bf16 (activations in
+    bf16, GGUF 4-bit weights kept packed: the fast path) and float32 elsewhere. "float32" is the exact
+    reference path."""
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16
     if name not in _DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
     return _DTYPES[name]
+
+
+def physical_cpu_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share a core's units, so matmuls gain little
+    from them)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topology}/physical_package_id") as pkg, open(f"{topology}/core_id") as core:
+                cores.add((pkg.read().strip(), core.read().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def set_cpu_threads(threads: Optional[int]) -> int:
+    """Use `threads` intra-op threads for CPU compute (None: one per physical core); returns the number."""
+    if threads is not None and (not isinstance(threads, int) or threads <= 0):
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    count = threads or physical_cpu_cores()
+    torch.set_num_threads(count)
+    return count
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,6 +154,7 @@ class EngineConfig:
     num_kv_blocks: Optional[int] = None  # overrides the memory-based sizing below
     kv_cache_memory_gb: float = 1.0  # CPU: how much RAM the paged KV cache may take
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of the card the engine may take
+    threads: Optional[int] = None  # CPU: intra-op threads; None = one per physical core
     seed: int = 0
     enforce_eager: bool = False  # CUDA: run every step eagerly (no CUDA graphs), as vLLM's flag
     # prepare and postprocess on the host while the device computes; None = on for CUDA, off on the CPU
@@ -129,5 +176,7 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
+            raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
         if self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")

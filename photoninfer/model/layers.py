@@ -12,9 +12,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from photoninfer.errors import ModelLoadError
+
+
+def default_weight_loader(param: nn.Parameter, tensor, shard: Optional[slice] = None) -> None:
+    """Copy a checkpoint tensor into `param` (rows `shard` of it for fused layers), casting to its dtype.
+
+    Every parameter is filled through `param.weight_loader(param, tensor, shard)`, this function unless the
+    module that owns the parameter set its own (quantized formats keep their blocks packed). `tensor` is a
+    torch.Tensor or a quantized tensor with `.shape` and `.dequantize()` (GGUF blocks).
+    """
+    dest = param.data if shard is None else param.data[shard]
+    if tuple(dest.shape) != tuple(tensor.shape):
+        raise ModelLoadError(f"tensor has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+    if not isinstance(tensor, torch.Tensor):
+        tensor = tensor.dequantize()
+    dest.copy_(tensor)
+
 
 class Linear(nn.Module):
-    """y = x @ W^T (+ b). Quantized variants subclass this and override `forward` / `load`."""
+    """y = x @ W^T (+ b), dense in the model's dtype: the reference every quantized Linear is compared with.
+
+    The seam quantized formats plug into (photoninfer/quant): a Linear class is built with
+    (in_features, out_features, bias); its parameters carry a `weight_loader`; once every checkpoint tensor
+    is loaded, `process_weights_after_loading()` turns them into the form `forward` runs on.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -25,6 +47,9 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def process_weights_after_loading(self) -> None:
+        """Dense weights run as loaded."""
 
 
 class RMSNorm(nn.Module):

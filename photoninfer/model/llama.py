@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from photoninfer.config import ModelConfig
 from photoninfer.errors import ModelLoadError
-from photoninfer.model.layers import Linear, RMSNorm, RotaryEmbedding, silu_and_mul
+from photoninfer.model.layers import Linear, RMSNorm, RotaryEmbedding, default_weight_loader, silu_and_mul
 
 
 class Attention(nn.Module):
@@ -106,13 +106,15 @@ class CausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
 
     # ---- weight loading ----------------------------------------------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str, total: Optional[int] = None):
-        """Copy HF-named tensors into the fused parameters. Every parameter must be filled exactly once."""
+    def load_weights(self, weights: Iterable[tuple[str, object]], source: str, total: Optional[int] = None):
+        """Hand each HF-named tensor to its parameter's `weight_loader` (fused layers get a row slice), then
+        let every layer finish its weights (packing). Every parameter must be filled exactly once."""
         targets = dict(self._weight_targets())
         filled: set[str] = set()
         for name, tensor in tqdm(weights, total=total, desc="Loading weights", unit="tensor", leave=False):
@@ -123,16 +125,17 @@ class CausalLM(nn.Module):
                     continue
                 raise ModelLoadError(f"{source}: unexpected tensor {name!r} for {self.config.architecture}")
             param, rows = targets[name]
-            dest = param.data[rows] if rows is not None else param.data
-            if tuple(dest.shape) != tuple(tensor.shape):
-                raise ModelLoadError(
-                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
-                )
-            dest.copy_(tensor)
+            try:
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor, rows)
+            except ModelLoadError as e:
+                raise ModelLoadError(f"{source}: tensor {name!r}: {e}") from e
             filled.add(name)
         missing = sorted(set(targets) - filled)
         if missing:
             raise ModelLoadError(f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        for module in self.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
 
     def _weight_targets(self) -> Iterator[tuple[str, tuple[nn.Parameter, Optional[slice]]]]:
         """HF tensor name -> (our parameter, row slice inside it for fused layers)."""

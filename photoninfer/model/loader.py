@@ -11,6 +11,7 @@ code fuses q/k/v and gate/up and casts to its dtype; this module only names and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -24,6 +25,8 @@ import torch
 
 from photoninfer.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from photoninfer.errors import ConfigError, ModelLoadError
+from photoninfer.model import weight_cache
+from photoninfer.quant.gguf_blocks import GGUFBlocks
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class Checkpoint:
     config: ModelConfig
     num_tensors: int
     files: tuple[str, ...] = field(default=(), repr=False)  # safetensors shard files, in load order
+    # HF name -> GGML type name ("Q4_1", "F32", ...) of a GGUF's tensors: picks the Linear class of each layer.
+    tensor_types: dict[str, str] = field(default_factory=dict, repr=False)
     # The parsed GGUF header, kept because parsing a 49k-token vocabulary takes seconds.
     _reader: Any = field(default=None, repr=False, compare=False)
 
@@ -84,6 +89,57 @@ def load_checkpoint(path: str) -> Checkpoint:
     if path.endswith(".gguf"):
         return _load_gguf(path)
     raise ModelLoadError(f"model path {path} is a file but not a .gguf; pass an HF directory or a .gguf file")
+
+
+def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype):
+    """The CausalLM of `checkpoint` with its weights loaded: dense layers in `dtype`, and on the CPU in
+    bfloat16 the quantized layers a GGUF allows kept packed (photoninfer.quant). A GGUF's finished weights
+    are cached on disk for the CPU (weight_cache), so the next start only maps them."""
+    from photoninfer.model.llama import CausalLM
+    from photoninfer.quant import use_quantized_linears
+
+    with torch.device(device), _default_dtype(dtype):  # parameters born in dtype: no cast, no page touched
+        model = CausalLM(checkpoint.config)
+    for param in model.parameters():  # buffers (the rope table) are float32 by construction
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    swapped = use_quantized_linears(model, checkpoint.tensor_types, device, dtype)
+    if swapped:
+        logger.info("%d layers run packed (%s)", len(swapped), ", ".join(sorted(set(swapped.values()))))
+    cacheable = checkpoint.format == "gguf" and device.type == "cpu"
+    cached = weight_cache.load_weights(checkpoint.path, dtype, device) if cacheable else None
+    if cached is not None and _adopt_state(model, cached):
+        logger.info("weights of %s mapped from the cache", checkpoint.path)
+        return model.eval()
+    model.load_weights(checkpoint.weights(), source=checkpoint.path, total=checkpoint.num_tensors)
+    if cacheable:
+        weight_cache.save_weights(checkpoint.path, dtype, device, model.state_dict())
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _adopt_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Install a cached state dict of finished (possibly packed) weights; False if it does not fit the model."""
+    if set(state) != set(model.state_dict()):
+        logger.warning("weight cache entry does not match the model; rebuilding it")
+        return False
+    for name, tensor in state.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[attr] = tensor
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,7 +345,8 @@ _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 def _supported_gguf_types():
     from gguf import GGMLQuantizationType as T
 
-    return (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1)
+    # Every type the `gguf` package dequantizes that llama.cpp's common presets write (K-quants: Q4_K_M etc.).
+    return (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 
 
 def _open_gguf(path: str):
@@ -407,19 +464,24 @@ def _check_gguf_tensors(reader, path: str) -> int:
 
 
 def _load_gguf(path: str) -> Checkpoint:
+    cached = weight_cache.load_header(path)  # parsing the header (a 49k-token vocabulary) takes seconds
+    if cached is not None:
+        return Checkpoint(path, "gguf", cached["config"], cached["num_tensors"], tensor_types=cached["tensor_types"])
     reader = _open_gguf(path)
     config = _gguf_config(reader, path)
     count = _check_gguf_tensors(reader, path)
-    return Checkpoint(path, "gguf", config, count, _reader=reader)
+    types = {_hf_name(t.name): t.tensor_type.name for t in reader.tensors if _hf_name(t.name) is not None}
+    weight_cache.save_header(path, config, count, types)
+    return Checkpoint(path, "gguf", config, count, tensor_types=types, _reader=reader)
 
 
-def _gguf_tensor_to_torch(t) -> torch.Tensor:
+def _gguf_tensor_to_torch(t):
     """Decode one GGUF tensor to torch with HF's (row-major, reversed) shape.
 
-    F32/F16/BF16 keep their stored dtype; Q8_0/Q4_0/Q4_1 are dequantized to float32.
+    F32/F16/BF16 keep their stored dtype; quantized types stay in their blocks (GGUFBlocks, whose
+    `.dequantize()` gives float32), so a quantized Linear can keep them packed.
     """
     from gguf import GGMLQuantizationType as T
-    from gguf.quants import dequantize
 
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the fastest-varying dim first
     if t.tensor_type == T.BF16:
@@ -428,9 +490,10 @@ def _gguf_tensor_to_torch(t) -> torch.Tensor:
         return raw.view(torch.bfloat16).reshape(shape)
     if t.tensor_type in (T.F32, T.F16):
         array = np.array(t.data, copy=True)  # the reader's memmap is read-only
-    else:
-        array = dequantize(t.data, t.tensor_type)
-    return torch.from_numpy(np.ascontiguousarray(array)).reshape(shape)
+        return torch.from_numpy(np.ascontiguousarray(array)).reshape(shape)
+    rows = shape[0] if len(shape) == 2 else 1
+    data = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True)).reshape(rows, -1)
+    return GGUFBlocks(t.tensor_type.name, shape, data)
 
 
 def _undo_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -438,8 +501,11 @@ def _undo_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
     llama.cpp's converter reorders each head's rows from HF's "rotate half" layout (first half, second half)
     to interleaved pairs: it views each head's rows as (2, dim/2) and swaps those two axes. Here the rows are
-    viewed as (head, dim/2, 2) and swapped back. Works for weights (2-D) and biases (1-D).
+    viewed as (head, dim/2, 2) and swapped back. Works for weights (2-D), biases (1-D) and GGUF blocks
+    (whole rows of blocks move together).
     """
+    if isinstance(w, GGUFBlocks):
+        return w.with_data(_undo_rope_permute(w.data, n_head))
     rows = w.shape[0]
     half = rows // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

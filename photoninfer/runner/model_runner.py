@@ -10,11 +10,11 @@ from typing import Optional
 
 import torch
 
-from photoninfer.config import EngineConfig, ModelConfig
+from photoninfer.config import EngineConfig, ModelConfig, set_cpu_threads
 from photoninfer.engine.scheduler import SchedulerOutput
 from photoninfer.errors import ConfigError
 from photoninfer.model.llama import CausalLM
-from photoninfer.model.loader import Checkpoint
+from photoninfer.model.loader import Checkpoint, build_model
 from photoninfer.runner.attention import make_attention_backend, triton_available
 from photoninfer.runner.batch import BatchBuilder
 from photoninfer.runner.cuda_graph import StepGraphs
@@ -31,6 +31,8 @@ class ModelRunner:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig, device: torch.device, dtype: torch.dtype):
         self.model_config: ModelConfig = checkpoint.config
         self.device, self.dtype, self.block_size = device, dtype, config.block_size
+        if device.type == "cpu":
+            logger.info("CPU: %d threads, %s", set_cpu_threads(config.threads), dtype)
         self.model = self._load_model(checkpoint)
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config)
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
@@ -53,12 +55,7 @@ class ModelRunner:
             self.graphs.capture()
 
     def _load_model(self, checkpoint: Checkpoint) -> CausalLM:
-        with torch.device(self.device):
-            model = CausalLM(self.model_config)
-        for param in model.parameters():  # buffers (the rope table) stay float32
-            param.data = param.data.to(self.dtype)
-        model.load_weights(checkpoint.weights(), source=checkpoint.path, total=checkpoint.num_tensors)
-        return model.eval()
+        return build_model(checkpoint, self.device, self.dtype)
 
     def _resolve_max_model_len(self, config: EngineConfig) -> int:
         model_max = self.model_config.max_position_embeddings

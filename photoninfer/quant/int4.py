@@ -1,0 +1,72 @@
+"""Int4Linear: GGUF Q4_0 / Q4_1 / Q4_K weights executed packed on the CPU.
+
+Each group of 32 inputs of an output row holds 4-bit codes q and w = scale * q + bias (see gguf_blocks).
+torch's CPU kernel `_weight_int4pack_mm_for_cpu` computes with w = (q - 8) * scale + zero, so zero = bias +
+8 * scale; scales and zeros are bfloat16 (the kernel's only fast dtype, with bf16 activations), which rounds
+them to 8 significant bits, the only difference from the float32 dequantize-then-matmul reference
+(`F.linear(x, blocks.dequantize())`, what the tests compare against).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from photoninfer.errors import ModelLoadError
+from photoninfer.quant.gguf_blocks import GROUP_SIZE, INT4_TYPES, GGUFBlocks, decode_int4
+
+ACTIVATION_DTYPE = torch.bfloat16
+
+
+def int4_kernel_fits(in_features: int, out_features: int) -> bool:
+    """The CPU packing kernel wants whole groups of inputs and output rows in multiples of 16."""
+    return in_features % GROUP_SIZE == 0 and out_features % 16 == 0
+
+
+class Int4Linear(nn.Module):
+    """Loads GGUF 4-bit blocks (fused layers: one row range per part) and runs them packed."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        if not int4_kernel_fits(in_features, out_features):
+            raise ModelLoadError(f"Int4Linear needs in_features % {GROUP_SIZE} == 0 and out_features % 16 == 0, "
+                                 f"got {in_features} -> {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        groups = in_features // GROUP_SIZE
+        # While loading: `weight` holds the 4-bit codes one per byte, beside per-group scales and biases.
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.uint8), requires_grad=False)
+        self.weight.weight_loader = self.load_blocks
+        self.register_buffer("_scales", torch.empty(out_features, groups, dtype=torch.float32), persistent=False)
+        self.register_buffer("_biases", torch.empty(out_features, groups, dtype=torch.float32), persistent=False)
+        self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=ACTIVATION_DTYPE))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=ACTIVATION_DTYPE), requires_grad=False) if bias else None
+
+    def load_blocks(self, param: nn.Parameter, blocks, shard=None) -> None:
+        """weight_loader for `weight`: decode GGUF 4-bit blocks into rows `shard`."""
+        rows = slice(None) if shard is None else shard
+        expected = tuple(param.data[rows].shape)
+        if not isinstance(blocks, GGUFBlocks) or blocks.type_name not in INT4_TYPES:
+            kind = blocks.type_name if isinstance(blocks, GGUFBlocks) else type(blocks).__name__
+            raise ModelLoadError(f"Int4Linear loads GGUF {'/'.join(INT4_TYPES)} blocks, got {kind}")
+        if tuple(blocks.shape) != expected:
+            raise ModelLoadError(f"tensor has shape {tuple(blocks.shape)}, expected {expected}")
+        codes, scales, biases = decode_int4(blocks)
+        param.data[rows] = codes
+        self._scales[rows] = scales
+        self._biases[rows] = biases
+
+    def process_weights_after_loading(self) -> None:
+        """Pack the codes for the CPU kernel; scales/zeros become [groups, out, 2] bf16."""
+        zeros = self._biases + 8 * self._scales
+        self.scales_and_zeros = torch.stack([self._scales.t(), zeros.t()], dim=-1).to(ACTIVATION_DTYPE).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.weight.data.to(torch.int32), 1)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self._scales = self._biases = None  # the loading buffers are not needed any more
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in_features] -> [T, out_features] in x's dtype (computed with bf16 activations)."""
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(ACTIVATION_DTYPE), self.weight, GROUP_SIZE,
+                                                       self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)

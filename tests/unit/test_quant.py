@@ -1,0 +1,195 @@
+"""Quantized Linear formats against their dequantize-then-matmul reference, K-quant GGUFs, the weight cache."""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+
+from photoninfer import LLM, SamplingParams
+from photoninfer.errors import ModelLoadError
+from photoninfer.model import weight_cache
+from photoninfer.model.layers import Linear
+from photoninfer.model.loader import build_model, load_checkpoint
+from photoninfer.quant import linear_class
+from photoninfer.quant.gguf_blocks import GGUFBlocks, decode_int4
+from photoninfer.quant.int4 import Int4Linear
+
+CPU = torch.device("cpu")
+
+# Byte offsets of the float16 super-block scales (d, dmin) inside one block of each K-quant.
+_F16_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
+               Q.Q4_0: (0,), Q.Q4_1: (0, 2)}
+
+
+def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random GGML blocks of `qtype` with small, finite float16 scales: uint8 [rows, bytes per row].
+    (The gguf package quantizes only the simple types, so K-quant test data is written as raw blocks.)"""
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // block_values, block_bytes), dtype=np.uint8)
+    for offset in _F16_FIELDS[qtype]:
+        scale = rng.uniform(0.002, 0.02, raw.shape[:2]).astype(np.float16)
+        raw[..., offset:offset + 2] = scale.view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
+def blocks_of(qtype: Q, rows: int, cols: int, seed: int = 0) -> GGUFBlocks:
+    return GGUFBlocks(qtype.name, (rows, cols), torch.from_numpy(random_blocks(qtype, rows, cols, seed)))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_int4_decode_is_exactly_the_gguf_dequantization(qtype):
+    blocks = blocks_of(qtype, 32, 512)
+    codes, scales, biases = decode_int4(blocks)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    decoded = codes.float() * scales.repeat_interleave(32, 1) + biases.repeat_interleave(32, 1)
+    assert torch.equal(decoded, blocks.dequantize())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_int4_linear_matches_its_dequantized_reference(qtype):
+    """Fused like q/k/v: three parts loaded into row slices, then packed; compared with float32 F.linear."""
+    parts = [blocks_of(qtype, rows, 256, seed) for seed, rows in enumerate((64, 32, 32))]
+    layer = Int4Linear(256, 128)
+    start = 0
+    for part in parts:
+        layer.weight.weight_loader(layer.weight, part, slice(start, start + part.shape[0]))
+        start += part.shape[0]
+    layer.process_weights_after_loading()
+    reference_weight = torch.cat([p.dequantize() for p in parts])
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0))
+    expected = F.linear(x, reference_weight)
+    got = layer(x.bfloat16()).float()
+    # bf16 activations, scales and output: ~3 significant digits
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+    # and not trivially: a different weight is far off
+    assert (F.linear(x, reference_weight.roll(1, 0)) - expected).abs().max() > 0.2 * expected.abs().max()
+
+
+def test_int4_linear_refuses_other_types_and_wrong_shapes():
+    layer = Int4Linear(256, 32)
+    with pytest.raises(ModelLoadError, match="Q6_K"):
+        layer.weight.weight_loader(layer.weight, blocks_of(Q.Q6_K, 32, 256), None)
+    with pytest.raises(ModelLoadError, match=r"\(16, 256\).*\(32, 256\)"):
+        layer.weight.weight_loader(layer.weight, blocks_of(Q.Q4_1, 16, 256), None)
+
+
+def test_linear_class_per_layer():
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert linear_class(["Q4_1"] * 3, 256, 128, CPU, bf16) is Int4Linear
+    assert linear_class(["Q4_K", "Q4_K", "Q6_K"], 256, 128, CPU, bf16) is Linear  # Q4_K_M's mixed q/k/v
+    assert linear_class(["Q4_1"], 256, 128, CPU, f32) is Linear  # float32 is the exact reference path
+    assert linear_class(["Q4_1"], 256, 40, CPU, bf16) is Linear  # the kernel packs rows in 16s
+    assert linear_class([None], 256, 128, CPU, bf16) is Linear  # safetensors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# whole GGUF files: K-quants load and generate; the bundled Q4_1 model packed; the weight cache
+# ----------------------------------------------------------------------------------------------------------
+
+HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 256, 256, 4, 2, 49152
+
+
+def write_quantized_gguf(path, weight_type: Q, layers: int = 2) -> str:
+    """A tiny llama GGUF whose projection weights are random blocks of `weight_type`."""
+    rng = np.random.default_rng(1)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_eos_token_id(2)
+    writer.add_tensor("token_embd.weight", (rng.standard_normal((VOCAB, HIDDEN)) * 0.5).astype(np.float16))
+    writer.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
+    head_dim = HIDDEN // HEADS
+    shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (KV_HEADS * head_dim, HIDDEN), "attn_v": (KV_HEADS * head_dim, HIDDEN),
+              "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(HIDDEN, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(HIDDEN, np.float32))
+        for j, (part, (rows, cols)) in enumerate(shapes.items()):
+            writer.add_tensor(f"blk.{i}.{part}.weight", random_blocks(weight_type, rows, cols, seed=10 * i + j),
+                              raw_dtype=weight_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHOTONINFER_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_k_quant_gguf_loads_and_generates(qtype, tmp_path, smol_tokenizer_dir):
+    path = write_quantized_gguf(tmp_path / f"{qtype.name}.gguf", qtype)
+    ckpt = load_checkpoint(path)
+    assert ckpt.tensor_types["model.layers.1.mlp.down_proj.weight"] == qtype.name
+    # float32: the dequantized weights exactly
+    model = build_model(ckpt, CPU, torch.float32)
+    blocks = dict(ckpt.weights())["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(model.layers[1].mlp.down_proj.weight, blocks.dequantize())
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    for dtype in ("float32", "bfloat16"):
+        out = LLM(path, tokenizer=smol_tokenizer_dir, device="cpu", dtype=dtype).generate([[5, 6, 7, 8]], params)
+        assert len(out[0].outputs[0].token_ids) == 6
+
+
+def test_q4_k_runs_packed_in_bfloat16_and_agrees_with_float32(tmp_path):
+    ckpt = load_checkpoint(write_quantized_gguf(tmp_path / "q4k.gguf", Q.Q4_K))
+    packed, reference = build_model(ckpt, CPU, torch.bfloat16), build_model(ckpt, CPU, torch.float32)
+    assert all(isinstance(packed.layers[0].mlp.get_submodule(n), Int4Linear) for n in ("gate_up_proj", "down_proj"))
+    assert isinstance(reference.layers[0].mlp.down_proj, Linear)
+    x = torch.randn(3, FFN)
+    expected = reference.layers[0].mlp.down_proj(x)
+    got = packed.layers[0].mlp.down_proj(x.bfloat16()).float()
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+def test_weight_cache_is_used_on_a_second_load_and_invalidated_when_the_file_changes(tmp_path, monkeypatch):
+    path = write_quantized_gguf(tmp_path / "model.gguf", Q.Q4_1, layers=1)
+    first = build_model(load_checkpoint(path), CPU, torch.bfloat16)
+    assert os.path.isfile(weight_cache.weights_file(path, torch.bfloat16, CPU))
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the GGUF was parsed although the cache holds it")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_parsing)
+    second = build_model(load_checkpoint(path), CPU, torch.bfloat16)
+    assert isinstance(second.layers[0].mlp.down_proj, Int4Linear)
+    x = torch.randn(2, HIDDEN, dtype=torch.bfloat16)
+    assert torch.equal(second.layers[0].self_attn.qkv_proj(x), first.layers[0].self_attn.qkv_proj(x))
+    monkeypatch.undo()
+
+    # Rewrite the file with other weights: the old entry must not be used.
+    stale = weight_cache.entry_dir(path)
+    os.remove(path)
+    write_quantized_gguf(path, Q.Q4_0, layers=1)
+    assert weight_cache.entry_dir(path) != stale
+    third = build_model(load_checkpoint(path), CPU, torch.bfloat16)
+    reference = build_model(load_checkpoint(path), CPU, torch.float32)  # the new file's weights
+    x = torch.randn(2, FFN)
+    expected = reference.layers[0].mlp.down_proj(x)
+    got = third.layers[0].mlp.down_proj(x.bfloat16()).float()
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+def test_damaged_cache_entry_is_rebuilt(tmp_path):
+    path = write_quantized_gguf(tmp_path / "model.gguf", Q.Q4_1, layers=1)
+    build_model(load_checkpoint(path), CPU, torch.bfloat16)
+    with open(weight_cache.weights_file(path, torch.bfloat16, CPU), "wb") as f:
+        f.write(b"not a torch file")
+    model = build_model(load_checkpoint(path), CPU, torch.bfloat16)
+    assert isinstance(model.layers[0].mlp.down_proj, Int4Linear)
+    assert weight_cache.load_weights(path, torch.bfloat16, CPU) is not None  # rewritten
