@@ -91,16 +91,20 @@ def _cpu_flags() -> str:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" is bfloat16 on a GPU; on the CPU it is bfloat16 where the CPU has native bf16 (activations in
-    bf16, GGUF 4-bit weights kept packed: the fast path) and float32 elsewhere. "float32" is the exact
-    reference path."""
+    """"auto" means float32 on the CPU (the residual stream, attention and logits; see packs_weights for the
+    matmuls) and bfloat16 on a GPU."""
     if name == "auto":
-        if device.type == "cpu":
-            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-        return torch.bfloat16
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
     if name not in _DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
     return _DTYPES[name]
+
+
+def packs_weights(dtype_name: str, device: torch.device) -> bool:
+    """Whether GGUF 4-bit layers run packed (photoninfer.quant, bf16 matmul inputs): on a CPU with native
+    bf16 for dtype "auto" (float32 everywhere else: the quality of the float32 reference within 1% top-1)
+    and "bfloat16" (bf16 everywhere: faster, less exact). dtype "float32" is the exact reference path."""
+    return device.type == "cpu" and dtype_name in ("auto", "bfloat16", "bf16") and cpu_has_native_bf16()
 
 
 def physical_cpu_cores() -> int:

@@ -91,9 +91,9 @@ def load_checkpoint(path: str) -> Checkpoint:
     raise ModelLoadError(f"model path {path} is a file but not a .gguf; pass an HF directory or a .gguf file")
 
 
-def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype):
-    """The CausalLM of `checkpoint` with its weights loaded: dense layers in `dtype`, and on the CPU in
-    bfloat16 the quantized layers a GGUF allows kept packed (photoninfer.quant). A GGUF's finished weights
+def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, pack: bool = False):
+    """The CausalLM of `checkpoint` with its weights loaded: dense layers in `dtype`, and with `pack` (the
+    CPU fast path, config.packs_weights) the quantized layers a GGUF allows kept packed (photoninfer.quant). A GGUF's finished weights
     are cached on disk for the CPU (weight_cache), so the next start only maps them."""
     from photoninfer.model.llama import CausalLM
     from photoninfer.quant import use_quantized_linears
@@ -103,17 +103,17 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     for param in model.parameters():  # buffers (the rope table) are float32 by construction
         if param.dtype != dtype:
             param.data = param.data.to(dtype)
-    swapped = use_quantized_linears(model, checkpoint.tensor_types, device, dtype)
+    swapped = use_quantized_linears(model, checkpoint.tensor_types, device, pack)
     if swapped:
         logger.info("%d layers run packed (%s)", len(swapped), ", ".join(sorted(set(swapped.values()))))
     cacheable = checkpoint.format == "gguf" and device.type == "cpu"
-    cached = weight_cache.load_weights(checkpoint.path, dtype, device) if cacheable else None
+    cached = weight_cache.load_weights(checkpoint.path, dtype, device, pack) if cacheable else None
     if cached is not None and _adopt_state(model, cached):
         logger.info("weights of %s mapped from the cache", checkpoint.path)
         return model.eval()
     model.load_weights(checkpoint.weights(), source=checkpoint.path, total=checkpoint.num_tensors)
     if cacheable:
-        weight_cache.save_weights(checkpoint.path, dtype, device, model.state_dict())
+        weight_cache.save_weights(checkpoint.path, dtype, device, pack, model.state_dict())
     return model.eval()
 
 

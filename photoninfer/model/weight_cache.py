@@ -53,17 +53,19 @@ def save_header(path: str, config: ModelConfig, num_tensors: int, tensor_types: 
     _save(data, os.path.join(entry_dir(path), "header.pt"))
 
 
-def weights_file(path: str, dtype: torch.dtype, device: torch.device) -> str:
-    return os.path.join(entry_dir(path), f"weights-{str(dtype).removeprefix('torch.')}-{device.type}.pt")
+def weights_file(path: str, dtype: torch.dtype, device: torch.device, pack: bool) -> str:
+    variant = f"{str(dtype).removeprefix('torch.')}-{device.type}{'-packed' if pack else ''}"
+    return os.path.join(entry_dir(path), f"weights-{variant}.pt")
 
 
-def load_weights(path: str, dtype: torch.dtype, device: torch.device) -> Optional[dict[str, torch.Tensor]]:
-    """The finished state dict (memory-mapped) for this GGUF, dtype and device, or None."""
-    return _load(weights_file(path, dtype, device), mmap=True)
+def load_weights(path: str, dtype: torch.dtype, device: torch.device, pack: bool) -> Optional[dict[str, torch.Tensor]]:
+    """The finished state dict (memory-mapped) for this GGUF, dtype, device and packing, or None."""
+    return _load(weights_file(path, dtype, device, pack), mmap=True)
 
 
-def save_weights(path: str, dtype: torch.dtype, device: torch.device, state: dict[str, torch.Tensor]) -> None:
-    _save({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, weights_file(path, dtype, device))
+def save_weights(path: str, dtype: torch.dtype, device: torch.device, pack: bool,
+                 state: dict[str, torch.Tensor]) -> None:
+    _save({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, weights_file(path, dtype, device, pack))
     _prune()
 
 

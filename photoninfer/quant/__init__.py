@@ -3,7 +3,7 @@
 Every class is built like `layers.Linear(in_features, out_features, bias)`, fills its parameters through their
 `weight_loader(param, tensor, shard)` and packs them in `process_weights_after_loading()`; its reference is
 the dense `layers.Linear` on the dequantized weight. Today: GGUF 4-bit (Q4_0, Q4_1, Q4_K) runs packed on the
-CPU with bf16 activations (Int4Linear); every other type is dequantized into a dense Linear of the model dtype.
+CPU with bf16 matmul inputs (Int4Linear); every other type is dequantized into a dense Linear of the model dtype.
 """
 
 from __future__ import annotations
@@ -16,20 +16,19 @@ from torch import nn
 
 from photoninfer.model.layers import Linear
 from photoninfer.quant.gguf_blocks import INT4_TYPES
-from photoninfer.quant.int4 import ACTIVATION_DTYPE, Int4Linear, int4_kernel_fits
+from photoninfer.quant.int4 import Int4Linear, int4_kernel_fits
 
 
-def linear_class(part_types: list[Optional[str]], in_features: int, out_features: int,
-                 device: torch.device, dtype: torch.dtype) -> type:
-    """The Linear class for a layer whose checkpoint parts (fused q/k/v or gate/up) have these GGML types."""
-    packed_cpu = device.type == "cpu" and dtype == ACTIVATION_DTYPE
-    if packed_cpu and part_types and all(t in INT4_TYPES for t in part_types) and int4_kernel_fits(in_features, out_features):
+def linear_class(part_types: list[Optional[str]], in_features: int, out_features: int, pack: bool) -> type:
+    """The Linear class for a layer whose checkpoint parts (fused q/k/v or gate/up) have these GGML types;
+    `pack`: the CPU fast path is on (config.packs_weights)."""
+    if pack and part_types and all(t in INT4_TYPES for t in part_types) and int4_kernel_fits(in_features, out_features):
         return Int4Linear
     return Linear
 
 
 def use_quantized_linears(model: nn.Module, tensor_types: dict[str, str], device: torch.device,
-                          dtype: torch.dtype) -> dict[str, str]:
+                          pack: bool) -> dict[str, str]:
     """Swap each dense Linear of `model` for the class its checkpoint tensors call for (before loading).
     Returns {module name: class name} of the swapped layers."""
     owner = {id(p): name for name, m in model.named_modules() if isinstance(m, Linear)
@@ -41,7 +40,7 @@ def use_quantized_linears(model: nn.Module, tensor_types: dict[str, str], device
     swapped = {}
     for name, types in parts.items():
         old = model.get_submodule(name)
-        cls = linear_class(types, old.in_features, old.out_features, device, dtype)
+        cls = linear_class(types, old.in_features, old.out_features, pack)
         if cls is not type(old):
             parent_name, _, attr = name.rpartition(".")
             with torch.device(device):

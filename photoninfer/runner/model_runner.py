@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from photoninfer.config import EngineConfig, ModelConfig, set_cpu_threads
+from photoninfer.config import EngineConfig, ModelConfig, packs_weights, set_cpu_threads
 from photoninfer.engine.scheduler import SchedulerOutput
 from photoninfer.errors import ConfigError
 from photoninfer.model.llama import CausalLM
@@ -33,7 +33,7 @@ class ModelRunner:
         self.device, self.dtype, self.block_size = device, dtype, config.block_size
         if device.type == "cpu":
             logger.info("CPU: %d threads, %s", set_cpu_threads(config.threads), dtype)
-        self.model = self._load_model(checkpoint)
+        self.model: CausalLM = build_model(checkpoint, device, dtype, pack=packs_weights(config.dtype, device))
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config)
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.max_model_len = self._resolve_max_model_len(config)
@@ -53,9 +53,6 @@ class ModelRunner:
             self.graphs = StepGraphs(self.model, self.kv_caches, self.model.attention, self.batch_builder,
                                        config.max_num_seqs, min(self.max_model_len, GRAPH_MAX_CONTEXT))
             self.graphs.capture()
-
-    def _load_model(self, checkpoint: Checkpoint) -> CausalLM:
-        return build_model(checkpoint, self.device, self.dtype)
 
     def _resolve_max_model_len(self, config: EngineConfig) -> int:
         model_max = self.model_config.max_position_embeddings

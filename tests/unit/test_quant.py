@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
 from photoninfer import LLM, SamplingParams
+from photoninfer.config import cpu_has_native_bf16, packs_weights
 from photoninfer.errors import ModelLoadError
 from photoninfer.model import weight_cache
 from photoninfer.model.layers import Linear
@@ -81,12 +82,16 @@ def test_int4_linear_refuses_other_types_and_wrong_shapes():
 
 
 def test_linear_class_per_layer():
-    bf16, f32 = torch.bfloat16, torch.float32
-    assert linear_class(["Q4_1"] * 3, 256, 128, CPU, bf16) is Int4Linear
-    assert linear_class(["Q4_K", "Q4_K", "Q6_K"], 256, 128, CPU, bf16) is Linear  # Q4_K_M's mixed q/k/v
-    assert linear_class(["Q4_1"], 256, 128, CPU, f32) is Linear  # float32 is the exact reference path
-    assert linear_class(["Q4_1"], 256, 40, CPU, bf16) is Linear  # the kernel packs rows in 16s
-    assert linear_class([None], 256, 128, CPU, bf16) is Linear  # safetensors
+    assert linear_class(["Q4_1"] * 3, 256, 128, pack=True) is Int4Linear
+    assert linear_class(["Q4_K", "Q4_K", "Q6_K"], 256, 128, pack=True) is Linear  # Q4_K_M's mixed q/k/v
+    assert linear_class(["Q4_1"], 256, 128, pack=False) is Linear  # dtype float32: the exact reference path
+    assert linear_class(["Q4_1"], 256, 40, pack=True) is Linear  # the kernel packs rows in 16s
+    assert linear_class([None], 256, 128, pack=True) is Linear  # safetensors
+
+
+def test_packing_follows_the_dtype_name():
+    assert packs_weights("auto", CPU) == packs_weights("bfloat16", CPU) == cpu_has_native_bf16()
+    assert not packs_weights("float32", CPU) and not packs_weights("auto", torch.device("cuda"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,55 +146,57 @@ def test_k_quant_gguf_loads_and_generates(qtype, tmp_path, smol_tokenizer_dir):
     blocks = dict(ckpt.weights())["model.layers.1.mlp.down_proj.weight"]
     assert torch.equal(model.layers[1].mlp.down_proj.weight, blocks.dequantize())
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "auto", "bfloat16"):
         out = LLM(path, tokenizer=smol_tokenizer_dir, device="cpu", dtype=dtype).generate([[5, 6, 7, 8]], params)
         assert len(out[0].outputs[0].token_ids) == 6
 
 
-def test_q4_k_runs_packed_in_bfloat16_and_agrees_with_float32(tmp_path):
+def test_q4_k_runs_packed_and_agrees_with_float32(tmp_path):
     ckpt = load_checkpoint(write_quantized_gguf(tmp_path / "q4k.gguf", Q.Q4_K))
-    packed, reference = build_model(ckpt, CPU, torch.bfloat16), build_model(ckpt, CPU, torch.float32)
+    packed, reference = build_model(ckpt, CPU, torch.float32, pack=True), build_model(ckpt, CPU, torch.float32)
     assert all(isinstance(packed.layers[0].mlp.get_submodule(n), Int4Linear) for n in ("gate_up_proj", "down_proj"))
     assert isinstance(reference.layers[0].mlp.down_proj, Linear)
     x = torch.randn(3, FFN)
     expected = reference.layers[0].mlp.down_proj(x)
-    got = packed.layers[0].mlp.down_proj(x.bfloat16()).float()
-    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+    got = packed.layers[0].mlp.down_proj(x)
+    assert got.dtype == torch.float32 and (got - expected).abs().max() <= 2e-2 * expected.abs().max()
 
 
 def test_weight_cache_is_used_on_a_second_load_and_invalidated_when_the_file_changes(tmp_path, monkeypatch):
     path = write_quantized_gguf(tmp_path / "model.gguf", Q.Q4_1, layers=1)
-    first = build_model(load_checkpoint(path), CPU, torch.bfloat16)
-    assert os.path.isfile(weight_cache.weights_file(path, torch.bfloat16, CPU))
+    first = build_model(load_checkpoint(path), CPU, torch.float32, pack=True)
+    assert os.path.isfile(weight_cache.weights_file(path, torch.float32, CPU, pack=True))
 
     def no_parsing(*args, **kwargs):
         raise AssertionError("the GGUF was parsed although the cache holds it")
 
     monkeypatch.setattr(gguf, "GGUFReader", no_parsing)
-    second = build_model(load_checkpoint(path), CPU, torch.bfloat16)
+    second = build_model(load_checkpoint(path), CPU, torch.float32, pack=True)
     assert isinstance(second.layers[0].mlp.down_proj, Int4Linear)
-    x = torch.randn(2, HIDDEN, dtype=torch.bfloat16)
+    x = torch.randn(2, HIDDEN)
     assert torch.equal(second.layers[0].self_attn.qkv_proj(x), first.layers[0].self_attn.qkv_proj(x))
     monkeypatch.undo()
+    unpacked = build_model(load_checkpoint(path), CPU, torch.float32)  # its own entry, not the packed one
+    assert isinstance(unpacked.layers[0].mlp.down_proj, Linear)
 
     # Rewrite the file with other weights: the old entry must not be used.
     stale = weight_cache.entry_dir(path)
     os.remove(path)
     write_quantized_gguf(path, Q.Q4_0, layers=1)
     assert weight_cache.entry_dir(path) != stale
-    third = build_model(load_checkpoint(path), CPU, torch.bfloat16)
+    third = build_model(load_checkpoint(path), CPU, torch.float32, pack=True)
     reference = build_model(load_checkpoint(path), CPU, torch.float32)  # the new file's weights
     x = torch.randn(2, FFN)
     expected = reference.layers[0].mlp.down_proj(x)
-    got = third.layers[0].mlp.down_proj(x.bfloat16()).float()
+    got = third.layers[0].mlp.down_proj(x)
     assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
 
 
 def test_damaged_cache_entry_is_rebuilt(tmp_path):
     path = write_quantized_gguf(tmp_path / "model.gguf", Q.Q4_1, layers=1)
-    build_model(load_checkpoint(path), CPU, torch.bfloat16)
-    with open(weight_cache.weights_file(path, torch.bfloat16, CPU), "wb") as f:
+    build_model(load_checkpoint(path), CPU, torch.float32, pack=True)
+    with open(weight_cache.weights_file(path, torch.float32, CPU, pack=True), "wb") as f:
         f.write(b"not a torch file")
-    model = build_model(load_checkpoint(path), CPU, torch.bfloat16)
+    model = build_model(load_checkpoint(path), CPU, torch.float32, pack=True)
     assert isinstance(model.layers[0].mlp.down_proj, Int4Linear)
-    assert weight_cache.load_weights(path, torch.bfloat16, CPU) is not None  # rewritten
+    assert weight_cache.load_weights(path, torch.float32, CPU, pack=True) is not None  # rewritten
