@@ -106,15 +106,31 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     swapped = use_quantized_linears(model, checkpoint.tensor_types, device, pack)
     if swapped:
         logger.info("%d layers run packed (%s)", len(swapped), ", ".join(sorted(set(swapped.values()))))
+    refined_head = pack and dtype == torch.float32 and device.type == "cpu"
     cacheable = checkpoint.format == "gguf" and device.type == "cpu"
     cached = weight_cache.load_weights(checkpoint.path, dtype, device, pack) if cacheable else None
-    if cached is not None and _adopt_state(model, cached):
-        logger.info("weights of %s mapped from the cache", checkpoint.path)
-        return model.eval()
+    if cached is not None:
+        plain_head = model.lm_head
+        if refined_head:
+            _use_refined_head(model)
+        if _adopt_state(model, cached):
+            logger.info("weights of %s mapped from the cache", checkpoint.path)
+            return model.eval()
+        model.lm_head = plain_head
     model.load_weights(checkpoint.weights(), source=checkpoint.path, total=checkpoint.num_tensors)
+    if refined_head:
+        _use_refined_head(model)
     if cacheable:
         weight_cache.save_weights(checkpoint.path, dtype, device, pack, model.state_dict())
     return model.eval()
+
+
+def _use_refined_head(model) -> None:
+    """The fast path's LM head: bf16 logits with the top ones exact in float32 (quant/head.py)."""
+    from photoninfer.quant.head import RefinedBf16Head
+
+    source = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    model.lm_head = RefinedBf16Head(source.data)
 
 
 @contextlib.contextmanager

@@ -200,3 +200,32 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
     model = build_model(load_checkpoint(path), CPU, torch.float32, pack=True)
     assert isinstance(model.layers[0].mlp.down_proj, Int4Linear)
     assert weight_cache.load_weights(path, torch.float32, CPU, pack=True) is not None  # rewritten
+
+
+def test_refined_bf16_head_has_the_float32_argmax_and_top_logits():
+    from photoninfer.quant.head import RefinedBf16Head
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(4096, 64, generator=gen)
+    hidden = torch.randn(6, 64, generator=gen) * 3
+    expected = F.linear(hidden, weight)
+    got = RefinedBf16Head(weight, refine=16)(hidden)
+    top = expected.topk(8, dim=-1).indices  # well inside the 16 refined (the 16th may swap with the 17th)
+    torch.testing.assert_close(got.gather(1, top), expected.gather(1, top), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()  # the tail: bf16's precision
+    plain_bf16 = F.linear(hidden.bfloat16(), weight.bfloat16()).float()
+    assert not torch.allclose(plain_bf16.gather(1, top), expected.gather(1, top), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_model_uses_the_refined_head_also_from_the_cache(tmp_path):
+    from photoninfer.quant.head import RefinedBf16Head
+
+    path = write_quantized_gguf(tmp_path / "model.gguf", Q.Q4_1, layers=1)
+    for _ in range(2):  # built, then mapped from the cache
+        model = build_model(load_checkpoint(path), CPU, torch.float32, pack=True)
+        assert isinstance(model.lm_head, RefinedBf16Head)
+        assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()  # tied: one copy
+        hidden = torch.randn(2, HIDDEN)
+        expected = F.linear(hidden, model.embed_tokens.weight)
+        assert torch.equal(model.compute_logits(hidden).argmax(-1), expected.argmax(-1))
