@@ -19,7 +19,8 @@ import torch
 
 from photoninfer.config import packs_weights, resolve_dtype
 from photoninfer.model.loader import build_model, default_model_path, load_checkpoint
-from photoninfer.runner.attention import AttentionMetadata
+from photoninfer.runner.attention import make_attention_backend
+from photoninfer.runner.batch import ForwardBatch
 
 PROMPTS = (
     "What is the capital of France? Explain in detail.",
@@ -89,8 +90,10 @@ def _argmax_per_position(model, tokens: torch.Tensor, dtype: torch.dtype, block_
     caches = [torch.zeros(2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype)
               for _ in range(cfg.num_hidden_layers)]
     positions = torch.arange(len(tokens))
-    meta = AttentionMetadata.build(positions.clone(), [0, len(tokens)], [len(tokens)], [list(range(num_blocks))],
-                                   block_size)
+    if model.attention is None:
+        model.attention = make_attention_backend(tokens.device, cfg.head_dim**-0.5, block_size)
+    batch = ForwardBatch.for_attention(positions.clone(), [0, len(tokens)], [len(tokens)], [list(range(num_blocks))])
+    meta = model.attention.prepare(batch)
     hidden = model(tokens, positions, caches, meta)
     return model.compute_logits(hidden).argmax(-1)
 
