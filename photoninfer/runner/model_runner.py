@@ -5,9 +5,11 @@ chunk reached their last token."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from photoninfer.config import EngineConfig, ModelConfig, packs_weights, set_cpu_threads
@@ -16,7 +18,7 @@ from photoninfer.errors import ConfigError
 from photoninfer.model.llama import CausalLM
 from photoninfer.model.loader import Checkpoint, build_model
 from photoninfer.runner.attention import make_attention_backend, triton_available
-from photoninfer.runner.batch import BatchBuilder
+from photoninfer.runner.batch import BatchBuilder, ForwardBatch
 from photoninfer.runner.cuda_graph import StepGraphs
 from photoninfer.runner.prompt_logprobs import (PromptLogprobsChunk, PromptLogprobsWanted, prompt_rows,
                                                 prompt_token_logprobs)
@@ -48,11 +50,34 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB), room for %.1f sequences of 4k tokens",
                     self.num_blocks, self.block_size, tokens, self.num_blocks * self._bytes_per_block() / 2**20,
                     tokens / 4096)
+        if device.type == "cuda" and triton_available():
+            self._warm_up(min(max(config.max_num_batched_tokens, config.max_num_seqs), self.max_model_len))
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager and triton_available():  # graphs need the kernels
             self.graphs = StepGraphs(self.model, self.kv_caches, self.model.attention, self.batch_builder,
                                        config.max_num_seqs, min(self.max_model_len, GRAPH_MAX_CONTEXT))
             self.graphs.capture()
+
+    @torch.inference_mode()
+    def _warm_up(self, max_tokens: int) -> None:
+        """Eager forwards of a few batch shapes (a lone prompt, a mixed batch, decodes, a full token budget), so
+        that Triton compiles its kernel variants now rather than during the first requests. They write no K/V
+        (slot -1) and read only block 0."""
+        start = time.perf_counter()
+        for q_lens in ([37], [17, 16, 1], [1, 1, 1], [max_tokens]):
+            q_lens = [min(n, max_tokens) for n in q_lens]
+            total = sum(q_lens)
+            query_start = np.concatenate([[0], np.cumsum(q_lens)])
+            tables = [[0] * -(-n // self.block_size) for n in q_lens]
+            batch = ForwardBatch.for_attention(torch.full((total,), -1, dtype=torch.long, device=self.device),
+                                               query_start.tolist(), q_lens, tables)
+            batch.positions = torch.cat([torch.arange(n, device=self.device) for n in q_lens])
+            batch.input_ids = torch.zeros(total, dtype=torch.long, device=self.device)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, self.model.attention.prepare(batch))
+            torch.argmax(self.model.compute_logits(hidden[query_start[1:] - 1]), dim=-1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        logger.info("warmed up the kernels in %.1f s", time.perf_counter() - start)
 
     def _resolve_max_model_len(self, config: EngineConfig) -> int:
         model_max = self.model_config.max_position_embeddings
