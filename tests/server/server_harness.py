@@ -18,9 +18,11 @@ API_KEY = "test-key"
 START_TIMEOUT_S = 180
 _READY = re.compile(r"chat page at (http://127\.0\.0\.1:\d+)/")
 
-# The main server: small KV cache, room for 64 concurrent sequences, a short context so nothing runs long.
+# The main server: small KV cache, room for 64 concurrent sequences, a short context so nothing runs long,
+# and async scheduling as on a GPU (steps overlapped, tokens read back one step late): the servers started
+# with their own arguments (lifecycle, slow clients) keep the CPU's default, so both modes are served.
 MAIN_SERVER_ARGS = ["--api-key", API_KEY, "--max-num-seqs", "64", "--max-model-len", "512",
-                    "--kv-cache-memory-gb", "0.25"]
+                    "--kv-cache-memory-gb", "0.25", "--async-scheduling"]
 
 
 class ServerProcess:
