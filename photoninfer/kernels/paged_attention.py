@@ -60,6 +60,25 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(s, m_i, l_i, acc, v, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one tile of scores s [R, N] (log2 domain, -inf where masked) and its values v [N, D] into the
+    running max m_i, sum l_i and output acc. A row with no visible key yet keeps m = -inf and adds nothing."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _normalized(acc, l_i):
+    """The attention output of each row: acc / l, zeros for a row that saw no key."""
+    return tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+
+
+@triton.jit
 def _load_kv_tile(cache_ptr, block_table_row, toks, valid, kv_head, block_size, s_block, s_offset, s_head,
                   HEAD_DIM: tl.constexpr):
     """[BLOCK_N, D] tile of the cache for tokens `toks` of one sequence (rows not `valid` read as 0)."""
@@ -114,16 +133,11 @@ def _paged_decode_kernel(
         s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST,
                  PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
                           HEAD_DIM)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
 
-    result = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+    result = _normalized(acc, l_i)
     if DIRECT:
         tl.store(out_ptr + seq * o_sb + heads[:, None] * o_sh + d[None, :],
                  result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
@@ -346,17 +360,11 @@ def _paged_prefill_kernel(
             s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST,
                      PRECISION) * qk_scale
             s = tl.where(valid[None, :] & (toks[None, :] <= q_pos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
                               HEAD_DIM)
-            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
 
-        result = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+        result = _normalized(acc, l_i)
         tl.store(out_ptr + (q_start + rows)[:, None] * o_st + head * o_sh + d[None, :],
                  result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
