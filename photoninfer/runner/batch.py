@@ -141,11 +141,10 @@ class BatchBuilder:
 
     def clear_graph_rows(self) -> None:
         """Before capture: every row reads token 0 at position 0, writes no K/V and has an empty context."""
-        T, S = self.max_tokens, self.max_seqs
+        T = self.max_tokens
         self.device64.zero_()
         self.device32.zero_()
         self.device64[2 * T:3 * T].fill_(-1)
-        self.device32[S + 1:2 * S + 1].zero_()
 
     def graph_batch(self, size: int) -> ForwardBatch:
         """The static decode batch of `size` rows: views of the device buffers that the graphs read."""

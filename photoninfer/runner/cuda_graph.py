@@ -39,8 +39,7 @@ class StepGraphs:
         self.model, self.kv_caches, self.attention, self.builder = model, kv_caches, attention, builder
         self.sizes = capture_sizes(max_num_seqs)
         self.prefill_tokens = [t for t in PREFILL_TOKENS if t <= min(builder.max_tokens, max_context)]
-        self.max_context = max_context  # longer sequences run eagerly
-        builder.graph_max_context = max_context
+        builder.graph_max_context = max_context  # longer sequences run eagerly
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -72,7 +71,7 @@ class StepGraphs:
         self.builder.use_graphs(self.sizes, self.prefill_tokens)
         logger.info("captured %d CUDA graphs (decode batch sizes %d..%d, lone prefills up to %d tokens, context up "
                     "to %d) in %.1f s, holding %.0f MiB", len(self.graphs), self.sizes[0], self.sizes[-1],
-                    self.prefill_tokens[-1] if self.prefill_tokens else 0, self.max_context,
+                    self.prefill_tokens[-1] if self.prefill_tokens else 0, self.builder.graph_max_context,
                     time.perf_counter() - start, (torch.cuda.memory_allocated() - before) / 2**20)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:

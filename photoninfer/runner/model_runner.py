@@ -39,7 +39,7 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config)
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.max_model_len = self._resolve_max_model_len(config)
-        self.sampler = Sampler(config.seed, device)
+        self.sampler = Sampler(config.seed)
         self.model.attention = make_attention_backend(device, self.model_config.head_dim**-0.5, self.block_size)
         if device.type == "cuda" and triton_available():
             self.model.use_kernels()
@@ -151,16 +151,14 @@ class ModelRunner:
         chunks = {}
         if batch.graph_size is not None or batch.graph_tokens is not None:
             logits = self.graphs.run(batch)
-            if not sampling_seqs:
-                return StepHandle(sched, [], None)
         else:
             meta = self.model.attention.prepare(batch)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
             if prompt_logprobs:
                 chunks = self._prompt_logprobs(sched, batch.query_start_host.tolist(), hidden, prompt_logprobs)
-            if not sampling_seqs:
-                return StepHandle(sched, [], None, chunks)
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            logits = self.model.compute_logits(hidden[batch.logits_indices]) if sampling_seqs else None
+        if not sampling_seqs:
+            return StepHandle(sched, [], None, chunks)
         sampled = self.sampler.sample(logits, [rows[seq.seq_id] for seq in sampling_seqs])
         sampled.copy_to_host()
         return StepHandle(sched, sampling_seqs, sampled, chunks)

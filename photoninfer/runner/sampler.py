@@ -42,9 +42,8 @@ class Sampler:
     (plus the logprobs of rows that asked for them). Uniform numbers for the draws are made on the host
     (one per row) and travel with the other per-row parameters in a single copy."""
 
-    def __init__(self, seed: int, device: torch.device):
+    def __init__(self, seed: int):
         self.rng = random.Random(seed)
-        self.device = device
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
         """logits: [S, V] float32, one row per entry of `rows`."""

@@ -15,7 +15,7 @@ N = 6000
 
 
 def draw(params: SamplingParams, n=N, logits=LOGITS, seed=0) -> torch.Tensor:
-    sampler = Sampler(seed=seed, device=torch.device("cpu"))
+    sampler = Sampler(seed=seed)
     rows = [SamplingRow(params, [], 0, None)] * n
     results = sampler(logits.expand(n, -1).contiguous(), rows)
     return torch.bincount(torch.tensor([r.token_id for r in results]), minlength=logits.numel()).float() / n
@@ -66,7 +66,7 @@ def test_greedy_is_argmax_and_seed_gives_same_draws():
 
 def test_seeded_rows_do_not_depend_on_their_neighbours():
     def run(n_neighbours):
-        sampler = Sampler(seed=0, device=torch.device("cpu"))
+        sampler = Sampler(seed=0)
         gen = random.Random(42)
         row = SamplingRow(SamplingParams(temperature=1.0, seed=42), [], 0, gen)
         other = SamplingRow(SamplingParams(temperature=1.0), [], 0, None)
@@ -94,13 +94,13 @@ def test_presence_and_frequency_penalties_count_generated_tokens():
 
 
 def test_banned_tokens_are_never_sampled():
-    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    sampler = Sampler(seed=0)
     rows = [SamplingRow(SamplingParams(temperature=0.0), [], 0, None, banned_token_ids=(0,))]
     assert sampler(LOGITS.unsqueeze(0), rows)[0].token_id == 1
 
 
 def test_logprobs_report_raw_distribution_rank_and_top_n():
-    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    sampler = Sampler(seed=0)
     rows = [SamplingRow(SamplingParams(temperature=0.0, logprobs=3, repetition_penalty=1.5), [0], 1, None)]
     res = sampler(LOGITS.unsqueeze(0), rows)[0]
     raw = torch.log_softmax(LOGITS, -1)
@@ -144,7 +144,7 @@ def test_batched_truncation_keeps_the_same_sets_as_the_row_reference():
 
 def test_a_vanishing_top_p_keeps_only_the_best_token():
     """top_p = 5e-324 (found by the server fuzz test) rounds to 0 in float32: it must act like greedy, not crash."""
-    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    sampler = Sampler(seed=0)
     for top_k in (0, 3):
         rows = [SamplingRow(SamplingParams(temperature=1.0, top_p=5e-324, top_k=top_k), [], 0, None)] * 20
         assert {r.token_id for r in sampler(LOGITS.expand(20, -1).contiguous(), rows)} == {0}
