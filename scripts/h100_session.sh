@@ -14,7 +14,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     tests) shift; timeout 420 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/kernels 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     gputests) shift; timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    hostprof) shift; timeout 240 python3 scripts/host_profile.py --concurrency ${HOSTPROF_CONCURRENCY:-1,256} --ttft 2>&1 | tee "$OUT/host_profile.log" | grep -v "^Loading" | cut -c1-160 | head -150 ;;
+    hostprof) shift; timeout 240 python3 scripts/host_profile.py --shape ${HOSTPROF_SHAPE:-llama-3.2-1b} --concurrency ${HOSTPROF_CONCURRENCY:-1,256} ${HOSTPROF_ARGS:---ttft} 2>&1 | tee "$OUT/host_profile.log" | grep -v "^Loading" | cut -c1-160 | head -150 ;;
     kernels) shift; timeout 240 python3 scripts/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
     bench) shift; args=(); while [ $# -gt 0 ] && [ "$1" != "+" ]; do args+=("$1"); shift; done; [ $# -gt 0 ] && shift
            n=$((${n:-0} + 1)); timeout 540 python3 -m photoninfer bench "${args[@]}" 2>&1 | tee "$OUT/bench$n.log" \

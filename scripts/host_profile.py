@@ -48,9 +48,25 @@ def main() -> None:
         steps = llm.engine.stats().steps_total - steps_before
         print(f"\n=== concurrency {concurrency}: {steps} steps, {1000 * elapsed / steps:.3f} ms per step "
               f"(profiled), {concurrency * args.output_len / elapsed:.0f} tok/s")
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
+        stats = pstats.Stats(profiler)
+        print_components(stats, steps)
+        stats.sort_stats("tottime").print_stats(args.top)
     if args.ttft:
         profile_ttft(llm, args.top)
+
+
+COMPONENTS = ("schedule", "_launch", "launch", "build", "sample", "collect", "_finish_step", "_process_token",
+              "_output", "add_token", "cache_computed_blocks", "advance", "replay", "forward")
+
+
+def print_components(stats: pstats.Stats, steps: int) -> None:
+    """Cumulative ms per step of the engine's main parts (a function's time includes what it calls)."""
+    rows = []
+    for (path, line, name), (_, calls, _, cumulative, _) in stats.stats.items():
+        if name in COMPONENTS and "photoninfer" in path:
+            rows.append((cumulative, f"{os.path.basename(path)}:{name}", calls))
+    for cumulative, where, calls in sorted(rows, reverse=True):
+        print(f"  {where:<42} {1000 * cumulative / steps:8.3f} ms/step  ({calls} calls)")
 
 
 def profile_ttft(llm, top: int) -> None:
