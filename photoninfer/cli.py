@@ -23,7 +23,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=defaults.enable_prefix_caching, help="reuse KV blocks of repeated prompt prefixes")
     g.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
-    g.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens computed per step (default: 8192 on a GPU, 2048 on the CPU)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV cache size in blocks")
     g.add_argument("--kv-cache-memory-gb", type=float, default=defaults.kv_cache_memory_gb, help="CPU KV cache size")

@@ -56,6 +56,9 @@ class Shape:
     prefill_len: int = 100
 
 
+SHAPES = {"llama-3.2-1b": Shape(),
+          "qwen3-0.6b": Shape(hidden=1024, q_heads=16, kv_heads=8, head_dim=128, ffn=3072, vocab=151936, context=600,
+                              batches=(16, 64, 256))}
 SMOKE = Shape(hidden=64, q_heads=4, kv_heads=2, head_dim=64, ffn=128, vocab=256, context=40, max_model_len=128,
               batches=(1, 3), prefill_len=20)
 # Norm and silu round twice in the input dtype, as their references do; a last-bit difference of rsqrt/exp
@@ -379,13 +382,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (checks the script)")
     parser.add_argument("--sweep", action="store_true", help="also time a sweep of tiles per shape (slow)")
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=list(SHAPES))
     parser.add_argument("--only", default="", help="comma-separated subset: norm,silu,rope,decode,prefill,linear")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         print("bench_kernels needs CUDA (or --smoke for the CPU interpreter)", file=sys.stderr)
         return 2
     b = Bench("cpu" if args.smoke else "cuda", args.smoke)
-    shape = SMOKE if args.smoke else Shape()
+    shape = SMOKE if args.smoke else SHAPES[args.shape]
     torch.manual_seed(0)
     only = set(filter(None, args.only.split(",")))
     want = lambda part: not only or part in only  # noqa: E731

@@ -210,7 +210,7 @@ def run_bench(config: EngineConfig, options: BenchOptions) -> dict:
             "dtype": str(dtype).removeprefix("torch."),
             "workload": _workload_meta(options),
             "peers": peer_names, "agreement_reference": reference,
-            "engine_options": {**asdict(config), "resolved_device": str(device)},
+            "engine_options": {**asdict(config.for_device(device)), "resolved_device": str(device)},
             "bench_options": {k: v for k, v in asdict(options).items() if k not in ("argv", "out")},
         },
         "engines": {r.name: {"startup_s": r.startup_s, "ttft_s": r.ttft_s, "prepare_s": r.prepare_s, "info": r.info,

@@ -61,10 +61,10 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         config.validate()
-        self.config = config
+        self.device = resolve_device(config.device)
+        config = self.config = config.for_device(self.device)
         model_path = config.model or default_model_path()
         self.model_name = os.path.basename(os.path.normpath(model_path)).removesuffix(".gguf")
-        self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         checkpoint = load_checkpoint(model_path)
         self.model_config = checkpoint.config

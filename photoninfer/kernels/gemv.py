@@ -35,6 +35,7 @@ from photoninfer.kernels import interpreting
 from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
 
 MAX_M = 16
+FMA_MAX_M = 4  # the FMA kernel holds a [M, BLOCK_N, BLOCK_K] product per step: small M only
 H100_SMS = 132
 
 
@@ -45,6 +46,7 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    fma: bool = False  # CUDA-core multiply-adds instead of tl.dot (M <= FMA_MAX_M): no 16-row padding
 
 
 def default_config(n: int, k: int, num_sms: int = H100_SMS) -> GemvConfig:
@@ -95,6 +97,43 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _gemv_fma_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr,
+    M, N, K, k_per_split,
+    x_sm, w_sn, y_sm, part_ss, part_sm,
+    HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The tl.dot kernel's job for M <= 4 on CUDA cores: each step multiplies a [BLOCK_N, BLOCK_K] weight
+    tile with the M rows of x elementwise and sums along K. Nothing is padded to 16 rows, so the loads of
+    W are all a program issues: many tiles in flight per SM is what reaches the memory's bandwidth."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows_m = tl.arange(0, BLOCK_M)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rows_m < M
+    n_mask = rows_n < N
+    k_begin = split * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_mask = cols < k_end
+        x = tl.load(x_ptr + rows_m[:, None] * x_sm + cols[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows_n[:, None].to(tl.int64) * w_sn + cols[None, :],
+                    mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows_m[:, None] * y_sm + rows_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(part_ptr + split * part_ss + rows_m[:, None] * part_sm + rows_n[None, :], acc, mask=out_mask)
+
+
+@triton.jit
 def _gemv_reduce_kernel(part_ptr, bias_ptr, y_ptr, N, part_ss, part_sm, y_sm,
                         SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     m = tl.program_id(0)
@@ -132,7 +171,7 @@ def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if bias is not None:
         check_shape("bias", bias, (n,))
     config = config or default_config(n, k)
-    check_power_of_two("block_n", config.block_n, 16, 1024)
+    check_power_of_two("block_n", config.block_n, 4 if config.fma else 16, 1024)
     check_power_of_two("block_k", config.block_k, 16, 4096)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -156,12 +195,20 @@ def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         part_ss, part_sm = m * n, n
     bias_arg = bias if bias is not None else out
     grid = (triton.cdiv(n, config.block_n), split_k)
-    _gemv_kernel[grid](
-        x, weight, bias_arg, out, partials, m, n, k, k_per_split,
-        x.stride(0), weight.stride(0), out.stride(0), part_ss, part_sm,
-        HAS_BIAS=bias is not None, DIRECT=direct, BLOCK_M=MAX_M, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, UPCAST=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    args = (x, weight, bias_arg, out, partials, m, n, k, k_per_split,
+            x.stride(0), weight.stride(0), out.stride(0), part_ss, part_sm)
+    if config.fma:
+        if m > FMA_MAX_M:
+            raise ValueError(f"the FMA kernel handles at most {FMA_MAX_M} rows, got {m}")
+        _gemv_fma_kernel[grid](
+            *args, HAS_BIAS=bias is not None, DIRECT=direct, BLOCK_M=triton.next_power_of_2(m),
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    else:
+        _gemv_kernel[grid](
+            *args, HAS_BIAS=bias is not None, DIRECT=direct, BLOCK_M=MAX_M, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, UPCAST=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
+        )
     if not direct:
         block = min(1024, triton.next_power_of_2(n))
         _gemv_reduce_kernel[(m, triton.cdiv(n, block))](

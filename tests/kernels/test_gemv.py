@@ -57,3 +57,26 @@ def test_small_m_linear_rejects_what_it_does_not_handle(device):
         small_m_linear(torch.zeros(1, 32, device=device), w.float())
     with pytest.raises(ValueError, match=r"\[N, 16\]"):
         small_m_linear(torch.zeros(1, 16, dtype=torch.bfloat16, device=device), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,config", [
+    (1, 96, 256, GemvConfig(block_n=16, block_k=128, split_k=1, fma=True)),  # direct store
+    (2, 80, 320, GemvConfig(block_n=32, block_k=64, split_k=4, fma=True)),  # ragged N and K, split-K
+    (3, 64, 512, GemvConfig(block_n=8, block_k=256, split_k=2, fma=True)),  # M padded to 4
+    (4, 48, 200, GemvConfig(block_n=16, block_k=32, split_k=1, fma=True)),
+])
+def test_fma_kernel_matches_reference(dtype, m, n, k, config, device):
+    gen = torch.Generator().manual_seed(7 * m + n + k)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+    weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).to(device)
+    bias = torch.randn(n, generator=gen).to(dtype).to(device)
+    out = poisoned((m, n), dtype, device)
+    small_m_linear(x, weight, bias, config=config, out=out)
+    torch.testing.assert_close(out.cpu().double(), reference(x, weight, bias), rtol=2 ** -7, atol=1e-3)
+
+
+def test_fma_kernel_refuses_many_rows(device):
+    x = torch.zeros(5, 64, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        small_m_linear(x, torch.zeros(16, 64, dtype=torch.bfloat16, device=device), config=GemvConfig(fma=True))
