@@ -22,7 +22,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from photoninfer.kernels.gemv import FMA_MAX_M, GemvConfig, small_m_linear  # noqa: E402
-from photoninfer.runner.linear_tuning import graph_time_us  # noqa: E402
 
 SHAPES = {  # name -> {layer: (N, K)}
     "llama-3.2-1b": {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
@@ -50,6 +49,31 @@ def dot_configs(n: int, k: int) -> list[GemvConfig]:
         if k % (block_k * split) == 0:
             configs.append(GemvConfig(block_n, block_k, split, 4, stages))
     return configs
+
+
+def graph_time_us(calls) -> float:
+    """Mean time of one call when all `calls` run back to back in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # compile and warm up outside the capture
+            call()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for call in calls:
+                call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return sorted(times)[len(times) // 2]
 
 
 def bench_one(n: int, k: int, m: int, weights: list, out: torch.Tensor) -> dict:

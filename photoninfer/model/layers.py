@@ -45,23 +45,11 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    small_m_configs: dict = {}  # rows M -> Triton small-M kernel config, where it beats cuBLAS (CUDA only)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        config = self.small_m_configs.get(x.shape[0]) if self.small_m_configs else None
-        if config is not None:
-            return linear_with_config(x, self.weight, self.bias, config)
         return F.linear(x, self.weight, self.bias)
 
     def process_weights_after_loading(self) -> None:
         """Dense weights run as loaded."""
-
-
-def linear_with_config(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config) -> torch.Tensor:
-    """x @ weight^T (+ bias) through the Triton small-M kernel with `config` (runner/linear_tuning.py chose it)."""
-    from photoninfer.kernels.gemv import small_m_linear  # CUDA path only: triton is not needed on the CPU
-
-    return small_m_linear(x, weight, bias, config=config)
 
 
 class RMSNorm(nn.Module):

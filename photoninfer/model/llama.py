@@ -14,8 +14,7 @@ from tqdm import tqdm
 
 from photoninfer.config import ModelConfig
 from photoninfer.errors import ModelLoadError
-from photoninfer.model.layers import (Linear, RMSNorm, RotaryEmbedding, default_weight_loader, linear_with_config,
-                                      silu_and_mul)
+from photoninfer.model.layers import Linear, RMSNorm, RotaryEmbedding, default_weight_loader, silu_and_mul
 
 
 class Attention(nn.Module):
@@ -85,7 +84,6 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
-        self.head_small_m_configs: dict = {}  # a tied head's Linear.small_m_configs (runner/linear_tuning.py)
 
     def use_kernels(self) -> None:
         """Fused Triton kernels for the norms and SiLU·mul (CUDA); the torch code stays their reference."""
@@ -108,10 +106,7 @@ class CausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:  # tied: the embedding matrix is the head
-            config = self.head_small_m_configs.get(hidden.shape[0]) if self.head_small_m_configs else None
-            if config is not None:
-                return linear_with_config(hidden, self.embed_tokens.weight, None, config).float()
+        if self.lm_head is None:
             return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 

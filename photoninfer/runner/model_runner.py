@@ -5,7 +5,6 @@ chunk reached their last token."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,8 +19,7 @@ from photoninfer.model.llama import CausalLM
 from photoninfer.model.loader import Checkpoint, build_model
 from photoninfer.runner.attention import make_attention_backend, triton_available
 from photoninfer.runner.batch import BatchBuilder, ForwardBatch
-from photoninfer.runner import linear_tuning
-from photoninfer.runner.cuda_graph import StepGraphs, capture_sizes
+from photoninfer.runner.cuda_graph import StepGraphs
 from photoninfer.runner.prompt_logprobs import (PromptLogprobsChunk, PromptLogprobsWanted, prompt_rows,
                                                 prompt_token_logprobs)
 from photoninfer.runner.sampler import SampledTokens, SampleResult, Sampler, SamplingRow
@@ -45,7 +43,6 @@ class ModelRunner:
         self.model.attention = make_attention_backend(device, self.model_config.head_dim**-0.5, self.block_size)
         if device.type == "cuda" and triton_available():
             self.model.use_kernels()
-            self._choose_linear_kernels(capture_sizes(config.max_num_seqs))
         self.batch_builder = BatchBuilder(
             max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
             -(-self.max_model_len // self.block_size), self.block_size, device)
@@ -127,16 +124,6 @@ class ModelRunner:
         reserve = activations + logits + graphs + 256 * 2**20
         allowed = total * config.gpu_memory_utilization - torch.cuda.memory_allocated(self.device)
         return max(min(allowed, free) - reserve, 0)
-
-    def _choose_linear_kernels(self, batch_sizes: list[int]) -> None:
-        """Time decode-size linears against cuBLAS (runner/linear_tuning.py); PHOTONINFER_LINEAR_TUNING=0 keeps
-        cuBLAS everywhere."""
-        if self.dtype not in (torch.bfloat16, torch.float16) or os.environ.get("PHOTONINFER_LINEAR_TUNING") == "0":
-            return
-        chosen = linear_tuning.tune(linear_tuning.linear_shapes(self.model), batch_sizes, self.dtype, self.device)
-        layers = linear_tuning.apply(self.model, chosen)
-        logger.info("Triton small-M kernels replace cuBLAS for %d (shape, batch size) pairs in %d layers: %s", len(chosen),
-                    layers, ", ".join(f"[{m}, {k}]x[{n}, {k}]^T" for n, k, m in sorted(chosen)) or "none")
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
         cfg = self.model_config
