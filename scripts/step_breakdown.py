@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=2, help="runs of the workload (the first warms up)")
+    parser.add_argument("--slowest", type=int, default=0, help="also list each run's slowest steps")
     parser.add_argument("--profile-mixed", type=int, default=0, help="torch.profiler over this many eager mixed "
                         "steps of the last run")
     parser.add_argument("--min-len", type=int, default=100)
@@ -91,6 +92,10 @@ def run_workload(engine, batch, kinds, prefix: str, profile_mixed: int):
 
 
 def report(args, batch, total, times) -> None:
+    if args.slowest:
+        ranked = sorted(enumerate(times), key=lambda it: -it[1][1])[:args.slowest]
+        print("slowest steps: " + ", ".join(f"#{i} {kind} {seqs}seq/{tokens}tok {1000 * t:.1f} ms"
+                                            for i, ((kind, seqs, tokens), t) in ranked))
     output_tokens = sum(batch.output_lens)
     print(f"{args.shape} nano-vllm x{args.requests}, budget {args.max_num_batched_tokens}: {total:.2f} s, "
           f"{output_tokens / total:.0f} output tok/s, {len(times)} steps")
