@@ -268,12 +268,13 @@ def sweep(b: Bench, kernel: str, shape_desc: str, dtype, make_run, reference, ex
 
 def bench_decode(b: Bench, shape: Shape, tune: bool) -> None:
     scale = shape.head_dim ** -0.5
-    default = dict(partition_size=DEFAULT_PARTITION, block_n=DEFAULT_BLOCK_N, num_warps=4, max_num_partitions=None)
+    default = dict(partition_size=DEFAULT_PARTITION, block_n=DEFAULT_BLOCK_N, num_warps=4, max_num_partitions=None,
+                   num_stages=3)
     configs = [default]
     if tune:  # max_num_partitions None = the kernel's own cap (DECODE_TARGET_PROGRAMS programs)
-        configs += [dict(partition_size=p, block_n=n, num_warps=w, max_num_partitions=cap)
-                    for p in (64, 128, 256, 512) for n in (32, 64) for w in (4, 8) for cap in (None, 1, 8, 32)
-                    if dict(partition_size=p, block_n=n, num_warps=w, max_num_partitions=cap) != default]
+        configs += [dict(partition_size=p, block_n=n, num_warps=w, max_num_partitions=None, num_stages=st)
+                    for p in (64, 256) for n in (16, 32, 64) for w in (2, 4, 8) for st in (1, 2, 3, 4)
+                    if dict(partition_size=p, block_n=n, num_warps=w, max_num_partitions=None, num_stages=st) != default]
     for dtype in (torch.bfloat16, torch.float32):
         for batch in shape.batches if dtype == torch.bfloat16 else shape.batches[:1]:
             gen = torch.Generator().manual_seed(batch)
@@ -283,7 +284,7 @@ def bench_decode(b: Bench, shape: Shape, tune: bool) -> None:
             out = torch.empty_like(q)
             # "max_model_len": the grid a CUDA graph replays; "exact": eager, sized by the longest sequence
             for hint, hint_name in ((shape.max_model_len, "max_model_len"), (max(seq_lens), "exact")):
-                def make_run(partition_size, block_n, num_warps, max_num_partitions, hint=hint):
+                def make_run(partition_size, block_n, num_warps, max_num_partitions, num_stages, hint=hint):
                     ws = DecodeWorkspace.allocate(batch, shape.q_heads, shape.head_dim, hint, b.device, partition_size,
                                                   max_num_partitions)
 
@@ -291,7 +292,8 @@ def bench_decode(b: Bench, shape: Shape, tune: bool) -> None:
                         return paged_decode_attention(q, k_cache, v_cache, seq["block_tables"], seq["seq_lens"], scale,
                                                       out.fill_(float("nan")) if b.smoke else out, hint,
                                                       partition_size=partition_size, workspace=ws, block_n=block_n,
-                                                      num_warps=num_warps, max_num_partitions=max_num_partitions)
+                                                      num_warps=num_warps, max_num_partitions=max_num_partitions,
+                                                      num_stages=num_stages)
                     return run
                 sweep(b, "paged_decode", f"B={batch} ctx~{shape.context} hint={hint_name}", dtype, make_run,
                       reference, expected, attention_tolerance(dtype),

@@ -267,7 +267,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
                            max_seq_len_hint: int, *, partition_size: int = DEFAULT_PARTITION,
                            max_num_partitions: Optional[int] = None, workspace: Optional[DecodeWorkspace] = None,
-                           block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4) -> torch.Tensor:
+                           block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """One query per sequence: q [B, Hq, D] attends to its sequence's seq_lens[b] cached tokens; writes out.
 
     The grid is (B, Hkv, P) with P = min(ceil(max_seq_len_hint / partition_size), max_num_partitions);
@@ -312,6 +312,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *po_strides, *pm_strides,
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
         UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), num_warps=num_warps,
+        num_stages=num_stages,
     )
     if not direct:
         _paged_decode_reduce_kernel[(batch, q.shape[1])](
