@@ -142,7 +142,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput, rows: dict[int, SamplingRow]) -> dict[int, SampleResult]:
         """Compute every scheduled chunk and wait for the sampled results (keyed by seq_id)."""
-        return self.collect(self.launch(sched, rows))
+        handle = self.launch(sched, rows)
+        if handle.sampled is None:
+            return {}
+        return {seq.seq_id: result for seq, result in zip(handle.sampling_seqs, handle.sampled.results())}
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, rows: dict[int, SamplingRow], previous: Optional[StepHandle] = None,
@@ -186,11 +189,12 @@ class ModelRunner:
         return chunks
 
     @staticmethod
-    def collect(handle: StepHandle) -> dict[int, SampleResult]:
-        """Wait for a launched step; its sampled result per seq_id."""
+    def collect(handle: StepHandle) -> tuple[list[int], dict[int, SampleResult]]:
+        """Wait for a launched step: the sampled id of each of `handle.sampling_seqs` (in order), and the full
+        result of the rows that asked for logprobs (by row)."""
         if handle.sampled is None:
-            return {}
-        return {seq.seq_id: result for seq, result in zip(handle.sampling_seqs, handle.sampled.results())}
+            return [], {}
+        return handle.sampled.host_results()
 
 
 @dataclass
