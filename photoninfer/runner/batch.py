@@ -64,44 +64,61 @@ class ForwardBatch:
 
 
 class BlockTableRows:
-    """Host copy of each running sequence's block table, one row per sequence, appended to incrementally."""
+    """Host copy of each running sequence's block table, one row per sequence, appended to incrementally.
+
+    A row is rewritten from its start when its sequence holds a new block list (a preemption freed the blocks
+    and they were allocated again: the block manager then gives the sequence a new list), and the rows of
+    sequences no longer running (finished, preempted) are reclaimed when no row is free."""
 
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int):
         self.table = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int32)
-        self.num_written = np.zeros(max_num_seqs, dtype=np.int64)
         self.row_of: dict[int, int] = {}  # seq_id -> row
-        self.owner: dict[int, object] = {}  # row -> Sequence
+        self.owner: list = [None] * max_num_seqs  # row -> Sequence
+        self.synced: list = [None] * max_num_seqs  # row -> the block list whose first num_written[row] are copied
+        self.num_written = [0] * max_num_seqs
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
 
-    def release_finished(self, preempted) -> None:
-        """Free the rows of sequences that finished, and of those preempted (their blocks are gone)."""
-        for seq in preempted:
-            self._release(seq.seq_id)
-        for row, seq in list(self.owner.items()):
-            if seq.status is SequenceStatus.FINISHED:
-                self._release(seq.seq_id)
-
-    def _release(self, seq_id: int) -> None:
-        row = self.row_of.pop(seq_id, None)
-        if row is not None:
-            del self.owner[row]
-            self.num_written[row] = 0
-            self.free_rows.append(row)
+    def rows_for(self, seqs) -> list[int]:
+        """Each sequence's row, with the blocks allocated since the last step written (one loop, no call for a
+        sequence whose row is current)."""
+        row_of, synced, written = self.row_of, self.synced, self.num_written
+        rows = []
+        for seq in seqs:
+            row = row_of.get(seq.seq_id)
+            if row is None or synced[row] is not seq.block_table or written[row] < len(seq.block_table):
+                row = self.row_for(seq)
+            rows.append(row)
+        return rows
 
     def row_for(self, seq) -> int:
-        """The sequence's row, with any blocks allocated since the last step appended."""
+        """The sequence's row, brought up to date with its block table."""
         row = self.row_of.get(seq.seq_id)
         if row is None:
+            if not self.free_rows:
+                self._reclaim()
             row = self.free_rows.pop()
             self.row_of[seq.seq_id] = row
             self.owner[row] = seq
-        written, blocks = self.num_written[row], seq.block_table
+        blocks = seq.block_table
+        if self.synced[row] is not blocks:  # a new row, or blocks allocated afresh after a preemption
+            self.synced[row], self.num_written[row] = blocks, 0
+        written = self.num_written[row]
         if written < len(blocks):
             if len(blocks) > self.table.shape[1]:
                 raise ValueError(f"sequence needs {len(blocks)} blocks, the table holds {self.table.shape[1]}")
             self.table[row, written:len(blocks)] = blocks[written:]
             self.num_written[row] = len(blocks)
         return row
+
+    def _reclaim(self) -> None:
+        """Free the rows of sequences that are not running (finished, or preempted and waiting)."""
+        for seq_id, row in list(self.row_of.items()):
+            if self.owner[row].status is not SequenceStatus.RUNNING:
+                del self.row_of[seq_id]
+                self.owner[row] = self.synced[row] = None
+                self.free_rows.append(row)
+        if not self.free_rows:
+            raise RuntimeError(f"more than {len(self.owner)} running sequences hold a block-table row")
 
 
 class BatchBuilder:
@@ -116,6 +133,8 @@ class BatchBuilder:
         self.block_size = block_size
         self.device = device
         self.rows = BlockTableRows(max_num_seqs, max_blocks_per_seq)
+        self._arange = np.arange(max_num_seqs + 1, dtype=np.int64)  # a decode step's query starts
+        self._arange.flags.writeable = False
         self.max_tokens, self.max_seqs, self.max_blocks = max_num_tokens, max_num_seqs, max_blocks_per_seq
         self.on_host = device.type == "cpu"  # the staging buffers are the batch itself: no copy
         # int64 region: ids, positions, slots, logits indices, pending dst, pending src (max T each)
@@ -185,16 +204,18 @@ class BatchBuilder:
         return (torch.empty(6 * self.max_tokens, dtype=torch.int64, pin_memory=pin),
                 torch.empty(2 * self.max_seqs + 1 + self.max_seqs * self.max_blocks, dtype=torch.int32, pin_memory=pin))
 
-    def build(self, sched: SchedulerOutput, pending_index: Optional[dict[int, int]] = None,
+    def build(self, sched: SchedulerOutput, previous_seqs: Optional[list] = None,
               prefill_graphs: bool = True) -> tuple[ForwardBatch, list]:
         """Returns the batch and the sequences that sample this step, in logits-row order.
 
-        `pending_index[seq_id]` is where a sequence's pending token sits in the previous step's sampled ids.
-        Without `prefill_graphs`, a lone prefill is laid out for an eager forward."""
-        self.rows.release_finished(sched.preempted)
+        `previous_seqs`: the sequences the previous step sampled, in order (a pending token of previous_seqs[i]
+        is row i of that step's sampled ids). Without `prefill_graphs`, a lone prefill is laid out for an eager
+        forward."""
         items = sched.scheduled
         num_seqs = len(items)
-        num_tokens = sum(item.end - item.start for item in items)
+        seqs = [item.seq for item in items]
+        start_list, end_list = [item.start for item in items], [item.end for item in items]
+        num_tokens = sum(end_list) - sum(start_list)
         if num_tokens > self.max_tokens or num_seqs > self.max_seqs:
             raise ValueError(f"step of {num_tokens} tokens / {num_seqs} sequences exceeds the runner's buffers")
         staging64, staging32 = self.staging[self.turn]
@@ -202,17 +223,20 @@ class BatchBuilder:
         host64, host32 = staging64.numpy(), staging32.numpy()
         T, bs = self.max_tokens, self.block_size
         ids, pos, slots, logit_rows, pending_dst, pending_src = (host64[i * T:(i + 1) * T] for i in range(6))
-        rows = np.array([self.rows.row_for(item.seq) for item in items], dtype=np.int64)
-        starts = np.array([item.start for item in items], dtype=np.int64)
-        seq_lens = np.array([item.end for item in items], dtype=np.int64)
-        query_start = np.zeros(num_seqs + 1, dtype=np.int64)
-        np.cumsum(seq_lens - starts, out=query_start[1:])
+        rows = np.array(self.rows.rows_for(seqs), dtype=np.int64)
+        starts = np.array(start_list, dtype=np.int64)
         table = self.rows.table
         if num_tokens == num_seqs:  # decode rows only: one token each, all in numpy
-            tokens = np.array([item.seq.token_ids[item.start] for item in items], dtype=np.int64)
-            ids[:num_seqs], pos[:num_seqs] = tokens, starts
+            query_start = self._arange[:num_seqs + 1]
+            seq_lens = starts + 1
+            ids[:num_seqs] = [seq.token_ids[start] for seq, start in zip(seqs, start_list)]
+            pos[:num_seqs] = starts
             slots[:num_seqs] = table[rows, starts // bs].astype(np.int64) * bs + starts % bs
+            max_query_len = 1 if num_seqs else 0
         else:
+            seq_lens = np.array(end_list, dtype=np.int64)
+            query_start = np.zeros(num_seqs + 1, dtype=np.int64)
+            np.cumsum(seq_lens - starts, out=query_start[1:])
             for i, item in enumerate(items):
                 t, n, start = query_start[i], item.end - item.start, item.start
                 tokens = item.seq.token_ids[start:item.end]
@@ -220,19 +244,13 @@ class BatchBuilder:
                 p = np.arange(start, item.end)
                 pos[t:t + n] = p
                 slots[t:t + n] = table[rows[i], p // bs].astype(np.int64) * bs + p % bs
-        pending = (ids[:num_tokens] == PLACEHOLDER).nonzero()[0]
-        num_pending = len(pending)
-        if num_pending:  # tokens sampled by the previous step, not read back yet: taken on the device
-            seq_of_row = np.searchsorted(query_start, pending, side="right") - 1
-            if (query_start[seq_of_row + 1] - query_start[seq_of_row] != 1).any():
-                raise RuntimeError("a chunk of several tokens holds a pending token")
-            pending_dst[:num_pending] = pending
-            pending_src[:num_pending] = [pending_index[items[i].seq.seq_id] for i in seq_of_row]
+            max_query_len = int(np.diff(query_start).max())
+        num_pending = self._pending_rows(ids[:num_tokens], query_start, seqs, previous_seqs, pending_dst, pending_src)
         samples = [i for i, item in enumerate(items) if item.samples]
-        sampling_seqs = [items[i].seq for i in samples]
+        sampling_seqs = seqs if len(samples) == num_seqs else [seqs[i] for i in samples]
         num_logits = len(samples)
         logit_rows[:num_logits] = query_start[1:][samples] - 1
-        max_seq_len = int(seq_lens.max()) if num_seqs else 0
+        max_seq_len = max(end_list) if num_seqs else 0
         graph_size, graph_tokens = self._graph_layout(num_seqs, num_tokens, max_seq_len,
                                                       len(sampling_seqs) == num_seqs, prefill_graphs)
         rows_out = graph_size or num_seqs
@@ -265,7 +283,31 @@ class BatchBuilder:
             query_start_loc=d32[:rows_out + 1], seq_lens=d32[S + 1:S + 1 + rows_out],
             block_tables=d32[2 * S + 1:n32].view(rows_out, width),
             num_tokens=num_tokens, num_seqs=num_seqs,
-            max_query_len=int(np.diff(query_start).max()) if num_seqs else 0, max_seq_len=max_seq_len,
+            max_query_len=max_query_len, max_seq_len=max_seq_len,
             query_start_host=query_start, seq_lens_host=seq_lens, graph_size=graph_size, graph_tokens=graph_tokens,
         )
         return batch, sampling_seqs
+
+    @staticmethod
+    def _pending_rows(ids: np.ndarray, query_start: np.ndarray, seqs: list, previous_seqs: Optional[list],
+                      pending_dst: np.ndarray, pending_src: np.ndarray) -> int:
+        """Input rows whose token the previous step sampled and the host has not read yet (taken on the device):
+        writes their rows and their places in the previous step's sampled ids; returns how many there are."""
+        pending = (ids == PLACEHOLDER).nonzero()[0]
+        num_pending = len(pending)
+        if not num_pending:
+            return 0
+        if len(ids) == len(seqs):  # one token per sequence: row i is sequence i
+            seq_of_row = pending
+        else:
+            seq_of_row = np.searchsorted(query_start, pending, side="right") - 1
+            if (query_start[seq_of_row + 1] - query_start[seq_of_row] != 1).any():
+                raise RuntimeError("a chunk of several tokens holds a pending token")
+        pending_dst[:num_pending] = pending
+        waiting = seqs if num_pending == len(seqs) else [seqs[i] for i in seq_of_row.tolist()]
+        if waiting == previous_seqs:  # the steady state: the same sequences in the same order
+            pending_src[:num_pending] = np.arange(num_pending)
+        else:
+            index = {seq.seq_id: i for i, seq in enumerate(previous_seqs)}
+            pending_src[:num_pending] = [index[seq.seq_id] for seq in waiting]
+        return num_pending

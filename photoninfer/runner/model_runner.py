@@ -153,9 +153,9 @@ class ModelRunner:
         """Queue one step on the device and return without waiting for it. Input tokens that `previous`
         sampled and the host has not read yet are taken from its device tensor. The prompt-logprob entries
         of the sequences in `prompt_logprobs` (keyed by seq_id) are computed at once (a host sync)."""
-        pending = previous.pending_index() if previous is not None else None
+        previous_seqs = previous.sampling_seqs if previous is not None else None
         # a prompt-logprob step needs every row's hidden state: no lone-prefill graph (decode steps have no prompt rows)
-        batch, sampling_seqs = self.batch_builder.build(sched, pending, prefill_graphs=not prompt_logprobs)
+        batch, sampling_seqs = self.batch_builder.build(sched, previous_seqs, prefill_graphs=not prompt_logprobs)
         if batch.pending_dst is not None:
             batch.input_ids[batch.pending_dst] = previous.sampled.token_ids[batch.pending_src]
         chunks = {}
@@ -205,6 +205,3 @@ class StepHandle:
     sampling_seqs: list
     sampled: Optional[SampledTokens]
     prompt_logprobs: dict[int, PromptLogprobsChunk] = field(default_factory=dict)  # seq_id -> its chunk's entries
-
-    def pending_index(self) -> dict[int, int]:
-        return {seq.seq_id: i for i, seq in enumerate(self.sampling_seqs)}
