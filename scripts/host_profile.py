@@ -90,13 +90,15 @@ def print_components(stats: pstats.Stats, steps: int) -> None:
         print(f"  {where:<42} {1000 * cumulative / steps:8.3f} ms/step  ({calls} calls)")
 
 
-def stub_model(runner) -> None:
-    """The model becomes a lookup in a fixed random [vocab, vocab] logits table, indexed by each row's input
-    token; attention metadata is not built. The engine around it runs unchanged."""
+def stub_model(runner, width: int = 64) -> None:
+    """The model becomes a lookup in a fixed random [vocab, width] logits table, indexed by each row's input
+    token (so the next token is one of the first `width` ids: a CPU argmax over the whole vocabulary would
+    outweigh the host work measured here, while a GPU only queues it); attention metadata is not built. The
+    engine around it runs unchanged."""
     import torch
 
     vocab = runner.model_config.vocab_size
-    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)).to(runner.device)
+    table = torch.randn(vocab, min(width, vocab), generator=torch.Generator().manual_seed(0)).to(runner.device)
     runner.model.forward = lambda input_ids, positions, kv_caches, meta: input_ids
     runner.model.compute_logits = lambda hidden: table[hidden]
     runner.model.attention.prepare = lambda batch: None

@@ -141,6 +141,8 @@ class BatchBuilder:
         # int32 region: query_start_loc [S+1], seq_lens [S], block tables [S, B]
         self.staging = [self._staging_pair() for _ in range(1 if self.on_host else 2)]
         self.turn = 0
+        self.host_views = [self._host_views(pair) for pair in self.staging]
+        self._device_views: dict[tuple, tuple] = {}  # batch shape -> views of the device buffers (see _views)
         if self.on_host:
             self.device64, self.device32 = self.staging[0]
         else:
@@ -199,6 +201,29 @@ class BatchBuilder:
             return None, next(size for size in self.graph_prefill_tokens if size >= num_tokens)
         return None, None
 
+    def _host_views(self, pair) -> tuple:
+        """numpy views of a staging pair: int64 whole, int32 whole, and the six int64 regions."""
+        host64, host32 = pair[0].numpy(), pair[1].numpy()
+        T = self.max_tokens
+        return host64, host32, tuple(host64[i * T:(i + 1) * T] for i in range(6))
+
+    def _views(self, n: int, num_logits: int, num_pending: int, rows_out: int, width: int) -> tuple:
+        """The device-buffer views that a batch of this shape reads, made once per shape: slicing a tensor
+        costs over a microsecond, and a decode step's shape seldom changes from one step to the next."""
+        key = (n, num_logits, num_pending, rows_out, width)
+        views = self._device_views.get(key)
+        if views is None:
+            if len(self._device_views) >= 1024:  # shapes seen long ago are unlikely to come back
+                self._device_views.clear()
+            T, S, d64, d32 = self.max_tokens, self.max_seqs, self.device64, self.device32
+            views = (d64[:n], d64[T:T + n], d64[2 * T:2 * T + n], d64[3 * T:3 * T + num_logits],
+                     d64[4 * T:4 * T + num_pending] if num_pending else None,
+                     d64[5 * T:5 * T + num_pending] if num_pending else None,
+                     d32[:rows_out + 1], d32[S + 1:S + 1 + rows_out],
+                     d32[2 * S + 1:2 * S + 1 + rows_out * width].view(rows_out, width))
+            self._device_views[key] = views
+        return views
+
     def _staging_pair(self):
         pin = self.device.type == "cuda"
         return (torch.empty(6 * self.max_tokens, dtype=torch.int64, pin_memory=pin),
@@ -219,10 +244,9 @@ class BatchBuilder:
         if num_tokens > self.max_tokens or num_seqs > self.max_seqs:
             raise ValueError(f"step of {num_tokens} tokens / {num_seqs} sequences exceeds the runner's buffers")
         staging64, staging32 = self.staging[self.turn]
+        host64, host32, (ids, pos, slots, logit_rows, pending_dst, pending_src) = self.host_views[self.turn]
         self.turn = (self.turn + 1) % len(self.staging)
-        host64, host32 = staging64.numpy(), staging32.numpy()
-        T, bs = self.max_tokens, self.block_size
-        ids, pos, slots, logit_rows, pending_dst, pending_src = (host64[i * T:(i + 1) * T] for i in range(6))
+        bs = self.block_size
         rows = np.array(self.rows.rows_for(seqs), dtype=np.int64)
         starts = np.array(start_list, dtype=np.int64)
         table = self.rows.table
@@ -270,19 +294,14 @@ class BatchBuilder:
             tables[num_seqs:] = 0
         if graph_tokens:  # the graph always reads one logits row: keep it in bounds
             logit_rows[0] = num_tokens - 1
-        d64, d32 = self.device64, self.device32
         if not self.on_host:
-            d64.copy_(staging64, non_blocking=True)
-            d32[:n32].copy_(staging32[:n32], non_blocking=True)
-        n = padded
+            self.device64.copy_(staging64, non_blocking=True)
+            self.device32[:n32].copy_(staging32[:n32], non_blocking=True)
+        views = self._views(padded, num_logits, num_pending, rows_out, width)
         batch = ForwardBatch(
-            input_ids=d64[:n], positions=d64[T:T + n], slot_mapping=d64[2 * T:2 * T + n],
-            logits_indices=d64[3 * T:3 * T + num_logits],
-            pending_dst=d64[4 * T:4 * T + num_pending] if num_pending else None,
-            pending_src=d64[5 * T:5 * T + num_pending] if num_pending else None,
-            query_start_loc=d32[:rows_out + 1], seq_lens=d32[S + 1:S + 1 + rows_out],
-            block_tables=d32[2 * S + 1:n32].view(rows_out, width),
-            num_tokens=num_tokens, num_seqs=num_seqs,
+            input_ids=views[0], positions=views[1], slot_mapping=views[2], logits_indices=views[3],
+            pending_dst=views[4], pending_src=views[5], query_start_loc=views[6], seq_lens=views[7],
+            block_tables=views[8], num_tokens=num_tokens, num_seqs=num_seqs,
             max_query_len=max_query_len, max_seq_len=max_seq_len,
             query_start_host=query_start, seq_lens_host=seq_lens, graph_size=graph_size, graph_tokens=graph_tokens,
         )
