@@ -133,7 +133,9 @@ class BatchBuilder:
         self.block_size = block_size
         self.device = device
         self.rows = BlockTableRows(max_num_seqs, max_blocks_per_seq)
-        self._arange = np.arange(max_num_seqs + 1, dtype=np.int64)  # a decode step's query starts
+        # A decode step's query starts (and logits rows), ready in both widths.
+        self._arange, self._arange32 = (np.arange(max(max_num_seqs, max_num_tokens) + 1, dtype=dtype)
+                                        for dtype in (np.int64, np.int32))
         self._arange.flags.writeable = False
         self.max_tokens, self.max_seqs, self.max_blocks = max_num_tokens, max_num_seqs, max_blocks_per_seq
         self.on_host = device.type == "cpu"  # the staging buffers are the batch itself: no copy
@@ -255,7 +257,11 @@ class BatchBuilder:
             seq_lens = starts + 1
             ids[:num_seqs] = [seq.token_ids[start] for seq, start in zip(seqs, start_list)]
             pos[:num_seqs] = starts
-            slots[:num_seqs] = table[rows, starts // bs].astype(np.int64) * bs + starts % bs
+            if num_seqs <= 16:  # a few rows: Python ints cost less than numpy's calls (a table row = the seq's blocks)
+                slots[:num_seqs] = [seq.block_table[start // bs] * bs + start % bs
+                                    for seq, start in zip(seqs, start_list)]
+            else:
+                slots[:num_seqs] = table[rows, starts // bs].astype(np.int64) * bs + starts % bs
             max_query_len = 1 if num_seqs else 0
         else:
             seq_lens = np.array(end_list, dtype=np.int64)
@@ -273,14 +279,17 @@ class BatchBuilder:
         samples = [i for i, item in enumerate(items) if item.samples]
         sampling_seqs = seqs if len(samples) == num_seqs else [seqs[i] for i in samples]
         num_logits = len(samples)
-        logit_rows[:num_logits] = query_start[1:][samples] - 1
+        if num_logits < num_seqs:
+            logit_rows[:num_logits] = query_start[1:][samples] - 1
+        else:  # every sequence samples (no index list to apply)
+            logit_rows[:num_logits] = self._arange[:num_seqs] if num_tokens == num_seqs else query_start[1:] - 1
         max_seq_len = max(end_list) if num_seqs else 0
         graph_size, graph_tokens = self._graph_layout(num_seqs, num_tokens, max_seq_len,
                                                       len(sampling_seqs) == num_seqs, prefill_graphs)
         rows_out = graph_size or num_seqs
         width = self.graph_width if graph_size or graph_tokens else max(1, -(-max_seq_len // bs))
         S = self.max_seqs
-        host32[:num_seqs + 1] = query_start
+        host32[:num_seqs + 1] = self._arange32[:num_seqs + 1] if num_tokens == num_seqs else query_start
         host32[S + 1:S + 1 + num_seqs] = seq_lens
         n32 = 2 * S + 1 + rows_out * width
         tables = host32[2 * S + 1:n32].reshape(rows_out, width)
@@ -307,8 +316,7 @@ class BatchBuilder:
         )
         return batch, sampling_seqs
 
-    @staticmethod
-    def _pending_rows(ids: np.ndarray, query_start: np.ndarray, seqs: list, previous_seqs: Optional[list],
+    def _pending_rows(self, ids: np.ndarray, query_start: np.ndarray, seqs: list, previous_seqs: Optional[list],
                       pending_dst: np.ndarray, pending_src: np.ndarray) -> int:
         """Input rows whose token the previous step sampled and the host has not read yet (taken on the device):
         writes their rows and their places in the previous step's sampled ids; returns how many there are."""
@@ -325,7 +333,7 @@ class BatchBuilder:
         pending_dst[:num_pending] = pending
         waiting = seqs if num_pending == len(seqs) else [seqs[i] for i in seq_of_row.tolist()]
         if waiting == previous_seqs:  # the steady state: the same sequences in the same order
-            pending_src[:num_pending] = np.arange(num_pending)
+            pending_src[:num_pending] = self._arange[:num_pending]
         else:
             index = {seq.seq_id: i for i, seq in enumerate(previous_seqs)}
             pending_src[:num_pending] = [index[seq.seq_id] for seq in waiting]
