@@ -311,7 +311,7 @@ class LLMEngine:
                     continue
             if token is not None:
                 try:
-                    self._process_token(request, token, detailed.get(row - 1) if request.logprobs is not None else None)
+                    self._process_token(request, token, detailed.get(row - 1) if detailed else None)
                     if not final_only or seq.is_finished:
                         outputs.append(self._output(request))
                 except Exception as exc:  # one request's failure must not take the rest of the batch down
@@ -436,7 +436,7 @@ class LLMEngine:
         completion = CompletionOutput(
             index=0,
             text=request.detokenizer.output_text,
-            token_ids=list(seq.output_token_ids),
+            token_ids=seq.output_token_ids,  # a new list (a slice) each time
             cumulative_logprob=request.cumulative_logprob,
             logprobs=list(request.logprobs) if request.logprobs is not None else None,
             finish_reason=seq.finish_reason,

@@ -171,7 +171,7 @@ class Scheduler:
     def advance(self, out: SchedulerOutput) -> None:
         """The step's work is queued: its tokens count as computed from now on."""
         for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+            item.seq.num_computed_tokens += item.end - item.start
 
     def cache_computed_blocks(self, out: SchedulerOutput) -> None:
         """Offer newly filled blocks to the prefix cache, once every token in them is known on the host."""
