@@ -297,10 +297,7 @@ class LLMEngine:
             if seq.is_finished:  # aborted or stopped while this step ran: its token is discarded
                 continue
             if token is not None:
-                if seq.num_pending:
-                    seq.resolve_placeholder(token)
-                else:
-                    seq.append_token(token)
+                seq.add_sampled(token)
             cache_full_blocks(seq)
             request = requests.get(seq.request_id)
             if request is None:
