@@ -249,8 +249,9 @@ class LLMEngine:
             request = requests[seq.request_id]
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
-            if item.samples:
-                rows[seq.seq_id] = request.row if len(seq.token_ids) >= request.bans_lifted_at else self._short_row(request)
+            if item.samples:  # the request's own row, or one with bans while min_tokens is not reached
+                short = len(seq.token_ids) < request.bans_lifted_at
+                rows[seq.seq_id] = self._short_row(request) if short else request.row
             if request.prompt_logprobs is not None and len(request.prompt_logprobs) < seq.num_prompt_tokens:
                 wanted[seq.seq_id] = PromptLogprobsWanted(seq.params.prompt_logprobs, len(request.prompt_logprobs))
         try:

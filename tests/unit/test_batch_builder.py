@@ -53,8 +53,8 @@ def test_engine_batches_equal_a_plain_rebuild_through_joins_finishes_and_preempt
     """An overlapped (async) run whose batches change all the time: requests join mid-run, finish at
     different lengths, are preempted by a small cache and chunked by a small token budget; batch sizes cross
     the builder's small-batch threshold. Every laid-out step must equal the plain rebuild."""
-    llm = LLM(make_tiny_model("llama3"), dtype="float32", device="cpu", async_scheduling=True, num_kv_blocks=90, block_size=8,
-              max_num_batched_tokens=64, max_num_seqs=32)
+    llm = LLM(make_tiny_model("llama3"), dtype="float32", device="cpu", async_scheduling=True, num_kv_blocks=90,
+              block_size=8, max_num_batched_tokens=64, max_num_seqs=32)
     engine, builder = llm.engine, llm.engine.runner.batch_builder
     seen = {"steps": 0, "decode_sizes": set(), "pending_shuffled": 0, "pending_steady": 0}
     real_build = builder.build
@@ -66,7 +66,8 @@ def test_engine_batches_equal_a_plain_rebuild_through_joins_finishes_and_preempt
         if batch.num_tokens == batch.num_seqs:
             seen["decode_sizes"].add(batch.num_seqs)
         if batch.pending_dst is not None:
-            pending = [sched.scheduled[i].seq for i in batch.pending_dst.tolist()] if batch.num_tokens == batch.num_seqs else None
+            decode = batch.num_tokens == batch.num_seqs
+            pending = [sched.scheduled[i].seq for i in batch.pending_dst.tolist()] if decode else None
             seen["pending_steady" if pending == previous_seqs else "pending_shuffled"] += 1
         return batch, sampling_seqs
 
@@ -75,7 +76,8 @@ def test_engine_batches_equal_a_plain_rebuild_through_joins_finishes_and_preempt
 
     def add(name):
         prompt = [rng.randrange(3, 5000) for _ in range(rng.randrange(5, 40))]
-        engine.add_request(name, prompt, SamplingParams(temperature=0.0, max_tokens=rng.randrange(3, 30), ignore_eos=True))
+        params = SamplingParams(temperature=0.0, max_tokens=rng.randrange(3, 30), ignore_eos=True)
+        engine.add_request(name, prompt, params)
 
     for i in range(30):
         add(f"first-{i}")
@@ -122,13 +124,15 @@ def test_reused_views_follow_the_shape_of_each_step():
     """Views made for one step's shape are handed out again for that shape only, and hold the new step's data."""
     builder = BatchBuilder(64, 8, 8, 4, torch.device("cpu"))
     seqs = [_running(f"s{i}", 9 + i, [2 * i, 2 * i + 1, 20 + i]) for i in range(3)]
-    one = SchedulerOutput([ScheduledSequence(s, s.num_computed_tokens, s.num_computed_tokens + 1, True) for s in seqs])
+    one = SchedulerOutput([ScheduledSequence(s, s.num_computed_tokens, s.num_computed_tokens + 1, True)
+                           for s in seqs])
     first, _ = builder.build(one)
     check_batch(first, seqs, one, None, 4)
     for s in seqs:
         s.num_computed_tokens += 1
         s.token_ids.append(11)
-    two = SchedulerOutput([ScheduledSequence(s, s.num_computed_tokens, s.num_computed_tokens + 1, True) for s in seqs[:2]])
+    two = SchedulerOutput([ScheduledSequence(s, s.num_computed_tokens, s.num_computed_tokens + 1, True)
+                           for s in seqs[:2]])
     second, _ = builder.build(two)
     check_batch(second, seqs[:2], two, None, 4)
     assert second.input_ids.shape == (2,) and second.block_tables.shape[0] == 2
