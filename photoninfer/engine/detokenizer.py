@@ -94,25 +94,31 @@ class IncrementalDetokenizer:
                 f"add_token called on a finished sequence (stop_reason={self.stop_reason!r})")
         self._ids.append(token_id)
         self.num_tokens += 1
-        piece = self._complete_piece(token_id)
+        piece = None
+        if self._stream is not None:  # the common case, inline: it runs once per token of every sequence
+            try:
+                piece = self._stream.step(self._backend, token_id)
+            except Exception:
+                # DecodeStream refuses a window whose text no longer starts with its context's text (invalid
+                # bytes that a later byte turned into a character). Go on in Python from the same window.
+                self._stream = None
+        if self._stream is None:
+            piece = self._complete_piece()
         if piece is not None:
-            new_text = piece[self._partial:]
+            new_text = piece[self._partial:] if self._partial else piece
             # The window ends on a whole character: move it up, the last chunk staying as context.
             self._prefix, self._read = self._read, len(self._ids)
             self._prefix_len, self._partial = None, 0
         else:
             new_text = self._whole_characters()
-        self._add_text(new_text, final=False)
+        if self.stop:
+            self._add_text(new_text, final=False)
+        else:
+            self.output_text += new_text
 
-    def _complete_piece(self, token_id: int) -> Optional[str]:
-        """The window's text beyond its context, if it grew and ends on a whole character; else None."""
-        if self._stream is not None:
-            try:
-                return self._stream.step(self._backend, token_id)
-            except Exception:
-                # DecodeStream refuses a window whose text no longer starts with its context's text (invalid
-                # bytes that a later byte turned into a character). Go on in Python from the same window.
-                self._stream = None
+    def _complete_piece(self) -> Optional[str]:
+        """Without a DecodeStream: the window's text beyond its context, if it grew and ends on a whole
+        character; else None."""
         text = self._decode(self._ids[self._prefix:])
         prefix_len = self._context_len()
         if len(text) > prefix_len and not text.endswith(REPLACEMENT_CHAR):

@@ -57,6 +57,11 @@ class _Request:
     cumulative_logprob: Optional[float] = None
     prompt_logprobs: Optional[list] = None  # entries so far: [None] first, then one per computed prompt token
     banned_while_short: tuple[int, ...] = ()  # EOS / stop token ids, masked until min_tokens is reached
+    # Fixed per request, so that each step checks a token in a few operations:
+    row: Optional[SamplingRow] = None  # what the sampler needs once min_tokens is reached (made once)
+    bans_lifted_at: int = 0  # len(seq.token_ids) from which banned_while_short no longer applies
+    stop_token_ids: frozenset = frozenset()  # the ids that end it: EOS (unless ignore_eos) and its stop ids
+    end_at: int = 0  # len(seq.token_ids) at which it ends for length (max_tokens or the context window)
 
 
 class LLMEngine:
@@ -82,6 +87,7 @@ class LLMEngine:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self._in_flight = None  # the launched step whose results are not read yet (async scheduling)
+        self._penalized: set[str] = set()  # ids of the unfinished requests with penalties
         self._steps = self._last_seqs = self._last_tokens = self._prompt_tokens = self._gen_tokens = 0
         if self.device.type == "cuda":
             # Start-up left millions of long-lived objects (modules, tokenizer, graphs); a full garbage-collector
@@ -122,7 +128,8 @@ class LLMEngine:
         self._check_token_ids(params.stop_token_ids, "stop_token_ids")
         max_tokens = self._check_length(len(token_ids), params)
         seq = Sequence(request_id, token_ids, params, arrival_time or time.time(), max_tokens)
-        self.requests[request_id] = _Request(
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        self.requests[request_id] = request = _Request(
             seq=seq,
             prompt=text,
             detokenizer=IncrementalDetokenizer(
@@ -135,8 +142,14 @@ class LLMEngine:
             logprobs=[] if params.logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-            banned_while_short=tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))),
+            banned_while_short=tuple(sorted(set(params.stop_token_ids) | eos)),
+            bans_lifted_at=len(token_ids) + params.min_tokens,
+            stop_token_ids=frozenset(params.stop_token_ids) | eos,
+            end_at=min(len(token_ids) + max_tokens, self.max_model_len),
         )
+        request.row = SamplingRow(params, seq.token_ids, seq.num_prompt_tokens, request.generator)
+        if has_penalties(params):
+            self._penalized.add(request_id)
         self.scheduler.add(seq)
 
     def _tokenize(self, prompt: Union[str, list[int]], add_special_tokens: bool) -> tuple[Optional[str], list[int]]:
@@ -183,6 +196,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""
         request = self.requests.pop(request_id, None)
+        self._penalized.discard(request_id)
         if request is not None:
             request.seq.drop_placeholders()
             self.scheduler.finish(request.seq, "abort")
@@ -219,24 +233,27 @@ class LLMEngine:
             self._in_flight = None
         return outputs
 
-    @staticmethod
-    def _needs_history(sched) -> bool:
+    def _needs_history(self, sched) -> bool:
         """Penalties read every earlier token: the previous step's tokens must be on the host first."""
-        return any(item.samples and has_penalties(item.seq.params) for item in sched.scheduled)
+        return bool(self._penalized) and any(item.samples and has_penalties(item.seq.params)
+                                             for item in sched.scheduled)
 
     def _launch(self, sched, outputs: list[RequestOutput]):
         """Launch the step. Requests whose parameters make the launch raise fail alone (their outputs go
         to `outputs`); the rest are launched. None if nothing is left to launch."""
         now = time.time()
         rows, wanted = {}, {}
+        requests = self.requests
         for item in sched.scheduled:
-            request = self.requests[item.seq.request_id]
-            request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
-            if item.samples:
-                rows[item.seq.seq_id] = self._sampling_row(request)
-            if request.prompt_logprobs is not None and len(request.prompt_logprobs) < item.seq.num_prompt_tokens:
-                wanted[item.seq.seq_id] = PromptLogprobsWanted(item.seq.params.prompt_logprobs,
-                                                               len(request.prompt_logprobs))
+            seq = item.seq
+            request = requests[seq.request_id]
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            if item.samples:  # the request's own row, or one with bans while min_tokens is not reached
+                short = len(seq.token_ids) < request.bans_lifted_at
+                rows[seq.seq_id] = self._short_row(request) if short else request.row
+            if request.prompt_logprobs is not None and len(request.prompt_logprobs) < seq.num_prompt_tokens:
+                wanted[seq.seq_id] = PromptLogprobsWanted(seq.params.prompt_logprobs, len(request.prompt_logprobs))
         try:
             handle = self.runner.launch(sched, rows, self._in_flight, wanted)
         except Exception as exc:
@@ -252,59 +269,71 @@ class LLMEngine:
                 return None
             handle = self.runner.launch(sched, rows, self._in_flight, wanted)
         self.scheduler.advance(sched)
+        max_model_len = self.max_model_len
         for seq in handle.sampling_seqs:
-            last = seq.num_output_tokens + 1 >= seq.max_tokens or seq.num_tokens + 1 >= self.max_model_len
-            if not last:  # its slot exists from now on, so the next step can compute it
-                seq.append_placeholder()
+            num_tokens = len(seq.token_ids) + 1  # with the token being sampled
+            if num_tokens - seq.num_prompt_tokens < seq.max_tokens and num_tokens < max_model_len:
+                seq.append_placeholder()  # not its last token: its slot exists, so the next step can compute it
         return handle
 
     def _finish_step(self, handle, final_only: bool = False) -> list[RequestOutput]:
-        """Read back a launched step's tokens and turn them into outputs (stop checks, detokenization)."""
-        results = self.runner.collect(handle)
-        self._record_step(handle.sched, len(results))
-        outputs = []
-        for seq in handle.sampling_seqs:
+        """Read back a launched step's tokens and turn them into outputs (stop checks, detokenization).
+
+        One pass over the step's sequences, each in turn: its sampled token goes onto it, the blocks it
+        filled are offered to the prefix cache, its prompt logprobs are kept, and its token is checked and
+        detokenized. Outputs of prompt-only work come first, as their steps are older."""
+        token_ids, detailed = self.runner.collect(handle)
+        prompt_outputs, outputs = [], []
+        requests, cache_full_blocks = self.requests, self.block_manager.cache_full_blocks
+        chunks = handle.prompt_logprobs
+        row = num_tokens = num_prompt_tokens = 0
+        for item in handle.sched.scheduled:
+            seq, start, end = item.seq, item.start, item.end
+            num_tokens += end - start
+            if start < seq.num_prompt_tokens:
+                num_prompt_tokens += min(end, seq.num_prompt_tokens) - start
+            token = None
+            if item.samples:  # the sampled ids are in the order of the sampling items
+                token, row = token_ids[row], row + 1
             if seq.is_finished:  # aborted or stopped while this step ran: its token is discarded
                 continue
-            token = results[seq.seq_id].token_id
-            if seq.num_pending:
-                seq.resolve_placeholder(token)
-            else:
-                seq.append_token(token)
-        self.scheduler.cache_computed_blocks(handle.sched)
-        outputs += self._prompt_outputs(handle)
-        for seq in handle.sampling_seqs:
-            request = self.requests.get(seq.request_id)
-            if request is None or seq.is_finished:
+            if token is not None:
+                seq.add_sampled(token)
+            cache_full_blocks(seq)
+            request = requests.get(seq.request_id)
+            if request is None:
                 continue
-            try:
-                self._process_token(request, results[seq.seq_id])
-                if seq.is_finished or not final_only:
-                    outputs.append(self._output(request))
-            except Exception as exc:  # one request's failure must not take the rest of the batch down
-                logger.exception("request %s failed", seq.request_id)
-                outputs.append(self._fail_request(request, exc))
-        return outputs
+            if chunks or not item.samples:
+                self._prompt_output(request, item, chunks.get(seq.seq_id), prompt_outputs)
+                if seq.is_finished:
+                    continue
+            if token is not None:
+                try:
+                    self._process_token(request, token, detailed.get(row - 1) if detailed else None)
+                    if not final_only or seq.is_finished:
+                        outputs.append(self._output(request))
+                except Exception as exc:  # one request's failure must not take the rest of the batch down
+                    logger.exception("request %s failed", seq.request_id)
+                    outputs.append(self._fail_request(request, exc))
+        self._record_step(len(handle.sched.scheduled), num_tokens, num_prompt_tokens, len(token_ids))
+        return prompt_outputs + outputs
 
-    def _prompt_outputs(self, handle) -> list[RequestOutput]:
-        """Keep a step's prompt-logprob entries; end the prefill-only (max_tokens 0) requests it completed."""
-        outputs = []
-        for item in handle.sched.scheduled:
-            request = self.requests.get(item.seq.request_id)
-            chunk = handle.prompt_logprobs.get(item.seq.seq_id)
-            prefill_only_done = item.end == item.seq.num_tokens and item.seq.max_tokens == 0
-            if request is None or item.seq.is_finished or (chunk is None and not prefill_only_done):
-                continue
-            try:
-                if chunk is not None:
-                    self._add_prompt_logprobs(request, chunk)
-                if prefill_only_done:  # the prompt (and its logprobs) is all there is
-                    self._finish(request, "length", None)
-                    outputs.append(self._output(request))
-            except Exception as exc:  # one request's failure must not take the rest of the batch down
-                logger.exception("request %s failed", item.seq.request_id)
-                outputs.append(self._fail_request(request, exc))
-        return outputs
+    def _prompt_output(self, request: _Request, item: ScheduledSequence, chunk: Optional[PromptLogprobsChunk],
+                       outputs: list[RequestOutput]) -> None:
+        """Keep a chunk's prompt-logprob entries; end a prefill-only (max_tokens 0) request it completed."""
+        seq = item.seq
+        prefill_only_done = item.end == seq.num_tokens and seq.max_tokens == 0
+        if chunk is None and not prefill_only_done:
+            return
+        try:
+            if chunk is not None:
+                self._add_prompt_logprobs(request, chunk)
+            if prefill_only_done:  # the prompt (and its logprobs) is all there is
+                self._finish(request, "length", None)
+                outputs.append(self._output(request))
+        except Exception as exc:  # one request's failure must not take the rest of the batch down
+            logger.exception("request %s failed", seq.request_id)
+            outputs.append(self._fail_request(request, exc))
 
     def _add_prompt_logprobs(self, request: _Request, chunk: PromptLogprobsChunk) -> None:
         """Entries arrive in prompt order. Should a recompute after preemption repeat entries that a step in
@@ -348,39 +377,40 @@ class LLMEngine:
         self._finish(request, "error", f"{type(exc).__name__}: {exc}")
         return self._output(request)
 
-    def _sampling_row(self, request: _Request) -> SamplingRow:
+    @staticmethod
+    def _short_row(request: _Request) -> SamplingRow:
+        """The sampler's row while min_tokens is not reached: EOS and the stop ids are banned."""
         seq = request.seq
-        short = seq.num_output_tokens < seq.params.min_tokens
         return SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, request.generator,
-                           banned_token_ids=request.banned_while_short if short else ())
+                           banned_token_ids=request.banned_while_short)
 
-    def _record_step(self, sched, num_sampled: int) -> None:
+    def _record_step(self, num_seqs: int, num_tokens: int, num_prompt_tokens: int, num_sampled: int) -> None:
         self._steps += 1
-        self._last_seqs = len(sched.scheduled)
-        self._last_tokens = sched.num_batched_tokens
+        self._last_seqs = num_seqs
+        self._last_tokens = num_tokens
         self._gen_tokens += num_sampled
-        self._prompt_tokens += sum(
-            max(0, min(i.end, i.seq.num_prompt_tokens) - i.start) for i in sched.scheduled
-        )
+        self._prompt_tokens += num_prompt_tokens
 
-    def _process_token(self, request: _Request, result: SampleResult) -> None:
-        seq, params = request.seq, request.seq.params
-        token = result.token_id
-        request.metrics.first_token_time = request.metrics.first_token_time or time.time()
-        if request.logprobs is not None:
+    def _process_token(self, request: _Request, token: int, result: Optional[SampleResult]) -> None:
+        """Check and detokenize one sampled token (`result`: its logprobs, for a request that asked)."""
+        seq = request.seq
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = time.time()
+        if result is not None:
             request.logprobs.append(self._logprob_entry(request.detokenizer, result))
             request.cumulative_logprob += result.logprob
-        if token in self.eos_token_ids and not params.ignore_eos:
-            self._finish(request, "stop", None)
-        elif token in params.stop_token_ids:
-            self._finish(request, "stop", token)
-        else:
-            request.detokenizer.add_token(token)
-            if request.detokenizer.stop_reason is not None:
-                self._finish(request, "stop", request.detokenizer.stop_reason)
-            elif (seq.num_output_tokens - seq.num_pending >= seq.max_tokens
-                  or seq.num_tokens - seq.num_pending >= self.max_model_len):
-                self._finish(request, "length", None)
+        if token in request.stop_token_ids:
+            if token in self.eos_token_ids and not seq.params.ignore_eos:
+                self._finish(request, "stop", None)
+            else:
+                self._finish(request, "stop", token)
+            return
+        detokenizer = request.detokenizer
+        detokenizer.add_token(token)
+        if detokenizer.stop_reason is not None:
+            self._finish(request, "stop", detokenizer.stop_reason)
+        elif len(seq.token_ids) - seq.num_pending >= request.end_at:
+            self._finish(request, "length", None)
 
     @staticmethod
     def _logprob_entry(detokenizer: IncrementalDetokenizer, result: SampleResult) -> dict[int, Logprob]:
@@ -397,13 +427,14 @@ class LLMEngine:
         self.scheduler.finish(request.seq, reason, stop_reason)
         request.metrics.finished_time = time.time()
         del self.requests[request.seq.request_id]
+        self._penalized.discard(request.seq.request_id)
 
     def _output(self, request: _Request) -> RequestOutput:
         seq = request.seq
         completion = CompletionOutput(
             index=0,
             text=request.detokenizer.output_text,
-            token_ids=list(seq.output_token_ids),
+            token_ids=seq.output_token_ids,  # a new list (a slice) each time
             cumulative_logprob=request.cumulative_logprob,
             logprobs=list(request.logprobs) if request.logprobs is not None else None,
             finish_reason=seq.finish_reason,

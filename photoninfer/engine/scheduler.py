@@ -19,24 +19,31 @@ from photoninfer.engine.block_manager import BlockManager
 from photoninfer.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass(frozen=True)
 class ScheduledSequence:
-    """Tokens [start, end) of `seq` are computed this step (a snapshot taken when scheduling)."""
+    """Tokens [start, end) of `seq` are computed this step (a snapshot taken when scheduling). A plain class
+    with slots: one is made per running sequence per step, and a frozen dataclass costs several times more."""
 
-    seq: Sequence
-    start: int
-    end: int
-    samples: bool  # the chunk reaches the sequence's last token, so its logits give the next token
+    __slots__ = ("seq", "start", "end", "samples")
+
+    def __init__(self, seq: Sequence, start: int, end: int, samples: bool):
+        self.seq = seq
+        self.start = start
+        self.end = end
+        self.samples = samples  # the chunk reaches the sequence's last token, so its logits give the next token
 
     @classmethod
     def of(cls, seq: Sequence, num_new_tokens: int) -> "ScheduledSequence":
-        end = seq.num_computed_tokens + num_new_tokens
+        start = seq.num_computed_tokens
+        end = start + num_new_tokens
         # max_tokens 0: the prompt is only prefilled (for its prompt logprobs), nothing is sampled
-        return cls(seq, seq.num_computed_tokens, end, end == seq.num_tokens and seq.max_tokens != 0)
+        return cls(seq, start, end, end == len(seq.token_ids) and seq.max_tokens != 0)
 
     @property
     def num_new_tokens(self) -> int:
         return self.end - self.start
+
+    def __repr__(self) -> str:
+        return f"ScheduledSequence({self.seq.request_id!r}, {self.start}:{self.end}, samples={self.samples})"
 
 
 @dataclass
@@ -94,21 +101,25 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        # The hot loop of every step: attributes are read directly rather than through properties.
         block_size = self.block_manager.block_size
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            start, num_tokens = seq.num_computed_tokens, len(seq.token_ids)
+            num_new = num_tokens - start
             if num_new == 0:  # its last token is being sampled; it ends when that result is read
                 continue
-            end = seq.num_computed_tokens + num_new
+            if num_new > budget:
+                num_new = budget
+            end = start + num_new
             if len(seq.block_table) * block_size < end:  # most decode steps fit the last block: no bookkeeping
                 if not self._make_room(seq, end, out):
                     continue
                 self.block_manager.allocate(seq, end)
-            out.scheduled.append(ScheduledSequence.of(seq, num_new))
+            out.scheduled.append(ScheduledSequence(seq, start, end, end == num_tokens and seq.max_tokens != 0))
             budget -= num_new
         return budget
 
@@ -160,7 +171,7 @@ class Scheduler:
     def advance(self, out: SchedulerOutput) -> None:
         """The step's work is queued: its tokens count as computed from now on."""
         for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+            item.seq.num_computed_tokens += item.end - item.start
 
     def cache_computed_blocks(self, out: SchedulerOutput) -> None:
         """Offer newly filled blocks to the prefix cache, once every token in them is known on the host."""

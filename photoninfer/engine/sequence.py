@@ -83,6 +83,14 @@ class Sequence:
         self.token_ids[len(self.token_ids) - self.num_pending] = token_id
         self.num_pending -= 1
 
+    def add_sampled(self, token_id: int) -> None:
+        """A sampled token's id arrived: it fills the oldest placeholder, or (none pending) is appended."""
+        if self.num_pending:
+            self.token_ids[len(self.token_ids) - self.num_pending] = token_id
+            self.num_pending -= 1
+        else:
+            self.token_ids.append(token_id)
+
     def drop_placeholders(self) -> None:
         """The sequence ended: tokens still pending were computed past its end and are discarded."""
         if self.num_pending:

@@ -64,44 +64,61 @@ class ForwardBatch:
 
 
 class BlockTableRows:
-    """Host copy of each running sequence's block table, one row per sequence, appended to incrementally."""
+    """Host copy of each running sequence's block table, one row per sequence, appended to incrementally.
+
+    A row is rewritten from its start when its sequence holds a new block list (a preemption freed the blocks
+    and they were allocated again: the block manager then gives the sequence a new list), and the rows of
+    sequences no longer running (finished, preempted) are reclaimed when no row is free."""
 
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int):
         self.table = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int32)
-        self.num_written = np.zeros(max_num_seqs, dtype=np.int64)
         self.row_of: dict[int, int] = {}  # seq_id -> row
-        self.owner: dict[int, object] = {}  # row -> Sequence
+        self.owner: list = [None] * max_num_seqs  # row -> Sequence
+        self.synced: list = [None] * max_num_seqs  # row -> the block list whose first num_written[row] are copied
+        self.num_written = [0] * max_num_seqs
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
 
-    def release_finished(self, preempted) -> None:
-        """Free the rows of sequences that finished, and of those preempted (their blocks are gone)."""
-        for seq in preempted:
-            self._release(seq.seq_id)
-        for row, seq in list(self.owner.items()):
-            if seq.status is SequenceStatus.FINISHED:
-                self._release(seq.seq_id)
-
-    def _release(self, seq_id: int) -> None:
-        row = self.row_of.pop(seq_id, None)
-        if row is not None:
-            del self.owner[row]
-            self.num_written[row] = 0
-            self.free_rows.append(row)
+    def rows_for(self, seqs) -> list[int]:
+        """Each sequence's row, with the blocks allocated since the last step written (one loop, no call for a
+        sequence whose row is current)."""
+        row_of, synced, written = self.row_of, self.synced, self.num_written
+        rows = []
+        for seq in seqs:
+            row = row_of.get(seq.seq_id)
+            if row is None or synced[row] is not seq.block_table or written[row] < len(seq.block_table):
+                row = self.row_for(seq)
+            rows.append(row)
+        return rows
 
     def row_for(self, seq) -> int:
-        """The sequence's row, with any blocks allocated since the last step appended."""
+        """The sequence's row, brought up to date with its block table."""
         row = self.row_of.get(seq.seq_id)
         if row is None:
+            if not self.free_rows:
+                self._reclaim()
             row = self.free_rows.pop()
             self.row_of[seq.seq_id] = row
             self.owner[row] = seq
-        written, blocks = self.num_written[row], seq.block_table
+        blocks = seq.block_table
+        if self.synced[row] is not blocks:  # a new row, or blocks allocated afresh after a preemption
+            self.synced[row], self.num_written[row] = blocks, 0
+        written = self.num_written[row]
         if written < len(blocks):
             if len(blocks) > self.table.shape[1]:
                 raise ValueError(f"sequence needs {len(blocks)} blocks, the table holds {self.table.shape[1]}")
             self.table[row, written:len(blocks)] = blocks[written:]
             self.num_written[row] = len(blocks)
         return row
+
+    def _reclaim(self) -> None:
+        """Free the rows of sequences that are not running (finished, or preempted and waiting)."""
+        for seq_id, row in list(self.row_of.items()):
+            if self.owner[row].status is not SequenceStatus.RUNNING:
+                del self.row_of[seq_id]
+                self.owner[row] = self.synced[row] = None
+                self.free_rows.append(row)
+        if not self.free_rows:
+            raise RuntimeError(f"more than {len(self.owner)} running sequences hold a block-table row")
 
 
 class BatchBuilder:
@@ -116,12 +133,18 @@ class BatchBuilder:
         self.block_size = block_size
         self.device = device
         self.rows = BlockTableRows(max_num_seqs, max_blocks_per_seq)
+        # A decode step's query starts (and logits rows), ready in both widths.
+        self._arange, self._arange32 = (np.arange(max(max_num_seqs, max_num_tokens) + 1, dtype=dtype)
+                                        for dtype in (np.int64, np.int32))
+        self._arange.flags.writeable = False
         self.max_tokens, self.max_seqs, self.max_blocks = max_num_tokens, max_num_seqs, max_blocks_per_seq
         self.on_host = device.type == "cpu"  # the staging buffers are the batch itself: no copy
         # int64 region: ids, positions, slots, logits indices, pending dst, pending src (max T each)
         # int32 region: query_start_loc [S+1], seq_lens [S], block tables [S, B]
         self.staging = [self._staging_pair() for _ in range(1 if self.on_host else 2)]
         self.turn = 0
+        self.host_views = [self._host_views(pair) for pair in self.staging]
+        self._device_views: dict[tuple, tuple] = {}  # batch shape -> views of the device buffers (see _views)
         if self.on_host:
             self.device64, self.device32 = self.staging[0]
         else:
@@ -180,39 +203,70 @@ class BatchBuilder:
             return None, next(size for size in self.graph_prefill_tokens if size >= num_tokens)
         return None, None
 
+    def _host_views(self, pair) -> tuple:
+        """numpy views of a staging pair: int64 whole, int32 whole, and the six int64 regions."""
+        host64, host32 = pair[0].numpy(), pair[1].numpy()
+        T = self.max_tokens
+        return host64, host32, tuple(host64[i * T:(i + 1) * T] for i in range(6))
+
+    def _views(self, n: int, num_logits: int, num_pending: int, rows_out: int, width: int) -> tuple:
+        """The device-buffer views that a batch of this shape reads, made once per shape: slicing a tensor
+        costs over a microsecond, and a decode step's shape seldom changes from one step to the next."""
+        key = (n, num_logits, num_pending, rows_out, width)
+        views = self._device_views.get(key)
+        if views is None:
+            if len(self._device_views) >= 1024:  # shapes seen long ago are unlikely to come back
+                self._device_views.clear()
+            T, S, d64, d32 = self.max_tokens, self.max_seqs, self.device64, self.device32
+            views = (d64[:n], d64[T:T + n], d64[2 * T:2 * T + n], d64[3 * T:3 * T + num_logits],
+                     d64[4 * T:4 * T + num_pending] if num_pending else None,
+                     d64[5 * T:5 * T + num_pending] if num_pending else None,
+                     d32[:rows_out + 1], d32[S + 1:S + 1 + rows_out],
+                     d32[2 * S + 1:2 * S + 1 + rows_out * width].view(rows_out, width))
+            self._device_views[key] = views
+        return views
+
     def _staging_pair(self):
         pin = self.device.type == "cuda"
         return (torch.empty(6 * self.max_tokens, dtype=torch.int64, pin_memory=pin),
                 torch.empty(2 * self.max_seqs + 1 + self.max_seqs * self.max_blocks, dtype=torch.int32, pin_memory=pin))
 
-    def build(self, sched: SchedulerOutput, pending_index: Optional[dict[int, int]] = None,
+    def build(self, sched: SchedulerOutput, previous_seqs: Optional[list] = None,
               prefill_graphs: bool = True) -> tuple[ForwardBatch, list]:
         """Returns the batch and the sequences that sample this step, in logits-row order.
 
-        `pending_index[seq_id]` is where a sequence's pending token sits in the previous step's sampled ids.
-        Without `prefill_graphs`, a lone prefill is laid out for an eager forward."""
-        self.rows.release_finished(sched.preempted)
+        `previous_seqs`: the sequences the previous step sampled, in order (a pending token of previous_seqs[i]
+        is row i of that step's sampled ids). Without `prefill_graphs`, a lone prefill is laid out for an eager
+        forward."""
         items = sched.scheduled
         num_seqs = len(items)
-        num_tokens = sum(item.end - item.start for item in items)
+        seqs = [item.seq for item in items]
+        start_list, end_list = [item.start for item in items], [item.end for item in items]
+        num_tokens = sum(end_list) - sum(start_list)
         if num_tokens > self.max_tokens or num_seqs > self.max_seqs:
             raise ValueError(f"step of {num_tokens} tokens / {num_seqs} sequences exceeds the runner's buffers")
         staging64, staging32 = self.staging[self.turn]
+        host64, host32, (ids, pos, slots, logit_rows, pending_dst, pending_src) = self.host_views[self.turn]
         self.turn = (self.turn + 1) % len(self.staging)
-        host64, host32 = staging64.numpy(), staging32.numpy()
-        T, bs = self.max_tokens, self.block_size
-        ids, pos, slots, logit_rows, pending_dst, pending_src = (host64[i * T:(i + 1) * T] for i in range(6))
-        rows = np.array([self.rows.row_for(item.seq) for item in items], dtype=np.int64)
-        starts = np.array([item.start for item in items], dtype=np.int64)
-        seq_lens = np.array([item.end for item in items], dtype=np.int64)
-        query_start = np.zeros(num_seqs + 1, dtype=np.int64)
-        np.cumsum(seq_lens - starts, out=query_start[1:])
+        bs = self.block_size
+        rows = np.array(self.rows.rows_for(seqs), dtype=np.int64)
+        starts = np.array(start_list, dtype=np.int64)
         table = self.rows.table
         if num_tokens == num_seqs:  # decode rows only: one token each, all in numpy
-            tokens = np.array([item.seq.token_ids[item.start] for item in items], dtype=np.int64)
-            ids[:num_seqs], pos[:num_seqs] = tokens, starts
-            slots[:num_seqs] = table[rows, starts // bs].astype(np.int64) * bs + starts % bs
+            query_start = self._arange[:num_seqs + 1]
+            seq_lens = starts + 1
+            ids[:num_seqs] = [seq.token_ids[start] for seq, start in zip(seqs, start_list)]
+            pos[:num_seqs] = starts
+            if num_seqs <= 16:  # a few rows: Python ints cost less than numpy's calls (a table row = the seq's blocks)
+                slots[:num_seqs] = [seq.block_table[start // bs] * bs + start % bs
+                                    for seq, start in zip(seqs, start_list)]
+            else:
+                slots[:num_seqs] = table[rows, starts // bs].astype(np.int64) * bs + starts % bs
+            max_query_len = 1 if num_seqs else 0
         else:
+            seq_lens = np.array(end_list, dtype=np.int64)
+            query_start = np.zeros(num_seqs + 1, dtype=np.int64)
+            np.cumsum(seq_lens - starts, out=query_start[1:])
             for i, item in enumerate(items):
                 t, n, start = query_start[i], item.end - item.start, item.start
                 tokens = item.seq.token_ids[start:item.end]
@@ -220,25 +274,22 @@ class BatchBuilder:
                 p = np.arange(start, item.end)
                 pos[t:t + n] = p
                 slots[t:t + n] = table[rows[i], p // bs].astype(np.int64) * bs + p % bs
-        pending = (ids[:num_tokens] == PLACEHOLDER).nonzero()[0]
-        num_pending = len(pending)
-        if num_pending:  # tokens sampled by the previous step, not read back yet: taken on the device
-            seq_of_row = np.searchsorted(query_start, pending, side="right") - 1
-            if (query_start[seq_of_row + 1] - query_start[seq_of_row] != 1).any():
-                raise RuntimeError("a chunk of several tokens holds a pending token")
-            pending_dst[:num_pending] = pending
-            pending_src[:num_pending] = [pending_index[items[i].seq.seq_id] for i in seq_of_row]
+            max_query_len = int(np.diff(query_start).max())
+        num_pending = self._pending_rows(ids[:num_tokens], query_start, seqs, previous_seqs, pending_dst, pending_src)
         samples = [i for i, item in enumerate(items) if item.samples]
-        sampling_seqs = [items[i].seq for i in samples]
+        sampling_seqs = seqs if len(samples) == num_seqs else [seqs[i] for i in samples]
         num_logits = len(samples)
-        logit_rows[:num_logits] = query_start[1:][samples] - 1
-        max_seq_len = int(seq_lens.max()) if num_seqs else 0
+        if num_logits < num_seqs:
+            logit_rows[:num_logits] = query_start[1:][samples] - 1
+        else:  # every sequence samples (no index list to apply)
+            logit_rows[:num_logits] = self._arange[:num_seqs] if num_tokens == num_seqs else query_start[1:] - 1
+        max_seq_len = max(end_list) if num_seqs else 0
         graph_size, graph_tokens = self._graph_layout(num_seqs, num_tokens, max_seq_len,
                                                       len(sampling_seqs) == num_seqs, prefill_graphs)
         rows_out = graph_size or num_seqs
         width = self.graph_width if graph_size or graph_tokens else max(1, -(-max_seq_len // bs))
         S = self.max_seqs
-        host32[:num_seqs + 1] = query_start
+        host32[:num_seqs + 1] = self._arange32[:num_seqs + 1] if num_tokens == num_seqs else query_start
         host32[S + 1:S + 1 + num_seqs] = seq_lens
         n32 = 2 * S + 1 + rows_out * width
         tables = host32[2 * S + 1:n32].reshape(rows_out, width)
@@ -252,20 +303,38 @@ class BatchBuilder:
             tables[num_seqs:] = 0
         if graph_tokens:  # the graph always reads one logits row: keep it in bounds
             logit_rows[0] = num_tokens - 1
-        d64, d32 = self.device64, self.device32
         if not self.on_host:
-            d64.copy_(staging64, non_blocking=True)
-            d32[:n32].copy_(staging32[:n32], non_blocking=True)
-        n = padded
+            self.device64.copy_(staging64, non_blocking=True)
+            self.device32[:n32].copy_(staging32[:n32], non_blocking=True)
+        views = self._views(padded, num_logits, num_pending, rows_out, width)
         batch = ForwardBatch(
-            input_ids=d64[:n], positions=d64[T:T + n], slot_mapping=d64[2 * T:2 * T + n],
-            logits_indices=d64[3 * T:3 * T + num_logits],
-            pending_dst=d64[4 * T:4 * T + num_pending] if num_pending else None,
-            pending_src=d64[5 * T:5 * T + num_pending] if num_pending else None,
-            query_start_loc=d32[:rows_out + 1], seq_lens=d32[S + 1:S + 1 + rows_out],
-            block_tables=d32[2 * S + 1:n32].view(rows_out, width),
-            num_tokens=num_tokens, num_seqs=num_seqs,
-            max_query_len=int(np.diff(query_start).max()) if num_seqs else 0, max_seq_len=max_seq_len,
+            input_ids=views[0], positions=views[1], slot_mapping=views[2], logits_indices=views[3],
+            pending_dst=views[4], pending_src=views[5], query_start_loc=views[6], seq_lens=views[7],
+            block_tables=views[8], num_tokens=num_tokens, num_seqs=num_seqs,
+            max_query_len=max_query_len, max_seq_len=max_seq_len,
             query_start_host=query_start, seq_lens_host=seq_lens, graph_size=graph_size, graph_tokens=graph_tokens,
         )
         return batch, sampling_seqs
+
+    def _pending_rows(self, ids: np.ndarray, query_start: np.ndarray, seqs: list, previous_seqs: Optional[list],
+                      pending_dst: np.ndarray, pending_src: np.ndarray) -> int:
+        """Input rows whose token the previous step sampled and the host has not read yet (taken on the device):
+        writes their rows and their places in the previous step's sampled ids; returns how many there are."""
+        pending = (ids == PLACEHOLDER).nonzero()[0]
+        num_pending = len(pending)
+        if not num_pending:
+            return 0
+        if len(ids) == len(seqs):  # one token per sequence: row i is sequence i
+            seq_of_row = pending
+        else:
+            seq_of_row = np.searchsorted(query_start, pending, side="right") - 1
+            if (query_start[seq_of_row + 1] - query_start[seq_of_row] != 1).any():
+                raise RuntimeError("a chunk of several tokens holds a pending token")
+        pending_dst[:num_pending] = pending
+        waiting = seqs if num_pending == len(seqs) else [seqs[i] for i in seq_of_row.tolist()]
+        if waiting == previous_seqs:  # the steady state: the same sequences in the same order
+            pending_src[:num_pending] = self._arange[:num_pending]
+        else:
+            index = {seq.seq_id: i for i, seq in enumerate(previous_seqs)}
+            pending_src[:num_pending] = [index[seq.seq_id] for seq in waiting]
+        return num_pending

@@ -142,7 +142,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput, rows: dict[int, SamplingRow]) -> dict[int, SampleResult]:
         """Compute every scheduled chunk and wait for the sampled results (keyed by seq_id)."""
-        return self.collect(self.launch(sched, rows))
+        handle = self.launch(sched, rows)
+        if handle.sampled is None:
+            return {}
+        return {seq.seq_id: result for seq, result in zip(handle.sampling_seqs, handle.sampled.results())}
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, rows: dict[int, SamplingRow], previous: Optional[StepHandle] = None,
@@ -150,9 +153,9 @@ class ModelRunner:
         """Queue one step on the device and return without waiting for it. Input tokens that `previous`
         sampled and the host has not read yet are taken from its device tensor. The prompt-logprob entries
         of the sequences in `prompt_logprobs` (keyed by seq_id) are computed at once (a host sync)."""
-        pending = previous.pending_index() if previous is not None else None
+        previous_seqs = previous.sampling_seqs if previous is not None else None
         # a prompt-logprob step needs every row's hidden state: no lone-prefill graph (decode steps have no prompt rows)
-        batch, sampling_seqs = self.batch_builder.build(sched, pending, prefill_graphs=not prompt_logprobs)
+        batch, sampling_seqs = self.batch_builder.build(sched, previous_seqs, prefill_graphs=not prompt_logprobs)
         if batch.pending_dst is not None:
             batch.input_ids[batch.pending_dst] = previous.sampled.token_ids[batch.pending_src]
         chunks = {}
@@ -186,11 +189,12 @@ class ModelRunner:
         return chunks
 
     @staticmethod
-    def collect(handle: StepHandle) -> dict[int, SampleResult]:
-        """Wait for a launched step; its sampled result per seq_id."""
+    def collect(handle: StepHandle) -> tuple[list[int], dict[int, SampleResult]]:
+        """Wait for a launched step: the sampled id of each of `handle.sampling_seqs` (in order), and the full
+        result of the rows that asked for logprobs (by row)."""
         if handle.sampled is None:
-            return {}
-        return {seq.seq_id: result for seq, result in zip(handle.sampling_seqs, handle.sampled.results())}
+            return [], {}
+        return handle.sampled.host_results()
 
 
 @dataclass
@@ -201,6 +205,3 @@ class StepHandle:
     sampling_seqs: list
     sampled: Optional[SampledTokens]
     prompt_logprobs: dict[int, PromptLogprobsChunk] = field(default_factory=dict)  # seq_id -> its chunk's entries
-
-    def pending_index(self) -> dict[int, int]:
-        return {seq.seq_id: i for i, seq in enumerate(self.sampling_seqs)}

@@ -10,7 +10,7 @@ Logprobs are reported from the model's raw distribution (before penalties and te
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -27,6 +27,12 @@ class SamplingRow:
     num_prompt_tokens: int
     generator: Optional[random.Random]  # the request's own RNG (seeded requests); None: the shared one
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS while min_tokens is not reached
+    # greedy, no penalties, bans or logprobs: an argmax is all it needs (set from the fields above)
+    plain: bool = field(init=False)
+
+    def __post_init__(self):
+        p = self.params
+        self.plain = p.greedy and p.logprobs is None and not has_penalties(p) and not self.banned_token_ids
 
 
 @dataclass
@@ -51,6 +57,8 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> "SampledTokens":
         """Queue the sampling work on the logits' device; nothing waits for it."""
+        if all([r.plain for r in rows]):  # the common greedy batch: what the general path below reduces to
+            return SampledTokens(torch.argmax(logits, dim=-1))
         want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
         penalized = [i for i, r in enumerate(rows) if has_penalties(r.params)]
@@ -117,15 +125,22 @@ class SampledTokens:
             self._ready.record()
 
     def results(self) -> list[SampleResult]:
+        """One SampleResult per row (waits for the device)."""
+        ids, detailed = self.host_results()
+        return [detailed.get(i) or SampleResult(t) for i, t in enumerate(ids)]
+
+    def host_results(self) -> tuple[list[int], dict[int, SampleResult]]:
+        """Waits for the device. The chosen id of every row, and the full result (logprobs) of the rows that
+        asked for one, by row: most rows need no result object."""
         if self._ready is not None:
             self._ready.synchronize()
         ids = (self._host if self._host is not None else self.token_ids).tolist()
-        results = [SampleResult(t) for t in ids]
+        detailed = {}
         if self.logprob_rows:
             chosen, ranks, top_values, top_ids = (t.tolist() for t in self.logprobs)
             for j, (i, n) in enumerate(zip(self.logprob_rows, self.num_logprobs)):
-                results[i] = SampleResult(ids[i], chosen[j], ranks[j], list(zip(top_ids[j][:n], top_values[j][:n])))
-        return results
+                detailed[i] = SampleResult(ids[i], chosen[j], ranks[j], list(zip(top_ids[j][:n], top_values[j][:n])))
+        return ids, detailed
 
 
 NUCLEUS_SEARCH_WIDTH = 1024  # top-p looks among this many best tokens first; a full sort only if they fall short

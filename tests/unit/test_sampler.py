@@ -173,3 +173,27 @@ def test_top_p_is_exact_on_a_flat_32k_vocabulary(shape, top_p):
         reference = truncated_probs(logits / p.temperature, p.top_k, p.top_p, p.min_p)
         assert int((batched[i] > 0).sum()) == int((reference > 0).sum()), (i, p)
         assert torch.equal(batched[i] > 0, reference > 0), (i, p)
+
+
+def test_a_plain_greedy_batch_takes_the_argmax_shortcut_with_the_general_result():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
+    rows = [SamplingRow(SamplingParams(temperature=0.0), [1, 2], 1, None) for _ in range(6)]
+    assert all(row.plain for row in rows)
+    sampler = Sampler(seed=0)
+    state = sampler.rng.getstate()
+    fast = [r.token_id for r in sampler(logits, rows)]
+    assert sampler.rng.getstate() == state  # a greedy batch draws nothing
+    for row in rows:
+        row.plain = False  # through the general path
+    assert fast == [r.token_id for r in Sampler(seed=0)(logits, rows)] == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("params, banned", [
+    (SamplingParams(temperature=0.7), ()),
+    (SamplingParams(temperature=0.0, logprobs=2), ()),
+    (SamplingParams(temperature=0.0, repetition_penalty=1.2), ()),
+    (SamplingParams(temperature=0.0, presence_penalty=0.5), ()),
+    (SamplingParams(temperature=0.0), (4,)),
+], ids=["temperature", "logprobs", "repetition", "presence", "banned"])
+def test_rows_that_need_more_than_an_argmax_are_not_plain(params, banned):
+    assert not SamplingRow(params, [], 0, None, banned_token_ids=banned).plain
