@@ -261,16 +261,18 @@ def sweep(b: Bench, kernel: str, shape_desc: str, dtype, make_run, reference, ex
                 config=default, **extra)
     if len(configs) > 1:
         t_best, best, err_best = min(results, key=lambda r: r[0])
-        row.extra.update(best_us=round(t_best, 2), best_config=best, best_ok=bool(err_best <= tolerance))
+        row.extra.update(best_us=round(t_best, 2), best_config=best, best_ok=bool(err_best <= tolerance),
+                         sweep=[{"config": c, "us": round(t, 2)} for t, c, _ in results])
         print(f"    best of {len(configs)}: {t_best:.1f} us with {best} (max err {err_best:.3g})", flush=True)
     return row
 
 
 def bench_decode(b: Bench, shape: Shape, tune: bool) -> None:
     scale = shape.head_dim ** -0.5
-    default = dict(partition_size=DEFAULT_PARTITION, block_n=DEFAULT_BLOCK_N, num_warps=4, max_num_partitions=None,
-                   num_stages=3)
-    configs = [default]
+    # the kernel's own tiles (decode_tiles), then the fixed tiles it used before them
+    default = dict(partition_size=DEFAULT_PARTITION, block_n=None, num_warps=None, max_num_partitions=None,
+                   num_stages=None)
+    configs = [default, dict(default, block_n=64, num_warps=4, num_stages=3)]
     if tune:  # max_num_partitions None = the kernel's own cap (DECODE_TARGET_PROGRAMS programs)
         configs += [dict(partition_size=p, block_n=n, num_warps=w, max_num_partitions=None, num_stages=st)
                     for p in (64, 256) for n in (16, 32, 64) for w in (2, 4, 8) for st in (1, 2, 3, 4)

@@ -121,6 +121,9 @@ class BlockTableRows:
             raise RuntimeError(f"more than {len(self.owner)} running sequences hold a block-table row")
 
 
+SMALL_STEP_TOKENS = 512  # at least every CUDA graph's token count (cuda_graph.PREFILL_TOKENS, decode sizes)
+
+
 class BatchBuilder:
     """SchedulerOutput -> ForwardBatch, through a pinned staging buffer (two, used in turn: the host may
     build step N+1 while step N's copy is still queued)."""
@@ -138,9 +141,12 @@ class BatchBuilder:
                                         for dtype in (np.int64, np.int32))
         self._arange.flags.writeable = False
         self.max_tokens, self.max_seqs, self.max_blocks = max_num_tokens, max_num_seqs, max_blocks_per_seq
+        # Steps of at most `small` tokens (every decode and graph step) lay their six int64 arrays out `small`
+        # apart, so that their copy to the device is 6 * small values, not 6 * max_tokens (393 KB at 8192).
+        self.small = min(max_num_tokens, max(max_num_seqs, SMALL_STEP_TOKENS))
         self.on_host = device.type == "cpu"  # the staging buffers are the batch itself: no copy
-        # int64 region: ids, positions, slots, logits indices, pending dst, pending src (max T each)
-        # int32 region: query_start_loc [S+1], seq_lens [S], block tables [S, B]
+        # int64 region: ids, positions, slots, logits indices, pending dst, pending src (`stride` apart: small
+        # or max_tokens); int32 region: query_start_loc [S+1], seq_lens [S], block tables [S, B]
         self.staging = [self._staging_pair() for _ in range(1 if self.on_host else 2)]
         self.turn = 0
         self.host_views = [self._host_views(pair) for pair in self.staging]
@@ -156,6 +162,8 @@ class BatchBuilder:
         tokens) within graph_max_context tokens out exactly as the captured graphs read them: padded to the
         next size, block tables `graph_width` wide. The graphs' static inputs are these very device buffers,
         so a replay needs no copy besides the staging one."""
+        if max(sizes + prefill_tokens, default=0) > self.small:
+            raise ValueError(f"graph steps must fit the small-step layout of {self.small} tokens")
         self.graph_sizes, self.graph_prefill_tokens = sizes, prefill_tokens
 
     @property
@@ -164,14 +172,14 @@ class BatchBuilder:
 
     def clear_graph_rows(self) -> None:
         """Before capture: every row reads token 0 at position 0, writes no K/V and has an empty context."""
-        T = self.max_tokens
+        G = self.small  # graph steps are small steps
         self.device64.zero_()
         self.device32.zero_()
-        self.device64[2 * T:3 * T].fill_(-1)
+        self.device64[2 * G:3 * G].fill_(-1)
 
     def graph_batch(self, size: int) -> ForwardBatch:
         """The static decode batch of `size` rows: views of the device buffers that the graphs read."""
-        T, S, W = self.max_tokens, self.max_seqs, self.graph_width
+        T, S, W = self.small, self.max_seqs, self.graph_width
         d64, d32 = self.device64, self.device32
         return ForwardBatch(
             input_ids=d64[:size], positions=d64[T:T + size], slot_mapping=d64[2 * T:2 * T + size],
@@ -182,7 +190,7 @@ class BatchBuilder:
 
     def prefill_graph_batch(self, tokens: int) -> ForwardBatch:
         """The static one-sequence prefill of `tokens` rows (the real ones first, the rest padding)."""
-        T, S, W = self.max_tokens, self.max_seqs, self.graph_width
+        T, S, W = self.small, self.max_seqs, self.graph_width
         d64, d32 = self.device64, self.device32
         return ForwardBatch(
             input_ids=d64[:tokens], positions=d64[T:T + tokens], slot_mapping=d64[2 * T:2 * T + tokens],
@@ -204,10 +212,10 @@ class BatchBuilder:
         return None, None
 
     def _host_views(self, pair) -> tuple:
-        """numpy views of a staging pair: int64 whole, int32 whole, and the six int64 regions."""
+        """numpy views of a staging pair: int64 whole, int32 whole, and the six int64 regions laid out for small
+        steps and for large ones."""
         host64, host32 = pair[0].numpy(), pair[1].numpy()
-        T = self.max_tokens
-        return host64, host32, tuple(host64[i * T:(i + 1) * T] for i in range(6))
+        return host64, host32, {T: tuple(host64[i * T:(i + 1) * T] for i in range(6)) for T in (self.small, self.max_tokens)}
 
     def _views(self, n: int, num_logits: int, num_pending: int, rows_out: int, width: int) -> tuple:
         """The device-buffer views that a batch of this shape reads, made once per shape: slicing a tensor
@@ -217,7 +225,8 @@ class BatchBuilder:
         if views is None:
             if len(self._device_views) >= 1024:  # shapes seen long ago are unlikely to come back
                 self._device_views.clear()
-            T, S, d64, d32 = self.max_tokens, self.max_seqs, self.device64, self.device32
+            T = self._stride(n)
+            S, d64, d32 = self.max_seqs, self.device64, self.device32
             views = (d64[:n], d64[T:T + n], d64[2 * T:2 * T + n], d64[3 * T:3 * T + num_logits],
                      d64[4 * T:4 * T + num_pending] if num_pending else None,
                      d64[5 * T:5 * T + num_pending] if num_pending else None,
@@ -225,6 +234,10 @@ class BatchBuilder:
                      d32[2 * S + 1:2 * S + 1 + rows_out * width].view(rows_out, width))
             self._device_views[key] = views
         return views
+
+    def _stride(self, num_tokens: int) -> int:
+        """How far apart a step's six int64 arrays lie: `small` for small steps, else max_tokens."""
+        return self.small if num_tokens <= self.small else self.max_tokens
 
     def _staging_pair(self):
         pin = self.device.type == "cuda"
@@ -246,7 +259,9 @@ class BatchBuilder:
         if num_tokens > self.max_tokens or num_seqs > self.max_seqs:
             raise ValueError(f"step of {num_tokens} tokens / {num_seqs} sequences exceeds the runner's buffers")
         staging64, staging32 = self.staging[self.turn]
-        host64, host32, (ids, pos, slots, logit_rows, pending_dst, pending_src) = self.host_views[self.turn]
+        stride = self._stride(num_tokens)  # padding for a graph stays within the small layout
+        host64, host32, regions = self.host_views[self.turn]
+        ids, pos, slots, logit_rows, pending_dst, pending_src = regions[stride]
         self.turn = (self.turn + 1) % len(self.staging)
         bs = self.block_size
         rows = np.array(self.rows.rows_for(seqs), dtype=np.int64)
@@ -304,7 +319,7 @@ class BatchBuilder:
         if graph_tokens:  # the graph always reads one logits row: keep it in bounds
             logit_rows[0] = num_tokens - 1
         if not self.on_host:
-            self.device64.copy_(staging64, non_blocking=True)
+            self.device64[:6 * stride].copy_(staging64[:6 * stride], non_blocking=True)
             self.device32[:n32].copy_(staging32[:n32], non_blocking=True)
         views = self._views(padded, num_logits, num_pending, rows_out, width)
         batch = ForwardBatch(

@@ -128,3 +128,11 @@ def test_prefill_sequence_with_empty_context_gets_zeros(device):
                             block_m=16, block_n=16)
     torch.testing.assert_close(out[:3], batch.expected, **tolerance(torch.float32))
     assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def test_decode_tiles_follow_how_full_the_batch_keeps_the_gpu():
+    from photoninfer.kernels.paged_attention import DECODE_TARGET_PROGRAMS, decode_tiles
+
+    assert decode_tiles(256, 8) == (64, 4, 2)  # one program per (sequence, kv head) fills the card
+    assert decode_tiles(DECODE_TARGET_PROGRAMS // 8 - 1, 8) == (32, 4, 4)  # split contexts: deeper pipeline
+    assert decode_tiles(1, 8) == (32, 4, 4)

@@ -136,3 +136,25 @@ def test_reused_views_follow_the_shape_of_each_step():
     second, _ = builder.build(two)
     check_batch(second, seqs[:2], two, None, 4)
     assert second.input_ids.shape == (2,) and second.block_tables.shape[0] == 2
+
+
+def test_small_steps_lay_their_arrays_out_close_together():
+    """A step of at most `small` tokens keeps its six int64 arrays `small` apart (a short copy to the device);
+    a larger one `max_tokens` apart. Both lay the step out correctly, one after the other in the same buffers."""
+    builder = BatchBuilder(2048, 4, 80, 16, torch.device("cpu"))
+    assert builder.small == 512
+    long_seq = _running("long", 700, range(44))
+    long_seq.num_computed_tokens = 0
+    decode = [_running(f"d{i}", 30 + i, [50 + 2 * i, 51 + 2 * i]) for i in range(2)]
+    for sched, stride in [
+        (SchedulerOutput([ScheduledSequence(s, s.num_computed_tokens, s.num_computed_tokens + 1, True)
+                          for s in decode]), 512),
+        (SchedulerOutput([ScheduledSequence(long_seq, 0, 700, True)]), 2048),
+        (SchedulerOutput([ScheduledSequence(long_seq, 0, 300, False)]
+                         + [ScheduledSequence(s, s.num_computed_tokens, s.num_computed_tokens + 1, True)
+                            for s in decode]), 512),
+    ]:
+        batch, sampling = builder.build(sched)
+        check_batch(batch, sampling, sched, None, 16)
+        assert batch.positions.storage_offset() == stride
+        assert batch.slot_mapping.storage_offset() == 2 * stride
