@@ -134,5 +134,6 @@ def test_decode_tiles_follow_how_full_the_batch_keeps_the_gpu():
     from photoninfer.kernels.paged_attention import DECODE_TARGET_PROGRAMS, decode_tiles
 
     assert decode_tiles(256, 8) == (64, 4, 2)  # one program per (sequence, kv head) fills the card
-    assert decode_tiles(DECODE_TARGET_PROGRAMS // 8 - 1, 8) == (32, 4, 4)  # split contexts: deeper pipeline
-    assert decode_tiles(1, 8) == (32, 4, 4)
+    assert decode_tiles(DECODE_TARGET_PROGRAMS // 8, 8) == (64, 4, 2)
+    assert decode_tiles(16, 8) == decode_tiles(63, 8) == (32, 4, 4)  # split contexts: deeper pipeline
+    assert decode_tiles(1, 8) == decode_tiles(64, 8) == (64, 4, 3)
