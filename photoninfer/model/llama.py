@@ -84,6 +84,7 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.fast_path = False  # the CPU fast path's forward (cpu_fast.py), set by use_cpu_fast_path()
 
     def use_kernels(self) -> None:
         """Fused Triton kernels for the norms and SiLU·mul (CUDA); the torch code stays their reference."""
@@ -95,10 +96,18 @@ class CausalLM(nn.Module):
             elif isinstance(module, MLP):
                 module.act = silu_and_mul_kernel
 
+    def use_cpu_fast_path(self) -> None:
+        """Run the forward of cpu_fast.py (packed weights on the CPU, torch attention backend)."""
+        self.fast_path = True
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]. kv_caches[i]: [2, blocks, block, Hkv, D];
         `meta` is what the attention backend's prepare() built for this batch."""
+        if self.fast_path:
+            from photoninfer.model.cpu_fast import fast_forward
+
+            return fast_forward(self, input_ids, positions, kv_caches, meta)
         x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.rope, kv_cache, self.attention, meta)

@@ -107,12 +107,14 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     if swapped:
         logger.info("%d layers run packed (%s)", len(swapped), ", ".join(sorted(set(swapped.values()))))
     refined_head = pack and dtype == torch.float32 and device.type == "cpu"
+    if pack and device.type == "cpu":
+        model.use_cpu_fast_path()
     cacheable = checkpoint.format == "gguf" and device.type == "cpu"
     cached = weight_cache.load_weights(checkpoint.path, dtype, device, pack) if cacheable else None
     if cached is not None:
         plain_head = model.lm_head
         if refined_head:
-            _use_refined_head(model)
+            _use_refined_head(model, prepare=False)  # its derived copies come from the cache
         if _adopt_state(model, cached):
             logger.info("weights of %s mapped from the cache", checkpoint.path)
             return model.eval()
@@ -125,12 +127,12 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     return model.eval()
 
 
-def _use_refined_head(model) -> None:
-    """The fast path's LM head: bf16 logits with the top ones exact in float32 (quant/head.py)."""
-    from photoninfer.quant.head import RefinedBf16Head
+def _use_refined_head(model, prepare: bool = True) -> None:
+    """The fast path's LM head: approximate logits with the top ones exact in float32 (quant/head.py)."""
+    from photoninfer.quant.head import RefinedHead
 
     source = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    model.lm_head = RefinedBf16Head(source.data)
+    model.lm_head = RefinedHead(source.data, prepare=prepare)
 
 
 @contextlib.contextmanager

@@ -5,17 +5,23 @@ torch's CPU kernel `_weight_int4pack_mm_for_cpu` computes with w = (q - 8) * sca
 8 * scale; scales and zeros are bfloat16 (the kernel's only fast dtype, with bf16 activations), which rounds
 them to 8 significant bits, the only difference from the float32 dequantize-then-matmul reference
 (`F.linear(x, blocks.dequantize())`, what the tests compare against).
+
+The kernel is a matrix-vector product at heart: its time grows with the number of rows, while a bf16 matmul
+(AMX/AVX-512) costs about the same for 1 or 16 rows. So each layer also keeps the weight it computes with as
+a dense bf16 matrix, used from DENSE_MIN_ROWS rows on (batched decode, prefill).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from photoninfer.errors import ModelLoadError
 from photoninfer.quant.gguf_blocks import GROUP_SIZE, INT4_TYPES, GGUFBlocks, decode_int4
 
 ACTIVATION_DTYPE = torch.bfloat16
+DENSE_MIN_ROWS = 8  # from here on the dense bf16 matmul is faster (measured on 2 AVX-512/AMX cores)
 
 
 def int4_kernel_fits(in_features: int, out_features: int) -> bool:
@@ -39,6 +45,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("_scales", torch.empty(out_features, groups, dtype=torch.float32), persistent=False)
         self.register_buffer("_biases", torch.empty(out_features, groups, dtype=torch.float32), persistent=False)
         self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=ACTIVATION_DTYPE))
+        self.register_buffer("dense", torch.empty(out_features, in_features, dtype=ACTIVATION_DTYPE))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=ACTIVATION_DTYPE), requires_grad=False) if bias else None
 
     def load_blocks(self, param: nn.Parameter, blocks, shard=None) -> None:
@@ -59,14 +66,26 @@ class Int4Linear(nn.Module):
         """Pack the codes for the CPU kernel; scales/zeros become [groups, out, 2] bf16."""
         zeros = self._biases + 8 * self._scales
         self.scales_and_zeros = torch.stack([self._scales.t(), zeros.t()], dim=-1).to(ACTIVATION_DTYPE).contiguous()
+        self.dense = dense_weight(self.weight.data, self.scales_and_zeros)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.weight.data.to(torch.int32), 1)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self._scales = self._biases = None  # the loading buffers are not needed any more
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in_features] -> [T, out_features] in x's dtype (computed with bf16 activations)."""
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(ACTIVATION_DTYPE), self.weight, GROUP_SIZE,
-                                                       self.scales_and_zeros)
+        if x.shape[0] >= DENSE_MIN_ROWS:
+            y = F.linear(x.to(ACTIVATION_DTYPE), self.dense)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(ACTIVATION_DTYPE), self.weight, GROUP_SIZE,
+                                                           self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
+
+
+def dense_weight(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """The weight the kernel computes with, (q - 8) * scale + zero from the bf16 scales and zeros, as a
+    dense bf16 [out, in] matrix. codes: uint8 [out, in]; scales_and_zeros: [groups, out, 2]."""
+    scales = scales_and_zeros[..., 0].t().float().repeat_interleave(GROUP_SIZE, dim=1)
+    zeros = scales_and_zeros[..., 1].t().float().repeat_interleave(GROUP_SIZE, dim=1)
+    return ((codes.float() - 8) * scales + zeros).to(ACTIVATION_DTYPE)

@@ -40,8 +40,10 @@ class TorchAttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T]
     decode_rows: Optional[torch.Tensor] = None  # [Sd] rows of sequences with exactly one query token
-    decode_slots: Optional[torch.Tensor] = None  # [Sd, Lmax] their context slots, padded
-    decode_valid: Optional[torch.Tensor] = None  # [Sd, Lmax] False on padding
+    decode_only: bool = False  # every row decodes, in order: decode_rows is 0..T-1
+    decode_blocks: Optional[torch.Tensor] = None  # [Sd * Bmax] their block tables, flat, padded
+    decode_width: int = 0  # Lmax: the longest of their contexts
+    decode_valid: Optional[torch.Tensor] = None  # [Sd, 1, 1, Lmax] False on padding; None: no padding
     prefills: list[PrefillSlice] = field(default_factory=list)
 
 
@@ -71,12 +73,16 @@ class TorchPagedAttention:
         q_lens = query_start[1:] - query_start[:-1]
         decode = (q_lens == 1).nonzero()[0].tolist()
         if decode:
-            index = torch.tensor(decode, device=batch.block_tables.device)
-            lens = batch.seq_lens[index]
-            meta.decode_rows = torch.tensor(query_start[decode], dtype=torch.long, device=batch.block_tables.device)
-            width = int(seq_lens[decode].max())
-            meta.decode_slots = context_slots(batch.block_tables[index], width, self.block_size)
-            meta.decode_valid = torch.arange(width, device=lens.device) < lens[:, None]
+            device = batch.block_tables.device
+            meta.decode_only = len(decode) == len(q_lens)
+            index = torch.tensor(decode, device=device)
+            meta.decode_rows = torch.tensor(query_start[decode], dtype=torch.long, device=device)
+            lens = seq_lens[decode]
+            width = meta.decode_width = int(lens.max())
+            meta.decode_blocks = batch.block_tables[index, :-(-width // self.block_size)].reshape(-1).long()
+            if (lens != width).any():
+                valid = torch.arange(width, device=device) < batch.seq_lens[index, None]
+                meta.decode_valid = valid[:, None, None, :]
         for i in (q_lens > 1).nonzero()[0].tolist():
             slots = context_slots(batch.block_tables[i:i + 1], int(seq_lens[i]), self.block_size)[0]
             meta.prefills.append(PrefillSlice(int(query_start[i]), int(query_start[i + 1]), slots))
@@ -93,38 +99,45 @@ class TorchPagedAttention:
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                meta: TorchAttentionMetadata) -> torch.Tensor:
         """Attention of q's rows over the cache, which already holds this step's K/V."""
+        if meta.decode_only:
+            return self._decode(q, k_cache, v_cache, meta)
         k_flat = k_cache.view(-1, *k_cache.shape[2:])
         v_flat = v_cache.view(-1, *v_cache.shape[2:])
         out = torch.empty_like(q)
         if meta.decode_rows is not None:
-            out[meta.decode_rows] = self._decode(q[meta.decode_rows], k_flat[meta.decode_slots],
-                                                 v_flat[meta.decode_slots], meta.decode_valid)
+            out[meta.decode_rows] = self._decode(q[meta.decode_rows], k_cache, v_cache, meta)
         for p in meta.prefills:
             out[p.start:p.end] = self._prefill(q[p.start:p.end], k_flat[p.slots], v_flat[p.slots])
         return out
 
-    def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """q: [S, Hq, D]; keys, values: [S, L, Hkv, D] padded; valid: [S, L]."""
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: TorchAttentionMetadata) -> torch.Tensor:
+        """q: [S, Hq, D], one query per sequence over its whole context. Whole blocks are gathered (one
+        copy per cache), cut to the longest context; shorter ones are masked."""
         num_seqs, num_heads, head_dim = q.shape
-        num_kv_heads = keys.shape[2]
-        q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # query heads grouped per kv head
-        scores = torch.einsum("shgd,slhd->shgl", q, keys.to(q.dtype)).float() * self.scale
-        scores.masked_fill_(~valid[:, None, None, :], -float("inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        return torch.einsum("shgl,slhd->shgd", probs, values.to(q.dtype)).reshape(num_seqs, num_heads, head_dim)
+        num_kv_heads = k_cache.shape[2]
+
+        def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [S, Hkv, Lmax, D]
+            rows = cache.index_select(0, meta.decode_blocks).view(num_seqs, -1, num_kv_heads, head_dim)
+            return rows[:, :meta.decode_width].transpose(1, 2).to(q.dtype)
+
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), gather(k_cache), gather(v_cache),
+                                             attn_mask=meta.decode_valid, scale=self.scale, enable_gqa=True)
+        return out.view(num_seqs, num_heads, head_dim)
 
     def _prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Causal attention of the last len(q) positions of a context of len(keys) tokens."""
         num_q, ctx = q.shape[0], keys.shape[0]
-        group = q.shape[1] // keys.shape[1]
-        keys = keys.to(q.dtype).repeat_interleave(group, dim=1)
-        values = values.to(q.dtype).repeat_interleave(group, dim=1)
+        keys, values = keys.to(q.dtype).transpose(0, 1), values.to(q.dtype).transpose(0, 1)
+        if num_q == ctx:  # a whole prompt: plain causal attention
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, is_causal=True, scale=self.scale,
+                                                 enable_gqa=True)
+            return out.transpose(0, 1)
         # query j sits at position ctx - num_q + j and may see keys 0..that position
         q_pos = torch.arange(ctx - num_q, ctx, device=q.device).unsqueeze(1)
         mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= q_pos
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=self.scale
-        )
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, scale=self.scale,
+                                             enable_gqa=True)
         return out.transpose(0, 1)
 
 

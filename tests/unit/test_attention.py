@@ -1,5 +1,6 @@
 """The torch paged-attention reference against plain causal attention over contiguous K/V."""
 
+import pytest
 import torch
 
 import numpy as np
@@ -70,3 +71,49 @@ def test_paged_attention_matches_contiguous_attention_for_mixed_batches():
     for i, q in enumerate(q_rows):
         expected = naive_attention(q, full_k[i], full_v[i], scale)
         torch.testing.assert_close(out[query_start[i]:query_start[i + 1]], expected, rtol=1e-5, atol=1e-5)
+
+
+def _attention_reference(q, k, v, scale):
+    """One query per sequence over its whole context: q [Hq, D]; k, v [L, Hkv, D]."""
+    group = q.shape[0] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    probs = torch.softmax(torch.einsum("hd,lhd->hl", q, k) * scale, dim=-1)
+    return torch.einsum("hl,lhd->hd", probs, v)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (9, 3)])
+@pytest.mark.parametrize("lens", [[1], [13], [9, 9], [3, 17, 8, 4], [16, 32]])
+def test_decode_only_steps_gather_whole_blocks_and_mask_the_padding(heads, kv_heads, lens):
+    """A step where every sequence decodes: one batched attention over whole gathered blocks (scattered,
+    out of order), with the padding of shorter contexts masked, including GQA groups of 1 and 3."""
+    g = torch.Generator().manual_seed(len(lens) * 100 + heads)
+    num_blocks = 64
+    kv_cache = torch.randn(2, num_blocks, BLOCK, kv_heads, D, generator=g)  # unused slots hold values too
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[free.pop() for _ in range(-(-n // BLOCK))] for n in lens]
+    slots = [t[(n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK for t, n in zip(tables, lens)]
+    batch = ForwardBatch.for_attention(torch.tensor(slots), list(range(len(lens) + 1)), lens, tables)
+    backend = TorchPagedAttention(D**-0.5, BLOCK)
+    meta = backend.prepare(batch)
+    assert meta.decode_only and (meta.decode_valid is None) == (len(set(lens)) == 1)
+    q = torch.randn(len(lens), heads, D, generator=g)
+    out = backend.attend(q, kv_cache[0], kv_cache[1], meta)
+    for i, (table, n) in enumerate(zip(tables, lens)):
+        context = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)])
+        k = kv_cache[0].reshape(-1, kv_heads, D)[context]
+        v = kv_cache[1].reshape(-1, kv_heads, D)[context]
+        torch.testing.assert_close(out[i], _attention_reference(q[i], k, v, D**-0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_whole_prompt_prefill_is_causal():
+    g = torch.Generator().manual_seed(3)
+    n = 11
+    kv_cache = torch.zeros(2, 8, BLOCK, HKV, D)
+    table = [5, 2, 7]
+    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)])
+    k, v = torch.randn(n, HKV, D, generator=g), torch.randn(n, HKV, D, generator=g)
+    q = torch.randn(n, HQ, D, generator=g)
+    backend = TorchPagedAttention(D**-0.5, BLOCK)
+    meta = backend.prepare(ForwardBatch.for_attention(slots, [0, n], [n], [table]))
+    out = backend.forward(q, k, v, torch.arange(n), lambda positions, q, k: (q, k), kv_cache, meta)
+    torch.testing.assert_close(out, naive_attention(q, k, v, D**-0.5), rtol=1e-5, atol=1e-5)

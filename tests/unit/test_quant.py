@@ -73,6 +73,21 @@ def test_int4_linear_matches_its_dequantized_reference(qtype):
     assert (F.linear(x, reference_weight.roll(1, 0)) - expected).abs().max() > 0.2 * expected.abs().max()
 
 
+def test_int4_linear_dense_copy_computes_what_the_kernel_computes():
+    """From DENSE_MIN_ROWS rows on, the layer multiplies by its dense bf16 copy; row by row it runs the kernel."""
+    from photoninfer.quant.int4 import DENSE_MIN_ROWS
+
+    layer = Int4Linear(256, 64)
+    layer.weight.weight_loader(layer.weight, blocks_of(Q.Q4_1, 64, 256), None)
+    layer.process_weights_after_loading()
+    x = torch.randn(DENSE_MIN_ROWS + 3, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
+    batched = layer(x).float()
+    row_by_row = torch.cat([layer(x[i:i + 1]) for i in range(len(x))]).float()
+    # the same weights; only the bf16 rounding of the output and the summation order differ
+    torch.testing.assert_close(batched, row_by_row, rtol=1e-2, atol=1e-2 * row_by_row.abs().max().item())
+    assert not torch.allclose(batched, row_by_row.roll(1, 0), rtol=1e-2, atol=1e-2 * row_by_row.abs().max().item())
+
+
 def test_int4_linear_refuses_other_types_and_wrong_shapes():
     layer = Int4Linear(256, 32)
     with pytest.raises(ModelLoadError, match="Q6_K"):
@@ -202,30 +217,45 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
     assert weight_cache.load_weights(path, torch.float32, CPU, pack=True) is not None  # rewritten
 
 
-def test_refined_bf16_head_has_the_float32_argmax_and_top_logits():
-    from photoninfer.quant.head import RefinedBf16Head
+@pytest.mark.parametrize("rows", [3, 12])  # the packed 4-bit head below 8 rows, the bf16 one from 8 on
+def test_refined_head_has_the_float32_argmax_and_top_logits(rows):
+    from photoninfer.quant.head import RefinedHead
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(4096, 64, generator=gen)
-    hidden = torch.randn(6, 64, generator=gen) * 3
+    hidden = torch.randn(rows, 64, generator=gen) * 3
     expected = F.linear(hidden, weight)
-    got = RefinedBf16Head(weight, refine=16)(hidden)
-    top = expected.topk(8, dim=-1).indices  # well inside the 16 refined (the 16th may swap with the 17th)
+    got = RefinedHead(weight, refine=32)(hidden)
+    top = expected.topk(8, dim=-1).indices  # well inside the 32 refined (the 32nd may swap with the 33rd)
     torch.testing.assert_close(got.gather(1, top), expected.gather(1, top), rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
-    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()  # the tail: bf16's precision
+    assert (got - expected).abs().max() <= 0.1 * expected.abs().max()  # the tail: 4-bit / bf16 precision
     plain_bf16 = F.linear(hidden.bfloat16(), weight.bfloat16()).float()
     assert not torch.allclose(plain_bf16.gather(1, top), expected.gather(1, top), rtol=1e-5, atol=1e-5)
 
 
+def test_int4_head_packing_is_close_to_its_weight():
+    from photoninfer.quant.head import pack_int4
+
+    weight = torch.randn(256, 128, generator=torch.Generator().manual_seed(1))
+    packed, scales_and_zeros = pack_int4(weight)
+    identity = torch.eye(128, dtype=torch.bfloat16)
+    dequantized = torch.ops.aten._weight_int4pack_mm_for_cpu(identity, packed, 32, scales_and_zeros).float().t()
+    step = (weight.view(256, 4, 32).amax(-1) - weight.view(256, 4, 32).amin(-1)) / 15  # one code's width
+    error = (dequantized - weight).abs().view(256, 4, 32).amax(-1)
+    assert (error <= 0.5 * step + 0.02).all()  # half a step, plus bf16 rounding of scale and zero
+    assert error.mean() > 0.05 * step.mean()  # it is quantized
+
+
 def test_packed_model_uses_the_refined_head_also_from_the_cache(tmp_path):
-    from photoninfer.quant.head import RefinedBf16Head
+    from photoninfer.quant.head import RefinedHead
 
     path = write_quantized_gguf(tmp_path / "model.gguf", Q.Q4_1, layers=1)
     for _ in range(2):  # built, then mapped from the cache
         model = build_model(load_checkpoint(path), CPU, torch.float32, pack=True)
-        assert isinstance(model.lm_head, RefinedBf16Head)
+        assert isinstance(model.lm_head, RefinedHead)
         assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()  # tied: one copy
-        hidden = torch.randn(2, HIDDEN)
-        expected = F.linear(hidden, model.embed_tokens.weight)
-        assert torch.equal(model.compute_logits(hidden).argmax(-1), expected.argmax(-1))
+        for rows in (2, 9):  # the packed head and the bf16 one
+            hidden = torch.randn(rows, HIDDEN)
+            expected = F.linear(hidden, model.embed_tokens.weight)
+            assert torch.equal(model.compute_logits(hidden).argmax(-1), expected.argmax(-1))

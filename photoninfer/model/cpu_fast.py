@@ -1,0 +1,86 @@
+"""The decoder forward of the CPU fast path: the model of llama.py in fewer, larger torch ops.
+
+Used when the CPU runs packed 4-bit weights (dtype auto or bfloat16, config.packs_weights); dtype float32
+keeps the reference forward of llama.py, which this one is tested against. On a small model most of a decode
+step is per-op overhead, so:
+  * what every layer shares is computed once per step (the rotary cos/sin of the step's positions);
+  * the matmuls take and give bf16 (the packed kernels' fast dtype): norms hand them bf16 directly and
+    SiLU·mul runs on their bf16 output; the residual stream, RoPE and attention stay in the model dtype
+    (float32 for auto);
+  * the norms are torch's fused rms_norm, and q and k rotate as one tensor (they are adjacent in qkv).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from photoninfer.runner.attention import write_kv
+
+MATMUL_DTYPE = torch.bfloat16
+
+
+class StepRope:
+    """The rotary tables of one step's positions, shared by all layers: x -> x * cos + swap_halves(x) * sin,
+    with sin's first half negated (the same products and sums as layers.RotaryEmbedding)."""
+
+    def __init__(self, rope, positions: torch.Tensor):
+        cos, sin = rope.cos[positions], rope.sin[positions]  # [T, D/2] float32
+        self.cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)  # [T, 1, D]
+        self.sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float32 [T, H, D] -> rotated, float32."""
+        half = x.shape[-1] // 2
+        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return x * self.cos + swapped * self.sin
+
+
+def fast_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                 meta) -> torch.Tensor:
+    """CausalLM.forward's contract: input_ids, positions [T] -> hidden states [T, hidden] (model dtype)."""
+    rope = StepRope(model.rope, positions)
+    residual = None
+    x = model.embed_tokens(input_ids)
+    for layer, kv_cache in zip(model.layers, kv_caches):
+        residual = x if residual is None else residual + x
+        x = _attention(layer.self_attn, _norm(layer.input_layernorm, residual), rope, kv_cache, model.attention, meta)
+        residual = residual + x
+        x = _mlp(layer.mlp, _norm(layer.post_attention_layernorm, residual))
+    return model.norm.normalize(residual + x)  # the reference norm: the LM head's input as in float32
+
+
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps).to(MATMUL_DTYPE)
+
+
+def _matmul(linear, x: torch.Tensor) -> torch.Tensor:
+    """bf16 in, bf16 out; a layer that is not packed (e.g. a K-quant q/k/v mix) runs in its own dtype."""
+    weight = getattr(linear, "dense", linear.weight)
+    if weight.dtype == MATMUL_DTYPE:
+        return linear(x)
+    return linear(x.to(weight.dtype)).to(MATMUL_DTYPE)
+
+
+def _attention(attn, x: torch.Tensor, rope: StepRope, kv_cache: torch.Tensor, backend, meta) -> torch.Tensor:
+    num_tokens, heads, kv_heads, head_dim = x.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
+    qkv = _matmul(attn.qkv_proj, x).float()
+    qk = qkv[:, :attn.q_size + attn.kv_size].view(num_tokens, heads + kv_heads, head_dim)
+    v = qkv[:, attn.q_size + attn.kv_size:].view(num_tokens, kv_heads, head_dim)
+    if attn.q_norm is not None:  # Qwen3: each head normalized before rotating it
+        qk = torch.cat((_head_norm(attn.q_norm, qk[:, :heads]), _head_norm(attn.k_norm, qk[:, heads:])), dim=1)
+    qk = rope.rotate(qk)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    write_kv(k_cache, v_cache, qk[:, heads:], v, meta.slot_mapping)
+    out = backend.attend(qk[:, :heads].to(k_cache.dtype), k_cache, v_cache, meta)
+    return _matmul(attn.o_proj, out.reshape(num_tokens, attn.q_size).to(MATMUL_DTYPE))
+
+
+def _head_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, norm.weight.shape, norm.weight.float(), norm.eps)
+
+
+def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    gate_up = _matmul(mlp.gate_up_proj, x)
+    size = mlp.intermediate_size
+    return _matmul(mlp.down_proj, F.silu(gate_up[:, :size]) * gate_up[:, size:])
