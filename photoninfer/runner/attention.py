@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +45,7 @@ class TorchAttentionMetadata:
     decode_blocks: Optional[torch.Tensor] = None  # [Sd * Bmax] their block tables, flat, padded
     decode_width: int = 0  # Lmax: the longest of their contexts
     decode_valid: Optional[torch.Tensor] = None  # [Sd, 1, 1, Lmax] False on padding; None: no padding
+    decode_first_block: Optional[int] = None  # a lone decoding sequence whose blocks are consecutive: the first
     prefills: list[PrefillSlice] = field(default_factory=list)
 
 
@@ -83,6 +85,10 @@ class TorchPagedAttention:
             if (lens != width).any():
                 valid = torch.arange(width, device=device) < batch.seq_lens[index, None]
                 meta.decode_valid = valid[:, None, None, :]
+            elif len(decode) == 1 and device.type == "cpu":  # (no device sync for this check)
+                blocks = meta.decode_blocks.numpy()
+                if (np.diff(blocks) == 1).all():  # the usual single stream: its context is a view, no copy
+                    meta.decode_first_block = int(blocks[0])
         for i in (q_lens > 1).nonzero()[0].tolist():
             slots = context_slots(batch.block_tables[i:i + 1], int(seq_lens[i]), self.block_size)[0]
             meta.prefills.append(PrefillSlice(int(query_start[i]), int(query_start[i + 1]), slots))
@@ -118,7 +124,11 @@ class TorchPagedAttention:
         num_kv_heads = k_cache.shape[2]
 
         def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [S, Hkv, Lmax, D]
-            rows = cache.index_select(0, meta.decode_blocks).view(num_seqs, -1, num_kv_heads, head_dim)
+            if meta.decode_first_block is not None:
+                rows = cache[meta.decode_first_block:meta.decode_first_block + len(meta.decode_blocks)]
+            else:
+                rows = cache.index_select(0, meta.decode_blocks)
+            rows = rows.view(num_seqs, -1, num_kv_heads, head_dim)
             return rows[:, :meta.decode_width].transpose(1, 2).to(q.dtype)
 
         out = F.scaled_dot_product_attention(q.unsqueeze(2), gather(k_cache), gather(v_cache),

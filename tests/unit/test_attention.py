@@ -117,3 +117,19 @@ def test_whole_prompt_prefill_is_causal():
     meta = backend.prepare(ForwardBatch.for_attention(slots, [0, n], [n], [table]))
     out = backend.forward(q, k, v, torch.arange(n), lambda positions, q, k: (q, k), kv_cache, meta)
     torch.testing.assert_close(out, naive_attention(q, k, v, D**-0.5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("table,in_place", [([3, 4, 5], True), ([3, 5, 4], False)])
+def test_lone_sequence_with_consecutive_blocks_reads_the_cache_in_place(table, in_place):
+    g = torch.Generator().manual_seed(4)
+    n = 10
+    kv_cache = torch.randn(2, 8, BLOCK, HKV, D, generator=g)
+    slot = table[(n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK
+    backend = TorchPagedAttention(D**-0.5, BLOCK)
+    meta = backend.prepare(ForwardBatch.for_attention(torch.tensor([slot]), [0, 1], [n], [table]))
+    assert (meta.decode_first_block == 3) if in_place else meta.decode_first_block is None
+    q = torch.randn(1, HQ, D, generator=g)
+    context = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)])
+    k, v = (kv_cache[i].reshape(-1, HKV, D)[context] for i in (0, 1))
+    out = backend.attend(q, kv_cache[0], kv_cache[1], meta)
+    torch.testing.assert_close(out[0], _attention_reference(q[0], k, v, D**-0.5), rtol=1e-5, atol=1e-5)
