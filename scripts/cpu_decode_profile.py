@@ -2,6 +2,7 @@
 on the bundled SmolLM2 GGUF (or --model), then optionally the top torch ops of a decode step.
 
     python scripts/cpu_decode_profile.py [--dtype auto] [--batch 1,16] [--context 128] [--profile 1]
+                                         [--threads 1 --cpu-time]
 
 Each figure is the best of --repeat runs (the machine may be shared). The forward, the LM head on the last
 row of each sequence and an arg-max are timed, as the engine runs them; scheduling and sampling are not.
@@ -53,13 +54,13 @@ class Harness:
         return self.model.compute_logits(hidden[last]).argmax(-1)
 
 
-def best_ms(fn, repeat: int, inner: int) -> float:
+def best_ms(fn, repeat: int, inner: int, clock=time.perf_counter) -> float:
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         for _ in range(inner):
             fn()
-        times.append((time.perf_counter() - t) / inner)
+        times.append((clock() - t) / inner)
     return 1000 * min(times)
 
 
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile", default="", help="batch sizes to profile with torch.profiler")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the process's CPU time (with --threads 1: robust on a shared machine)")
     args = parser.parse_args()
     threads = set_cpu_threads(args.threads)
     device = torch.device("cpu")
@@ -84,12 +87,14 @@ def main() -> None:
                         pack=packs_weights(args.dtype, device))
     batches = [int(b) for b in args.batch.split(",")]
     h = Harness(model, dtype, max(batches + [1]), args.context + args.prefill + args.steps * args.repeat + 8)
-    print(f"dtype {args.dtype} ({dtype}), {threads} threads, context {args.context}")
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    print(f"dtype {args.dtype} ({dtype}), {threads} threads, context {args.context}, "
+          f"{'CPU' if args.cpu_time else 'wall'} time")
     for b in batches:
         h.step([0] * b, [args.context] * b)  # fill the caches
-        ms = best_ms(lambda: h.step([args.context] * b, [1] * b), args.repeat, args.steps)
+        ms = best_ms(lambda: h.step([args.context] * b, [1] * b), args.repeat, args.steps, clock)
         print(f"decode batch {b:3d}: {ms:7.2f} ms/step  {b * 1000 / ms:7.1f} tok/s")
-    ms = best_ms(lambda: h.step([0], [args.prefill]), args.repeat, 1)
+    ms = best_ms(lambda: h.step([0], [args.prefill]), args.repeat, 1, clock)
     print(f"prefill {args.prefill} tokens: {ms:7.2f} ms")
     for b in [int(b) for b in args.profile.split(",") if b]:
         from torch.profiler import ProfilerActivity, profile
