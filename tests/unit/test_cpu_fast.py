@@ -70,3 +70,27 @@ def test_fast_forward_matches_the_reference_forward(kind, prompt_lens):
         assert (g - e).abs().max() <= 3e-2 * e.abs().max()
     # and not trivially: another step's states are far off
     assert (got[-1] - expected[-2]).abs().max() > 0.3 * expected[-1].abs().max()
+
+
+def test_packed_layers_multiply_by_their_reordered_dense_copy_from_8_rows_on():
+    import gguf
+    import numpy as np
+    import torch.nn.functional as F
+
+    from photoninfer.model import cpu_fast
+    from photoninfer.quant.gguf_blocks import GGUFBlocks
+    from photoninfer.quant.int4 import DENSE_MIN_ROWS, Int4Linear
+
+    weight = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    raw = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q4_1)
+    layer = Int4Linear(256, 64)
+    layer.weight.weight_loader(layer.weight, GGUFBlocks("Q4_1", (64, 256), torch.from_numpy(raw)), None)
+    layer.process_weights_after_loading()
+    model = torch.nn.ModuleDict({"proj": layer})
+    cpu_fast._reorder_dense_weights(model)
+    assert model.onednn_ready
+    x = torch.randn(DENSE_MIN_ROWS + 4, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
+    if torch.backends.mkldnn.is_available():
+        assert layer.onednn_weight is not None
+    assert torch.equal(cpu_fast._matmul(layer, x), F.linear(x, layer.dense))  # the same product, another layout
+    assert torch.equal(cpu_fast._matmul(layer, x[:3]), layer(x[:3]))  # few rows: the 4-bit kernel
