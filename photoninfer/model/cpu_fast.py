@@ -8,9 +8,11 @@ step is per-op overhead, so:
     SiLU·mul runs on their bf16 output; the residual stream, RoPE and attention stay in the model dtype
     (float32 for auto);
   * the norms are torch's fused rms_norm, and q and k rotate as one tensor (they are adjacent in qkv);
-  * from DENSE_MIN_ROWS rows on, the packed layers' dense bf16 copies are multiplied in oneDNN's own blocked
+  * the packed layers run the 4-bit kernel only in decode steps of fewer than DENSE_MIN_ROWS rows; every
+    other step (batched decode, any prompt) multiplies by their dense bf16 copies, in oneDNN's own blocked
     layout, reordered once at the first forward (~0.1 s): F.linear would reorder them on every call, which
-    costs a third of a batched step over weights that no longer sit in the cache.
+    costs a third of a batched step over weights that no longer sit in the cache. Choosing by the kind of
+    step, not only by its rows, keeps a prompt's tokens the same alone or batched with other prompts.
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ def fast_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_cac
     if not getattr(model, "onednn_ready", False):
         _reorder_dense_weights(model)
     rope = StepRope(model.rope, positions)
+    dense = not (meta.decode_only and len(input_ids) < DENSE_MIN_ROWS)
     residual = None
     x = model.embed_tokens(input_ids)
     for layer, kv_cache in zip(model.layers, kv_caches):
         residual = x if residual is None else residual + x
-        x = _attention(layer.self_attn, _norm(layer.input_layernorm, residual), rope, kv_cache, model.attention, meta)
+        x = _attention(layer.self_attn, _norm(layer.input_layernorm, residual), rope, kv_cache, model.attention,
+                       meta, dense)
         residual = residual + x
-        x = _mlp(layer.mlp, _norm(layer.post_attention_layernorm, residual))
+        x = _mlp(layer.mlp, _norm(layer.post_attention_layernorm, residual), dense)
     return model.norm.normalize(residual + x)  # the reference norm: the LM head's input as in float32
 
 
@@ -70,20 +74,22 @@ def _reorder_dense_weights(model) -> None:
     model.onednn_ready = True
 
 
-def _matmul(linear, x: torch.Tensor) -> torch.Tensor:
-    """bf16 in, bf16 out; a layer that is not packed (e.g. a K-quant q/k/v mix) runs in its own dtype."""
-    onednn_weight = getattr(linear, "onednn_weight", None)
-    if onednn_weight is not None and x.shape[0] >= DENSE_MIN_ROWS:  # computes exactly F.linear(x, linear.dense)
-        return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, linear.bias, "none", [], "")
-    weight = getattr(linear, "dense", linear.weight)
-    if weight.dtype == MATMUL_DTYPE:
-        return linear(x)
-    return linear(x.to(weight.dtype)).to(MATMUL_DTYPE)
+def _matmul(linear, x: torch.Tensor, dense: bool) -> torch.Tensor:
+    """bf16 in, bf16 out; `dense`: a packed layer multiplies by its dense copy. A layer that is not packed
+    (e.g. a K-quant q/k/v mix) runs in its own dtype."""
+    if dense and isinstance(linear, Int4Linear):
+        onednn_weight = getattr(linear, "onednn_weight", None)
+        if onednn_weight is not None:  # computes exactly F.linear(x, linear.dense, linear.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, linear.bias, "none", [], "")
+        return F.linear(x, linear.dense, linear.bias)
+    if isinstance(linear, Int4Linear) or linear.weight.dtype == MATMUL_DTYPE:
+        return linear(x)  # (not dense: fewer than DENSE_MIN_ROWS rows, so Int4Linear runs the 4-bit kernel)
+    return linear(x.to(linear.weight.dtype)).to(MATMUL_DTYPE)
 
 
-def _attention(attn, x: torch.Tensor, rope: StepRope, kv_cache: torch.Tensor, backend, meta) -> torch.Tensor:
+def _attention(attn, x: torch.Tensor, rope: StepRope, kv_cache: torch.Tensor, backend, meta, dense: bool):
     num_tokens, heads, kv_heads, head_dim = x.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
-    qkv = _matmul(attn.qkv_proj, x).float()
+    qkv = _matmul(attn.qkv_proj, x, dense).float()
     qk = qkv[:, :attn.q_size + attn.kv_size].view(num_tokens, heads + kv_heads, head_dim)
     v = qkv[:, attn.q_size + attn.kv_size:].view(num_tokens, kv_heads, head_dim)
     if attn.q_norm is not None:  # Qwen3: each head normalized before rotating it
@@ -92,14 +98,14 @@ def _attention(attn, x: torch.Tensor, rope: StepRope, kv_cache: torch.Tensor, ba
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     write_kv(k_cache, v_cache, qk[:, heads:], v, meta.slot_mapping)
     out = backend.attend(qk[:, :heads].to(k_cache.dtype), k_cache, v_cache, meta)
-    return _matmul(attn.o_proj, out.reshape(num_tokens, attn.q_size).to(MATMUL_DTYPE))
+    return _matmul(attn.o_proj, out.reshape(num_tokens, attn.q_size).to(MATMUL_DTYPE), dense)
 
 
 def _head_norm(norm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, norm.weight.shape, norm.weight.float(), norm.eps)
 
 
-def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    gate_up = _matmul(mlp.gate_up_proj, x)
+def _mlp(mlp, x: torch.Tensor, dense: bool) -> torch.Tensor:
+    gate_up = _matmul(mlp.gate_up_proj, x, dense)
     size = mlp.intermediate_size
-    return _matmul(mlp.down_proj, F.silu(gate_up[:, :size]) * gate_up[:, size:])
+    return _matmul(mlp.down_proj, F.silu(gate_up[:, :size]) * gate_up[:, size:], dense)

@@ -72,7 +72,7 @@ def test_fast_forward_matches_the_reference_forward(kind, prompt_lens):
     assert (got[-1] - expected[-2]).abs().max() > 0.3 * expected[-1].abs().max()
 
 
-def test_packed_layers_multiply_by_their_reordered_dense_copy_from_8_rows_on():
+def test_packed_layers_multiply_by_their_reordered_dense_copy_unless_few_rows_decode():
     import gguf
     import numpy as np
     import torch.nn.functional as F
@@ -92,5 +92,8 @@ def test_packed_layers_multiply_by_their_reordered_dense_copy_from_8_rows_on():
     x = torch.randn(DENSE_MIN_ROWS + 4, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
     if torch.backends.mkldnn.is_available():
         assert layer.onednn_weight is not None
-    assert torch.equal(cpu_fast._matmul(layer, x), F.linear(x, layer.dense))  # the same product, another layout
-    assert torch.equal(cpu_fast._matmul(layer, x[:3]), layer(x[:3]))  # few rows: the 4-bit kernel
+    expected = F.linear(x, layer.dense)
+    assert torch.equal(cpu_fast._matmul(layer, x, dense=True), expected)  # the same product, another layout
+    assert torch.equal(cpu_fast._matmul(layer, x[:3], dense=True), expected[:3])  # a short prompt: dense too
+    few = cpu_fast._matmul(layer, x[:3], dense=False)  # a decode step of 3 rows: the 4-bit kernel
+    assert torch.equal(few, layer(x[:3])) and not torch.equal(few, expected[:3])
