@@ -133,7 +133,7 @@ class LLMEngine:
             seq=seq,
             prompt=text,
             detokenizer=IncrementalDetokenizer(
-                self.tokenizer.hf, token_ids, skip_special_tokens=params.skip_special_tokens,
+                self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
                 stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
                 min_tokens=params.min_tokens,
             ),

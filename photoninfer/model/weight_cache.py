@@ -27,13 +27,13 @@ _HEADER_BYTES = 1 << 20
 
 
 def entry_dir(path: str) -> str:
-    import gguf
+    from importlib.metadata import version  # the gguf package has no __version__ (and takes 0.15 s to import)
 
     stat = os.stat(path)
     with open(path, "rb") as f:
         header = hashlib.sha256(f.read(_HEADER_BYTES)).hexdigest()
     identity = "|".join(str(x) for x in (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, header,
-                                        torch.__version__, getattr(gguf, "__version__", "?"), FORMAT_VERSION))
+                                        torch.__version__, version("gguf"), FORMAT_VERSION))
     return cache_dir("weights", hashlib.sha256(identity.encode()).hexdigest()[:24])
 
 

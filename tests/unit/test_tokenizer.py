@@ -136,3 +136,125 @@ def test_gguf_tokenizer_is_converted_once_then_loaded_from_the_cache(default_ggu
     messages = [{"role": "user", "content": text}]
     assert again.apply_chat_template(messages) == fresh.apply_chat_template(messages)
     assert again.eos_token_id == fresh.eos_token_id
+
+
+# ---- the cached GGUF tokenizer, run without transformers ---------------------------------------------------
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 👋 <|im_end|>"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "日本語で\n\n  spaces  "}],
+    [{"role": "user", "content": "a", "name": None}],  # None values are dropped, as transformers does
+]
+
+
+@pytest.fixture(scope="module")
+def cached_and_converted(default_gguf_path, tmp_path_factory):
+    """(CachedTokenizer from a fresh cache entry, the transformers tokenizer that wrote it)."""
+    from photoninfer.model.tokenizer import CachedTokenizer
+
+    old = os.environ.get("PHOTONINFER_CACHE")
+    os.environ["PHOTONINFER_CACHE"] = str(tmp_path_factory.mktemp("tokcache"))
+    try:
+        converted = load_tokenizer(default_gguf_path)
+        cached = load_tokenizer(default_gguf_path)
+    finally:
+        os.environ.pop("PHOTONINFER_CACHE") if old is None else os.environ.__setitem__("PHOTONINFER_CACHE", old)
+    assert type(converted) is Tokenizer and isinstance(cached, CachedTokenizer)
+    return cached, converted
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_cached_tokenizer_encodes_and_decodes_like_transformers(cached_and_converted, special):
+    cached, converted = cached_and_converted
+    for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>", "", " <|endoftext|>x"]:
+        ids = converted.encode(text, add_special_tokens=special)
+        assert cached.encode(text, add_special_tokens=special) == ids
+        for skip in (True, False):
+            assert cached.decode(ids, skip_special_tokens=skip) == converted.hf.decode(ids, skip_special_tokens=skip)
+    assert (cached.eos_token_id, cached.bos_token_id, cached.vocab_size) == \
+        (converted.eos_token_id, converted.bos_token_id, converted.vocab_size)
+    assert cached.clean_up_tokenization_spaces is False and cached.backend_tokenizer is not None
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_cached_tokenizer_renders_the_chat_template_like_transformers(cached_and_converted, messages,
+                                                                      add_generation_prompt):
+    cached, converted = cached_and_converted
+    expected = converted.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert cached.apply_chat_template(messages, add_generation_prompt) == expected
+    assert cached.encode_chat(messages, add_generation_prompt) == converted.encode_chat(messages, add_generation_prompt)
+
+
+def test_chat_template_environment_matches_transformers(cached_and_converted):
+    """The helpers and options transformers gives templates: tojson keeps non-ASCII, raise_exception, loop
+    controls, trim/lstrip of blocks, the special tokens as variables, a {% generation %} block."""
+    from photoninfer.model.chat_template import render_chat_template
+
+    _, converted = cached_and_converted
+    template = (
+        "{{ bos_token }}{% for m in messages %}\n"
+        "  {% if m.role == 'skip' %}{% continue %}{% endif %}\n"
+        "  {% if m.role == 'bad' %}{{ raise_exception('role bad is not allowed') }}{% endif %}\n"
+        "{% generation %}{{ m | tojson }}{% endgeneration %}|{{ m.reasoning_content }}\n"
+        "{% endfor %}{% if add_generation_prompt %}GO{% endif %}{{ eos_token }}"
+    )
+    messages = [{"role": "user", "content": "héllo 🚀"}, {"role": "skip", "content": "x"},
+                {"role": "assistant", "content": "ok", "thinking": "hm"}]
+    expected = converted.hf.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                add_generation_prompt=True)
+    got = render_chat_template(template, messages, True, dict(converted.hf.special_tokens_map))
+    assert got == expected and "héllo 🚀" in got
+    with pytest.raises(Exception, match="role bad is not allowed"):
+        render_chat_template(template, [{"role": "bad", "content": ""}], True, {})
+
+
+def test_cached_tokenizer_needs_no_transformers(default_gguf_path, smol_gguf_tokenizer):
+    """A warm start loads, renders and decodes without importing transformers (1.5 s of a start)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from photoninfer.model.tokenizer import load_tokenizer, CachedTokenizer\n"
+        f"tok = load_tokenizer({default_gguf_path!r})\n"
+        "ids = tok.encode_chat([{'role': 'user', 'content': 'hi'}])\n"
+        "assert isinstance(tok, CachedTokenizer) and tok.decode(ids)\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_tokenizer_cache_key_follows_the_file_and_the_library_versions(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from photoninfer.model.tokenizer import _tokenizer_cache_dir
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    first = _tokenizer_cache_dir(str(path))
+    assert _tokenizer_cache_dir(str(path)) == first
+    os.utime(path, ns=(1, 1))
+    second = _tokenizer_cache_dir(str(path))
+    assert second != first
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "tokenizers" else real(name))
+    assert _tokenizer_cache_dir(str(path)) != second
+
+
+@pytest.mark.parametrize("damage", ["spec", "tokenizer.json", "no spec"])
+def test_damaged_tokenizer_cache_entry_is_rebuilt(default_gguf_path, tmp_path, monkeypatch, damage):
+    from photoninfer.model.tokenizer import _SPEC_FILE, CachedTokenizer, _tokenizer_cache_dir
+
+    monkeypatch.setenv("PHOTONINFER_CACHE", str(tmp_path))
+    good = load_tokenizer(default_gguf_path)
+    entry = _tokenizer_cache_dir(default_gguf_path)
+    if damage == "no spec":
+        os.remove(os.path.join(entry, _SPEC_FILE))
+    else:
+        with open(os.path.join(entry, _SPEC_FILE if damage == "spec" else damage), "w") as f:
+            f.write("{broken")
+    rebuilt = load_tokenizer(default_gguf_path)  # converted again, with a warning
+    assert type(rebuilt) is Tokenizer and rebuilt.encode("Hello, world!") == good.encode("Hello, world!")
+    assert isinstance(load_tokenizer(default_gguf_path), CachedTokenizer)  # the entry was repaired

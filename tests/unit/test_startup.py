@@ -1,0 +1,64 @@
+"""Start-up: what a warm start of the CPU engine must not import or compute (speed itself lives in bench)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from photoninfer.runner.model_runner import lazy_zeros
+
+HEAVY = ("transformers", "gguf", "fastapi", "uvicorn", "jinja2")
+
+
+def _imported_after(code: str) -> dict:
+    """Which HEAVY modules a fresh interpreter holds after running `code`."""
+    probe = f"{code}\nimport json, sys; print(json.dumps({{m: m in sys.modules for m in {HEAVY!r}}}))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_cli_imports_no_heavy_library():
+    assert not any(_imported_after("import photoninfer.cli; photoninfer.cli.build_parser()").values())
+
+
+def test_a_warm_cpu_engine_start_needs_neither_transformers_nor_gguf(default_gguf_path, smol_gguf_tokenizer):
+    code = (
+        "from photoninfer import LLM, SamplingParams\n"
+        f"llm = LLM({default_gguf_path!r}, device='cpu', num_kv_blocks=32)\n"
+    )
+    _imported_after(code)  # the first run fills the weight cache if it is cold
+    generate = "out = llm.chat([{'role': 'user', 'content': 'Hi'}], SamplingParams(max_tokens=2))\n"
+    imported = _imported_after(code + generate + "assert len(out[0].outputs[0].token_ids) == 2\n")
+    assert not imported["transformers"] and not imported["gguf"] and not imported["fastapi"], imported
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lazy_zeros_is_a_writable_aligned_zero_tensor(dtype):
+    shape = (2, 5, 16, 3, 64)
+    x = lazy_zeros(shape, dtype)
+    assert x.shape == shape and x.dtype == dtype and x.is_contiguous() and x.data_ptr() % 64 == 0
+    assert not x.any()
+    x[1, 4, 15, 2, 63] = 3.0  # the last element: the view covers the whole buffer
+    x[0, 0, 0, 0, 0] = 1.0
+    assert x.sum().item() == 4.0
+    assert not lazy_zeros(shape, dtype).any()  # a second buffer is zero too (not a reused one)
+
+
+def test_weight_cache_key_follows_the_gguf_version(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from photoninfer.model import weight_cache
+
+    monkeypatch.setenv("PHOTONINFER_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + bytes(100))
+    first = weight_cache.entry_dir(str(path))
+    assert weight_cache.entry_dir(str(path)) == first
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9" if name == "gguf" else real(name))
+    assert weight_cache.entry_dir(str(path)) != first
