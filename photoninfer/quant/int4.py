@@ -29,6 +29,15 @@ def int4_kernel_fits(in_features: int, out_features: int) -> bool:
     return in_features % GROUP_SIZE == 0 and out_features % 16 == 0
 
 
+def bf16_scales_and_zeros(scales: torch.Tensor, biases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 (scale, zero) per group for the kernel's w = (q - 8) * scale + zero, from w = scale * q + bias.
+
+    Rounding to bf16 (8 significant bits; GGUF stores float16) is the packed path's only change to the weights.
+    Fitting the zero to each group's codes (least squares) cuts that weight error by 8% on SmolLM2, which
+    changed neither the KL divergence from float32 nor the flip rate measurably: it is not done."""
+    return scales.to(ACTIVATION_DTYPE), (biases + 8 * scales).to(ACTIVATION_DTYPE)
+
+
 class Int4Linear(nn.Module):
     """Loads GGUF 4-bit blocks (fused layers: one row range per part) and runs them packed."""
 
@@ -64,8 +73,8 @@ class Int4Linear(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """Pack the codes for the CPU kernel; scales/zeros become [groups, out, 2] bf16."""
-        zeros = self._biases + 8 * self._scales
-        self.scales_and_zeros = torch.stack([self._scales.t(), zeros.t()], dim=-1).to(ACTIVATION_DTYPE).contiguous()
+        scales, zeros = bf16_scales_and_zeros(self._scales, self._biases)
+        self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
         self.dense = dense_weight(self.weight.data, self.scales_and_zeros)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.weight.data.to(torch.int32), 1)
         self.weight = nn.Parameter(packed, requires_grad=False)

@@ -88,6 +88,27 @@ def test_int4_linear_dense_copy_computes_what_the_kernel_computes():
     assert not torch.allclose(batched, row_by_row.roll(1, 0), rtol=1e-2, atol=1e-2 * row_by_row.abs().max().item())
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_the_accuracy_tools_emulation_reproduces_the_packed_kernel(qtype):
+    """quant.accuracy splits the packed path's error into bf16 scale/zero, inputs and outputs, emulated in
+    float32: with all three the emulation must give the kernel's outputs, far closer than the exact weights do."""
+    from photoninfer.quant.accuracy import _bf16_scaled_weight, _EmulatedRounding
+
+    blocks = blocks_of(qtype, 64, 512, seed=5)
+    layer = Int4Linear(512, 64)
+    layer.weight.weight_loader(layer.weight, blocks, None)
+    layer.process_weights_after_loading()
+    exact = blocks.dequantize()
+    rounded = {"weights", "inputs", "outputs"}
+    emulated = _EmulatedRounding(exact, _bf16_scaled_weight(blocks), rounded)
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(1))
+    kernel = layer(x)
+    emulation_error = (emulated(x) - kernel).abs().max()
+    rounded.clear()  # no rounding: the float32 reference
+    assert torch.equal(emulated(x), F.linear(x, exact))
+    assert emulation_error <= 0.1 * (F.linear(x, exact) - kernel).abs().max()
+
+
 def test_int4_linear_refuses_other_types_and_wrong_shapes():
     layer = Int4Linear(256, 32)
     with pytest.raises(ModelLoadError, match="Q6_K"):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -14,10 +16,11 @@ from photoninfer.runner.model_runner import lazy_zeros
 HEAVY = ("transformers", "gguf", "fastapi", "uvicorn", "jinja2")
 
 
-def _imported_after(code: str) -> dict:
-    """Which HEAVY modules a fresh interpreter holds after running `code`."""
+def _imported_after(code: str, cache: Optional[str] = None) -> dict:
+    """Which HEAVY modules a fresh interpreter holds after running `code` (with its caches in `cache`)."""
     probe = f"{code}\nimport json, sys; print(json.dumps({{m: m in sys.modules for m in {HEAVY!r}}}))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    env = dict(os.environ, **({"PHOTONINFER_CACHE": cache} if cache else {}))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -26,14 +29,15 @@ def test_the_cli_imports_no_heavy_library():
     assert not any(_imported_after("import photoninfer.cli; photoninfer.cli.build_parser()").values())
 
 
-def test_a_warm_cpu_engine_start_needs_neither_transformers_nor_gguf(default_gguf_path, smol_gguf_tokenizer):
+def test_a_warm_cpu_engine_start_needs_neither_transformers_nor_gguf(default_gguf_path, tmp_path):
     code = (
         "from photoninfer import LLM, SamplingParams\n"
         f"llm = LLM({default_gguf_path!r}, device='cpu', num_kv_blocks=32)\n"
     )
-    _imported_after(code)  # the first run fills the weight cache if it is cold
+    cache = str(tmp_path / "cache")  # private: other processes' entries cannot push ours out
+    assert _imported_after(code, cache)["transformers"]  # the cold start converts and caches
     generate = "out = llm.chat([{'role': 'user', 'content': 'Hi'}], SamplingParams(max_tokens=2))\n"
-    imported = _imported_after(code + generate + "assert len(out[0].outputs[0].token_ids) == 2\n")
+    imported = _imported_after(code + generate + "assert len(out[0].outputs[0].token_ids) == 2\n", cache)
     assert not imported["transformers"] and not imported["gguf"] and not imported["fastapi"], imported
 
 
