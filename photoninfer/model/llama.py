@@ -78,9 +78,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.attention = None
-        # _weight: no random init (0.2 s of a start for a 49k vocabulary); the checkpoint fills it
-        empty = torch.empty(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=empty)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
