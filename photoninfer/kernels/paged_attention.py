@@ -264,18 +264,13 @@ def default_max_partitions(batch: int, num_kv_heads: int) -> int:
 
 
 def decode_tiles(batch: int, num_kv_heads: int) -> tuple[int, int, int]:
-    """(block_n, num_warps, num_stages) of the decode kernel, from sweeps on an H200 (scripts/bench_kernels.py
-    --sweep, bf16, Llama-3.2-1B and Qwen3-0.6B shapes, ~1k and ~600-token contexts; docs/benchmarks.md).
-    When the batch alone fills the GPU (one program per sequence and kv head), a shallower pipeline leaves
-    room for more resident programs: 2 stages, 8-10% faster at batch 256 than 3. With 128-511 (sequence,
-    kv head) pairs, each splitting its context over a few programs, 4 stages of 32-key tiles keep more loads
-    in flight (Llama at batch 16: 36 us against 40-93 us). Elsewhere (a few sequences; 512-1023 pairs) the
-    64-key tiles in 3 stages measured best."""
-    pairs = batch * num_kv_heads
-    if pairs >= DECODE_TARGET_PROGRAMS:
+    """(block_n, num_warps, num_stages) of the decode kernel. When the batch alone fills the GPU (one program
+    per sequence and kv head), a shallower pipeline leaves room for more resident programs: 2 stages instead
+    of 3 measured 1-4% faster at batch 256 on an H100 and 8-10% on an H200 (scripts/bench_kernels.py, bf16,
+    Llama-3.2-1B and Qwen3-0.6B shapes). Smaller batches keep 64-key tiles in 3 stages: 32-key tiles in 4
+    stages won at batch 16 on the H200 but lost 10% on the H100."""
+    if batch * num_kv_heads >= DECODE_TARGET_PROGRAMS:
         return 64, 4, 2
-    if 128 <= pairs < 512:
-        return 32, 4, 4
     return 64, 4, 3
 
 
