@@ -19,6 +19,11 @@ Tile choices (to be confirmed per shape on the H100 with scripts/bench_kernels.p
   next to W for M <= 16. `default_config` encodes this rule.
 - num_stages 3-4, num_warps 4: several tiles in flight per SM, which is what bandwidth needs.
 
+`GemvConfig(fma=True)` (M <= 4) multiplies on CUDA cores instead of a tl.dot padded to 16 rows. Neither
+kernel is wired into the model: timed inside CUDA graphs over cold weights (scripts/bench_gemv.py) they beat
+cuBLAS only on some shapes, and a start-up choice per shape made whole decode steps slower
+(docs/benchmarks.md).
+
 Shapes: x [M, K] (last dim contiguous), weight [N, K] contiguous, optional bias [N]; y [M, N] in x's dtype.
 """
 
@@ -66,8 +71,10 @@ def _gemv_kernel(
     M, N, K, k_per_split,
     x_sm, w_sn, y_sm, part_ss, part_sm,
     HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, FMA: tl.constexpr,
 ):
+    """With FMA (M <= 4), each step multiplies the [BLOCK_N, BLOCK_K] weight tile with the M rows of x on CUDA
+    cores and sums along K, instead of a tl.dot padded to 16 rows."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows_m = tl.arange(0, BLOCK_M)
@@ -83,47 +90,12 @@ def _gemv_kernel(
         x = tl.load(x_ptr + rows_m[:, None] * x_sm + cols[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + rows_n[:, None].to(tl.int64) * w_sn + cols[None, :],
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if UPCAST:  # interpreter only: it would multiply bfloat16 bit patterns
+        if FMA:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        elif UPCAST:  # interpreter only: it would multiply bfloat16 bit patterns
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows_m[:, None] * y_sm + rows_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(part_ptr + split * part_ss + rows_m[:, None] * part_sm + rows_n[None, :], acc, mask=out_mask)
-
-
-@triton.jit
-def _gemv_fma_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr,
-    M, N, K, k_per_split,
-    x_sm, w_sn, y_sm, part_ss, part_sm,
-    HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """The tl.dot kernel's job for M <= 4 on CUDA cores: each step multiplies a [BLOCK_N, BLOCK_K] weight
-    tile with the M rows of x elementwise and sums along K. Nothing is padded to 16 rows, so the loads of
-    W are all a program issues: many tiles in flight per SM is what reaches the memory's bandwidth."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    rows_m = tl.arange(0, BLOCK_M)
-    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rows_m < M
-    n_mask = rows_n < N
-    k_begin = split * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        k_mask = cols < k_end
-        x = tl.load(x_ptr + rows_m[:, None] * x_sm + cols[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows_n[:, None].to(tl.int64) * w_sn + cols[None, :],
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     out_mask = m_mask[:, None] & n_mask[None, :]
     if DIRECT:
         if HAS_BIAS:
@@ -195,20 +167,15 @@ def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         part_ss, part_sm = m * n, n
     bias_arg = bias if bias is not None else out
     grid = (triton.cdiv(n, config.block_n), split_k)
-    args = (x, weight, bias_arg, out, partials, m, n, k, k_per_split,
-            x.stride(0), weight.stride(0), out.stride(0), part_ss, part_sm)
-    if config.fma:
-        if m > FMA_MAX_M:
-            raise ValueError(f"the FMA kernel handles at most {FMA_MAX_M} rows, got {m}")
-        _gemv_fma_kernel[grid](
-            *args, HAS_BIAS=bias is not None, DIRECT=direct, BLOCK_M=triton.next_power_of_2(m),
-            BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-    else:
-        _gemv_kernel[grid](
-            *args, HAS_BIAS=bias is not None, DIRECT=direct, BLOCK_M=MAX_M, BLOCK_N=config.block_n,
-            BLOCK_K=config.block_k, UPCAST=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
-        )
+    if config.fma and m > FMA_MAX_M:
+        raise ValueError(f"the FMA kernel handles at most {FMA_MAX_M} rows, got {m}")
+    _gemv_kernel[grid](
+        x, weight, bias_arg, out, partials, m, n, k, k_per_split,
+        x.stride(0), weight.stride(0), out.stride(0), part_ss, part_sm,
+        HAS_BIAS=bias is not None, DIRECT=direct, BLOCK_M=triton.next_power_of_2(m) if config.fma else MAX_M,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, UPCAST=interpreting(), FMA=config.fma,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
     if not direct:
         block = min(1024, triton.next_power_of_2(n))
         _gemv_reduce_kernel[(m, triton.cdiv(n, block))](
