@@ -121,6 +121,11 @@ class BlockTableRows:
             raise RuntimeError(f"more than {len(self.owner)} running sequences hold a block-table row")
 
 
+def _aligned(index: int) -> int:
+    """The first int32 index at or after `index` on a 16-byte boundary."""
+    return -(-index // 4) * 4
+
+
 SMALL_STEP_TOKENS = 512  # at least every CUDA graph's token count (cuda_graph.PREFILL_TOKENS, decode sizes)
 
 
@@ -144,6 +149,11 @@ class BatchBuilder:
         # Steps of at most `small` tokens (every decode and graph step) lay their six int64 arrays out `small`
         # apart, so that their copy to the device is 6 * small values, not 6 * max_tokens (393 KB at 8192).
         self.small = min(max_num_tokens, max(max_num_seqs, SMALL_STEP_TOKENS))
+        # int32 region: query starts at 0, sequence lengths at `lens_at`, block tables at `tables_at`, each on a
+        # 16-byte boundary: Triton compiles a kernel per pointer alignment, and the start-up warm-up's own
+        # (fresh, aligned) tensors must meet the same variants as real steps.
+        self.lens_at = _aligned(max_num_seqs + 1)
+        self.tables_at = _aligned(self.lens_at + max_num_seqs)
         self.on_host = device.type == "cpu"  # the staging buffers are the batch itself: no copy
         # int64 region: ids, positions, slots, logits indices, pending dst, pending src (`stride` apart: small
         # or max_tokens); int32 region: query_start_loc [S+1], seq_lens [S], block tables [S, B]
@@ -179,23 +189,23 @@ class BatchBuilder:
 
     def graph_batch(self, size: int) -> ForwardBatch:
         """The static decode batch of `size` rows: views of the device buffers that the graphs read."""
-        T, S, W = self.small, self.max_seqs, self.graph_width
+        T, L, B, W = self.small, self.lens_at, self.tables_at, self.graph_width
         d64, d32 = self.device64, self.device32
         return ForwardBatch(
             input_ids=d64[:size], positions=d64[T:T + size], slot_mapping=d64[2 * T:2 * T + size],
             logits_indices=None, pending_dst=None, pending_src=None, query_start_loc=d32[:size + 1],
-            seq_lens=d32[S + 1:S + 1 + size], block_tables=d32[2 * S + 1:2 * S + 1 + size * W].view(size, W),
+            seq_lens=d32[L:L + size], block_tables=d32[B:B + size * W].view(size, W),
             num_tokens=size, num_seqs=size, max_query_len=1, max_seq_len=self.graph_max_context,
             query_start_host=np.arange(size + 1), seq_lens_host=np.zeros(size, dtype=np.int64), graph_size=size)
 
     def prefill_graph_batch(self, tokens: int) -> ForwardBatch:
         """The static one-sequence prefill of `tokens` rows (the real ones first, the rest padding)."""
-        T, S, W = self.small, self.max_seqs, self.graph_width
+        T, L, B, W = self.small, self.lens_at, self.tables_at, self.graph_width
         d64, d32 = self.device64, self.device32
         return ForwardBatch(
             input_ids=d64[:tokens], positions=d64[T:T + tokens], slot_mapping=d64[2 * T:2 * T + tokens],
             logits_indices=d64[3 * T:3 * T + 1], pending_dst=None, pending_src=None, query_start_loc=d32[:2],
-            seq_lens=d32[S + 1:S + 2], block_tables=d32[2 * S + 1:2 * S + 1 + W].view(1, W),
+            seq_lens=d32[L:L + 1], block_tables=d32[B:B + W].view(1, W),
             num_tokens=tokens, num_seqs=1, max_query_len=tokens, max_seq_len=self.graph_max_context,
             query_start_host=np.array([0, tokens]), seq_lens_host=np.array([tokens]), graph_tokens=tokens)
 
@@ -226,12 +236,11 @@ class BatchBuilder:
             if len(self._device_views) >= 1024:  # shapes seen long ago are unlikely to come back
                 self._device_views.clear()
             T = self._stride(n)
-            S, d64, d32 = self.max_seqs, self.device64, self.device32
+            L, B, d64, d32 = self.lens_at, self.tables_at, self.device64, self.device32
             views = (d64[:n], d64[T:T + n], d64[2 * T:2 * T + n], d64[3 * T:3 * T + num_logits],
                      d64[4 * T:4 * T + num_pending] if num_pending else None,
                      d64[5 * T:5 * T + num_pending] if num_pending else None,
-                     d32[:rows_out + 1], d32[S + 1:S + 1 + rows_out],
-                     d32[2 * S + 1:2 * S + 1 + rows_out * width].view(rows_out, width))
+                     d32[:rows_out + 1], d32[L:L + rows_out], d32[B:B + rows_out * width].view(rows_out, width))
             self._device_views[key] = views
         return views
 
@@ -242,7 +251,7 @@ class BatchBuilder:
     def _staging_pair(self):
         pin = self.device.type == "cuda"
         return (torch.empty(6 * self.max_tokens, dtype=torch.int64, pin_memory=pin),
-                torch.empty(2 * self.max_seqs + 1 + self.max_seqs * self.max_blocks, dtype=torch.int32, pin_memory=pin))
+                torch.empty(self.tables_at + self.max_seqs * self.max_blocks, dtype=torch.int32, pin_memory=pin))
 
     def build(self, sched: SchedulerOutput, previous_seqs: Optional[list] = None,
               prefill_graphs: bool = True) -> tuple[ForwardBatch, list]:
@@ -303,18 +312,18 @@ class BatchBuilder:
                                                       len(sampling_seqs) == num_seqs, prefill_graphs)
         rows_out = graph_size or num_seqs
         width = self.graph_width if graph_size or graph_tokens else max(1, -(-max_seq_len // bs))
-        S = self.max_seqs
+        L, B = self.lens_at, self.tables_at
         host32[:num_seqs + 1] = self._arange32[:num_seqs + 1] if num_tokens == num_seqs else query_start
-        host32[S + 1:S + 1 + num_seqs] = seq_lens
-        n32 = 2 * S + 1 + rows_out * width
-        tables = host32[2 * S + 1:n32].reshape(rows_out, width)
+        host32[L:L + num_seqs] = seq_lens
+        n32 = B + rows_out * width
+        tables = host32[B:n32].reshape(rows_out, width)
         tables[:num_seqs] = self.rows.table[rows, :width]
         padded = graph_tokens or graph_size or num_tokens
         if padded > num_tokens:  # padding rows: no K/V write, no context
             ids[num_tokens:padded], pos[num_tokens:padded], slots[num_tokens:padded] = 0, 0, -1
         if graph_size and graph_size > num_seqs:  # padding sequences: empty context
             host32[num_seqs + 1:graph_size + 1] = num_tokens
-            host32[S + 1 + num_seqs:S + 1 + graph_size] = 0
+            host32[L + num_seqs:L + graph_size] = 0
             tables[num_seqs:] = 0
         if graph_tokens:  # the graph always reads one logits row: keep it in bounds
             logit_rows[0] = num_tokens - 1
