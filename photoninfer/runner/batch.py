@@ -156,7 +156,7 @@ class BatchBuilder:
         self.tables_at = _aligned(self.lens_at + max_num_seqs)
         self.on_host = device.type == "cpu"  # the staging buffers are the batch itself: no copy
         # int64 region: ids, positions, slots, logits indices, pending dst, pending src (`stride` apart: small
-        # or max_tokens); int32 region: query_start_loc [S+1], seq_lens [S], block tables [S, B]
+        # or max_tokens); the int32 region as above
         self.staging = [self._staging_pair() for _ in range(1 if self.on_host else 2)]
         self.turn = 0
         self.host_views = [self._host_views(pair) for pair in self.staging]

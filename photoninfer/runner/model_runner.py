@@ -59,8 +59,8 @@ class ModelRunner:
             self.graphs.capture()
 
     # Triton compiles a kernel again for each new combination of its integer arguments being 1, a multiple of
-    # 16 or neither (tokens, sequences, longest chunk, ...): these batches cover the combinations steps meet.
-    # A first batch of 16 prompts used to compile during the request, ~0.4 s.
+    # 16 or neither (tokens, sequences, longest chunk, ...): these batches cover the combinations steps meet
+    # (scripts/late_compiles.py lists any kernel that still compiles after start-up).
     WARM_UP_CHUNKS = ([37], [16], [17, 16, 1], [16, 16], [1, 1, 1], [1] * 16, [100] * 16, [16] * 16, [3] * 16,
                       [5, 1, 1])
 
@@ -71,9 +71,9 @@ class ModelRunner:
         block 0."""
         start = time.perf_counter()
         for q_lens in self.WARM_UP_CHUNKS + ([max_tokens],):
-            if sum(q_lens) > max_tokens:
-                continue
             total = sum(q_lens)
+            if total > max_tokens:
+                continue
             query_start = np.concatenate([[0], np.cumsum(q_lens)])
             tables = [[0] * -(-n // self.block_size) for n in q_lens]
             batch = ForwardBatch.for_attention(torch.full((total,), -1, dtype=torch.long, device=self.device),
