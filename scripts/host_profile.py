@@ -100,7 +100,7 @@ def stub_model(runner, width: int = 64) -> None:
     vocab = runner.model_config.vocab_size
     table = torch.randn(vocab, min(width, vocab), generator=torch.Generator().manual_seed(0)).to(runner.device)
     runner.model.forward = lambda input_ids, positions, kv_caches, meta: input_ids
-    runner.model.compute_logits = lambda hidden: table[hidden]
+    runner.model.raw_logits = lambda hidden: table[hidden]
     runner.model.attention.prepare = lambda batch: None
     runner.graphs = None
 
@@ -127,7 +127,7 @@ def model_time(stats: pstats.Stats) -> float:
 
     from photoninfer.runner.attention import TorchPagedAttention
 
-    functions = (CausalLM.forward, CausalLM.compute_logits, TorchPagedAttention.prepare)  # prepare: CPU backend only
+    functions = (CausalLM.forward, CausalLM.raw_logits, TorchPagedAttention.prepare)  # prepare: CPU backend only
     wanted = {(f.__code__.co_filename, f.__code__.co_firstlineno) for f in functions}
     return sum(entry[3] for (path, line, _), entry in stats.stats.items() if (path, line) in wanted)
 

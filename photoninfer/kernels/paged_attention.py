@@ -17,7 +17,10 @@ tokens): one partition while the context has no more partitions than P, more bey
 min(ceil(max_seq_len_hint / partition), cap) where the cap is max_num_partitions, or by default what
 fills the GPU for this batch (DECODE_TARGET_PROGRAMS / (B * Hkv)); it depends only on the call's
 arguments, so a CUDA graph (hint = max_model_len) replays one grid. Programs past a sequence's length do
-nothing. With P == 1 the first kernel writes the output directly and no reduction runs.
+nothing. With P == 1 the first kernel writes the output directly and no reduction runs. Given the step's
+unrotated q, k, v (`NewTokens`), the kernel also does the RoPE kernel's work (saving a launch per layer):
+every program rotates its q heads, and the program whose span ends the context rotates k and stores K/V
+into the cache before it reads its tiles.
 
 Prefill: grid (S, ceil(max_query_len / BLOCK_M), Hq). Program (i, m, h) takes query rows
 [m * BLOCK_M, (m + 1) * BLOCK_M) of sequence i (positions seq_len - q_len + row) against keys
@@ -97,15 +100,26 @@ def _split_tokens(seq_len, num_splits, PARTITION: tl.constexpr):
 
 
 @triton.jit
+def _rotated(rows, d, cos, sin, mask, HEAD_DIM: tl.constexpr):
+    """Rotary embedding of the head rows at `rows` (columns d), rounded to the stored dtype as the RoPE
+    kernel rounds it: [x1*cos - x2*sin, x2*cos + x1*sin], with the sign in the first half of `sin`."""
+    x = tl.load(rows + d, mask=mask, other=0.0)
+    swapped = tl.load(rows + (d + HEAD_DIM // 2) % HEAD_DIM, mask=mask, other=0.0)  # [x2, x1]
+    return (x.to(tl.float32) * cos + swapped.to(tl.float32) * sin).to(x.dtype)
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
+    k_new_ptr, v_new_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
     qk_scale, group, block_size, num_splits,
     q_sb, q_sh, o_sb, o_sh,
     kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, bt_stride,
     po_sb, po_sh, po_sp, pm_sb, pm_sh,
+    kn_sb, kn_sh, vn_sb, vn_sh, cos_stride, sin_stride,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
-    DIRECT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -119,8 +133,25 @@ def _paged_decode_kernel(
     heads = kv_head * group + g
     g_mask = g < group
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * q_sb + heads[:, None] * q_sh + d[None, :], mask=g_mask[:, None], other=0.0)
+    q_rows = q_ptr + seq * q_sb + heads[:, None] * q_sh
     block_table_row = block_tables_ptr + seq * bt_stride
+    if ROPE:  # q and the new k arrive unrotated; this step's K/V are written here, not by the RoPE kernel
+        pos = tl.load(pos_ptr + seq).to(tl.int64)
+        cos = tl.load(cos_ptr + pos * cos_stride + d % (HEAD_DIM // 2))
+        sin = tl.load(sin_ptr + pos * sin_stride + d % (HEAD_DIM // 2)) * tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
+        q = _rotated(q_rows, d[None, :], cos[None, :], sin[None, :], g_mask[:, None], HEAD_DIM)
+        slot = tl.load(slot_ptr + seq)
+        if (start < seq_len) & (seq_len <= start + span) & (slot >= 0):  # this program's span ends the context
+            k = _rotated(k_new_ptr + seq * kn_sb + kv_head * kn_sh, d, cos, sin, d < HEAD_DIM, HEAD_DIM)
+            v = tl.load(v_new_ptr + seq * vn_sb + kv_head * vn_sh + d)
+            block, offset = slot // block_size, slot % block_size
+            tl.store(k_cache_ptr + block * kc_sb + offset * kc_so + kv_head * kc_sh + d,
+                     k.to(k_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + block * vc_sb + offset * vc_so + kv_head * vc_sh + d,
+                     v.to(v_cache_ptr.dtype.element_ty))
+        tl.debug_barrier()  # the block's threads see the new K/V before they load the tiles holding it
+    else:
+        q = tl.load(q_rows + d[None, :], mask=g_mask[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -209,6 +240,39 @@ class DecodeWorkspace:
                    stats, torch.empty_like(stats))
 
 
+@dataclass
+class NewTokens:
+    """This step's tokens for the decode kernel to rotate and store itself (what `rope.rope_and_cache_kv`
+    would do before it): unrotated k and v [B, Hkv, D] (any row/head strides, last dim contiguous), their
+    positions [B] and cache slots [B] int64 (-1: not written), the rotary tables cos, sin [max_pos, D/2]
+    float32. q is then unrotated too and is left as it is."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    def check(self, batch: int, num_kv_heads: int, head_dim: int) -> None:
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            check_float(name, t)
+            check_last_contiguous(name, t)
+            check_shape(name, t, (batch, num_kv_heads, head_dim))
+        for name in ("cos", "sin"):
+            t = getattr(self, name)
+            check_dim(name, t, 2)
+            check_dtype(name, t, (torch.float32,))
+            check_last_contiguous(name, t)
+            if t.shape[1] != head_dim // 2:
+                raise ValueError(f"{name} must be [max_pos, {head_dim // 2}] (head_dim / 2), got {tuple(t.shape)}")
+        check_shape("positions", self.positions, (batch,))
+        check_dtype("positions", self.positions, (torch.int64, torch.int32))
+        check_shape("slot_mapping", self.slot_mapping, (batch,))
+        check_dtype("slot_mapping", self.slot_mapping, (torch.int64,))
+
+
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
     """(block_size, num_kv_heads, head_dim) of a valid cache pair."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -279,8 +343,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            max_seq_len_hint: int, *, partition_size: int = DEFAULT_PARTITION,
                            max_num_partitions: Optional[int] = None, workspace: Optional[DecodeWorkspace] = None,
                            block_n: Optional[int] = None, num_warps: Optional[int] = None,
-                           num_stages: Optional[int] = None) -> torch.Tensor:
+                           num_stages: Optional[int] = None, new_tokens: Optional[NewTokens] = None) -> torch.Tensor:
     """One query per sequence: q [B, Hq, D] attends to its sequence's seq_lens[b] cached tokens; writes out.
+    With `new_tokens`, q is unrotated: the kernel rotates it and stores the step's rotated K and V itself
+    (one launch instead of the RoPE kernel's and its own).
 
     The grid is (B, Hkv, P) with P = min(ceil(max_seq_len_hint / partition_size), max_num_partitions);
     without a cap, P is capped at what fills the GPU for this batch (`default_max_partitions`), so a
@@ -297,6 +363,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_n, num_warps, num_stages = block_n or tiles[0], num_warps or tiles[1], num_stages or tiles[2]
     check_power_of_two("block_n", block_n, MIN_DOT, 1024)
     check_power_of_two("partition_size", partition_size, block_n, 1 << 20)
+    if new_tokens is not None:
+        new_tokens.check(batch, num_kv_heads, head_dim)
     if batch == 0:
         return out
     num_splits = decode_splits(max_seq_len_hint, partition_size,
@@ -317,16 +385,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         po_strides = ws_out.stride()[:3]
         pm_strides = ws_max.stride()[:2]
     block_g = max(MIN_DOT, triton.next_power_of_2(group))
+    new = new_tokens or NewTokens(q, q, seq_lens, q, q, seq_lens)  # unused without ROPE
+    new_strides = ((new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
+                    new.sin.stride(0)) if new_tokens else (0,) * 6)
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, ws_out, ws_max, ws_sum,
+        new.k, new.v, new.positions, new.cos, new.sin, new.slot_mapping,
         scale * LOG2E, group, block_size, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        *po_strides, *pm_strides,
+        *po_strides, *pm_strides, *new_strides,
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
-        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), num_warps=num_warps,
-        num_stages=num_stages,
+        ROPE=new_tokens is not None, UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _paged_decode_reduce_kernel[(batch, q.shape[1])](

@@ -115,9 +115,15 @@ class CausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, hidden] -> float32 logits [T, vocab]."""
+        return self.raw_logits(hidden).float()
+
+    def raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's output in its own dtype: a greedy step takes its arg-max without a float32 copy
+        (at batch 256 that copy of Llama-3's logits is 0.1 ms of a 2 ms step)."""
         if self.lm_head is None:
-            return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            return torch.nn.functional.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
 
     # ---- weight loading ----------------------------------------------------------------------------
 

@@ -152,8 +152,9 @@ class TorchPagedAttention:
 
 
 class TritonPagedAttention:
-    """CUDA backend: one fused kernel rotates q/k and writes K/V through the slot mapping, then a paged
-    decode kernel (split over the context, GQA-grouped) or a varlen prefill kernel attends."""
+    """CUDA backend: a decode step is one paged decode kernel per layer (split over the context,
+    GQA-grouped), which also rotates q/k and writes K/V; other steps run the fused RoPE + K/V write kernel,
+    then the varlen prefill kernel."""
 
     def __init__(self, scale: float, block_size: int):
         from photoninfer.kernels import paged_attention, rope
@@ -174,13 +175,15 @@ class TritonPagedAttention:
 
     def forward(self, q, k, v, positions, rope, kv_cache, batch: ForwardBatch):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        self._rope.rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, batch.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if batch.is_decode_only:
+        if batch.is_decode_only:  # the decode kernel rotates q, k and writes K/V itself
+            new_tokens = self._attention.NewTokens(k, v, positions, rope.cos, rope.sin, batch.slot_mapping)
             self._attention.paged_decode_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale, out, batch.max_seq_len,
-                max_num_partitions=self.decode_partitions(q.shape[0], k_cache.shape[2]))
+                max_num_partitions=self.decode_partitions(q.shape[0], k_cache.shape[2]), new_tokens=new_tokens)
         else:
+            self._rope.rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache,
+                                         batch.slot_mapping)
             self._attention.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,
                                                     batch.seq_lens, self.scale, out, batch.max_query_len)
         return out

@@ -2,7 +2,7 @@
 
 A graph replays a fixed sequence of kernels over fixed addresses: its inputs (token ids, positions, slot
 mapping, sequence lengths, block tables) are the batch builder's device buffers, laid out at a fixed width,
-and its output is a static logits tensor. A decode step of S sequences is padded up to the next captured
+and its outputs are static logits (the LM head's dtype) and their arg-max. A decode step of S sequences is padded up to the next captured
 size: padding rows write no K/V (slot -1) and attend to nothing (length 0). Capture runs largest size first and all sizes share one memory
 pool, so the ladder costs about as much memory as its largest member.
 """
@@ -35,20 +35,23 @@ class StepGraphs:
     replay (runner/batch.py), so a replay copies nothing."""
 
     def __init__(self, model, kv_caches: list[torch.Tensor], attention, builder: BatchBuilder, max_num_seqs: int,
-                 max_context: int):
+                 max_context: int, argmax):
+        """argmax: the sampler's row-wise arg-max, captured after the LM head (greedy steps use its ids)."""
         self.model, self.kv_caches, self.attention, self.builder = model, kv_caches, attention, builder
+        self.argmax = argmax
         self.sizes = capture_sizes(max_num_seqs)
         self.prefill_tokens = [t for t in PREFILL_TOKENS if t <= min(builder.max_tokens, max_context)]
         builder.graph_max_context = max_context  # longer sequences run eagerly
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
-        self.logits: dict[tuple[str, int], torch.Tensor] = {}
+        self.outputs: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (logits, greedy ids)
 
-    def _forward(self, key: tuple[str, int]) -> torch.Tensor:
+    def _forward(self, key: tuple[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
         kind, size = key
         batch = self.builder.graph_batch(size) if kind == "decode" else self.builder.prefill_graph_batch(size)
         meta = self.attention.prepare(batch)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden if kind == "decode" else hidden[batch.logits_indices])
+        logits = self.model.raw_logits(hidden if kind == "decode" else hidden[batch.logits_indices])
+        return logits, self.argmax(logits)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -64,7 +67,7 @@ class StepGraphs:
                 self._forward(key)  # warm-up: Triton compiles outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[key] = self._forward(key)
+                    self.outputs[key] = self._forward(key)
                 self.graphs[key] = graph
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
@@ -74,13 +77,15 @@ class StepGraphs:
                     self.prefill_tokens[-1] if self.prefill_tokens else 0, self.builder.graph_max_context,
                     time.perf_counter() - start, (torch.cuda.memory_allocated() - before) / 2**20)
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits of a step the builder laid out for a graph: [S, vocab] for a decode step of S sequences,
-        [1, vocab] (its last token) for a lone prefill."""
+    def run(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (the LM head's dtype) and their arg-max for a step the builder laid out for a graph:
+        [S, vocab] and [S] for a decode step of S sequences, [1, vocab] and [1] (its last token) for a
+        lone prefill."""
         if batch.graph_size is not None:
             key = ("decode", batch.graph_size)
             self.graphs[key].replay()
-            return self.logits[key][:batch.num_seqs]
+            logits, greedy = self.outputs[key]
+            return logits[:batch.num_seqs], greedy[:batch.num_seqs]
         key = ("prefill", batch.graph_tokens)
         self.graphs[key].replay()
-        return self.logits[key]
+        return self.outputs[key]

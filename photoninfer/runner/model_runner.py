@@ -43,6 +43,9 @@ class ModelRunner:
         self.model.attention = make_attention_backend(device, self.model_config.head_dim**-0.5, self.block_size)
         if device.type == "cuda" and triton_available():
             self.model.use_kernels()
+            from photoninfer.kernels.argmax import argmax_rows
+
+            self.sampler.argmax = argmax_rows
         self.batch_builder = BatchBuilder(
             max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
             -(-self.max_model_len // self.block_size), self.block_size, device)
@@ -55,7 +58,8 @@ class ModelRunner:
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager and triton_available():  # graphs need the kernels
             self.graphs = StepGraphs(self.model, self.kv_caches, self.model.attention, self.batch_builder,
-                                       config.max_num_seqs, min(self.max_model_len, GRAPH_MAX_CONTEXT))
+                                       config.max_num_seqs, min(self.max_model_len, GRAPH_MAX_CONTEXT),
+                                       self.sampler.argmax)
             self.graphs.capture()
 
     # Triton compiles a kernel again for each new combination of its integer arguments being 1, a multiple of
@@ -81,7 +85,7 @@ class ModelRunner:
             batch.positions = torch.cat([torch.arange(n, device=self.device) for n in q_lens])
             batch.input_ids = torch.zeros(total, dtype=torch.long, device=self.device)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, self.model.attention.prepare(batch))
-            torch.argmax(self.model.compute_logits(hidden[query_start[1:] - 1]), dim=-1)
+            self.sampler.argmax(self.model.raw_logits(hidden[query_start[1:] - 1]))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         logger.info("warmed up the kernels in %.1f s", time.perf_counter() - start)
@@ -160,18 +164,18 @@ class ModelRunner:
         batch, sampling_seqs = self.batch_builder.build(sched, previous_seqs, prefill_graphs=not prompt_logprobs)
         if batch.pending_dst is not None:
             batch.input_ids[batch.pending_dst] = previous.sampled.token_ids[batch.pending_src]
-        chunks = {}
+        chunks, greedy_ids = {}, None
         if batch.graph_size is not None or batch.graph_tokens is not None:
-            logits = self.graphs.run(batch)
+            logits, greedy_ids = self.graphs.run(batch)
         else:
             meta = self.model.attention.prepare(batch)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
             if prompt_logprobs:
                 chunks = self._prompt_logprobs(sched, batch.query_start_host.tolist(), hidden, prompt_logprobs)
-            logits = self.model.compute_logits(hidden[batch.logits_indices]) if sampling_seqs else None
+            logits = self.model.raw_logits(hidden[batch.logits_indices]) if sampling_seqs else None
         if not sampling_seqs:
             return StepHandle(sched, [], None, chunks)
-        sampled = self.sampler.sample(logits, [rows[seq.seq_id] for seq in sampling_seqs])
+        sampled = self.sampler.sample(logits, [rows[seq.seq_id] for seq in sampling_seqs], greedy_ids)
         sampled.copy_to_host()
         return StepHandle(sched, sampling_seqs, sampled, chunks)
 

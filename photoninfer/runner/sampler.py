@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 
@@ -48,17 +49,23 @@ class Sampler:
     (plus the logprobs of rows that asked for them). Uniform numbers for the draws are made on the host
     (one per row) and travel with the other per-row parameters in a single copy."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, argmax: Callable[[torch.Tensor], torch.Tensor] = partial(torch.argmax, dim=-1)):
+        """argmax: the row-wise arg-max of greedy batches (the Triton kernel on CUDA)."""
         self.rng = random.Random(seed)
+        self.argmax = argmax
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
-        """logits: [S, V] float32, one row per entry of `rows`."""
+        """logits: [S, V], one row per entry of `rows`."""
         return self.sample(logits, rows).results()
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> "SampledTokens":
-        """Queue the sampling work on the logits' device; nothing waits for it."""
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow],
+               greedy_ids: Optional[torch.Tensor] = None) -> "SampledTokens":
+        """Queue the sampling work on the logits' device; nothing waits for it. logits: [S, V] in the LM
+        head's dtype (widened to float32 here when a row needs more than an arg-max); greedy_ids: their
+        arg-max if already computed (a CUDA graph computes it with the logits)."""
         if all([r.plain for r in rows]):  # the common greedy batch: what the general path below reduces to
-            return SampledTokens(torch.argmax(logits, dim=-1))
+            return SampledTokens(greedy_ids if greedy_ids is not None else self.argmax(logits))
+        logits = logits.float()
         want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
         penalized = [i for i, r in enumerate(rows) if has_penalties(r.params)]

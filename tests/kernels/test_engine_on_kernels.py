@@ -55,7 +55,8 @@ class EagerReplay:
     def run(self, batch):
         if batch.graph_size is not None:
             self.replays.append(("decode", batch.num_seqs, batch.graph_size))
-            return self.graphs._forward(("decode", batch.graph_size))[:batch.num_seqs]
+            logits, greedy = self.graphs._forward(("decode", batch.graph_size))
+            return logits[:batch.num_seqs], greedy[:batch.num_seqs]
         self.replays.append(("prefill", batch.num_tokens, batch.graph_tokens))
         return self.graphs._forward(("prefill", batch.graph_tokens))
 
@@ -64,24 +65,30 @@ def test_steps_laid_out_for_graphs_give_the_reference_tokens(make_tiny_model, de
     """Decode batches padded to the captured sizes and lone prefills padded to the captured token counts,
     block tables at the graphs' fixed width, inputs read from the builder's static buffers, tokens taken from
     the previous step on the device (async)."""
+    from photoninfer.kernels.argmax import argmax_rows
     from photoninfer.runner.cuda_graph import StepGraphs
 
     path = make_tiny_model("llama3")
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 30, 7, 12, 50)]
     options = dict(dtype="float32", device=str(device), max_num_seqs=8, enforce_eager=True, async_scheduling=True)
+    plain = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=6)  # greedy ids straight from the "graph"
     reference = LLM(path, **options)
     expected = generate(reference, prompts)[0], generate(reference, prompts[1:2])[0]
+    expected_plain = [o.outputs[0].token_ids for o in reference.generate(prompts, plain)]
+    assert [ids[:6] for ids in expected[0]] == expected_plain
     del reference
     fast = LLM(path, **options)
     on_kernels(fast)
     runner = fast.engine.runner
     runner._warm_up(40)  # the start-up warm-up (CUDA) writes no K/V: the tokens below must not change
-    graphs = StepGraphs(runner.model, runner.kv_caches, runner.model.attention, runner.batch_builder, 8, 96)
+    graphs = StepGraphs(runner.model, runner.kv_caches, runner.model.attention, runner.batch_builder, 8, 96,
+                        argmax_rows)
     runner.batch_builder.clear_graph_rows()
     runner.batch_builder.use_graphs(graphs.sizes, graphs.prefill_tokens)
     runner.graphs = EagerReplay(graphs)
     assert (generate(fast, prompts)[0], generate(fast, prompts[1:2])[0]) == expected
+    assert [o.outputs[0].token_ids for o in fast.generate(prompts, plain)] == expected_plain
     assert graphs.sizes == [1, 2, 4, 8] and graphs.prefill_tokens == [16, 32, 64]
     replays = runner.graphs.replays
     assert ("decode", 5, 8) in replays  # five sequences ran padded to the graph of eight

@@ -136,3 +136,58 @@ def test_decode_tiles_follow_how_full_the_batch_keeps_the_gpu():
     assert decode_tiles(256, 8) == (64, 4, 2)  # one program per (sequence, kv head) fills the card
     assert decode_tiles(DECODE_TARGET_PROGRAMS // 8, 8) == (64, 4, 2)
     assert decode_tiles(1, 8) == decode_tiles(DECODE_TARGET_PROGRAMS // 8 - 1, 8) == (64, 4, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hint,cap", [(128, None), (128, 1), (128, 3)], ids=["split", "direct", "spans"])
+def test_decode_with_new_tokens_does_the_rope_kernels_work(dtype, hint, cap, device):
+    """Unrotated q, k, v given to the decode kernel: the same output and cache as rope_and_cache_kv followed
+    by the decode kernel, whichever program's span holds the new token; a padding row writes nothing."""
+    from photoninfer.kernels.rope import rope_and_cache_kv
+    from photoninfer.model.layers import RotaryEmbedding
+
+    seq_lens, q_heads, kv_heads, head_dim, block_size = [1, 37, 100, 64], 4, 2, 64, 16
+    batch = make_paged_batch(seq_lens, [1] * 4, q_heads, kv_heads, head_dim, block_size, dtype, seed=21,
+                             device=device)
+    gen = torch.Generator().manual_seed(4)
+    rope = RotaryEmbedding(head_dim, 256, theta=10000.0, scaling=None).to(device)
+    rows = len(seq_lens) + 1  # and one padding row, as a CUDA graph pads a batch
+    qkv = torch.randn(rows, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(device)
+    q, k, v = (t.view(rows, -1, head_dim) for t in qkv.split([q_heads * head_dim, kv_heads * head_dim,
+                                                               kv_heads * head_dim], dim=-1))
+    tables = torch.cat([batch.block_tables, torch.zeros_like(batch.block_tables[:1])])
+    lens = torch.cat([batch.seq_lens, torch.zeros_like(batch.seq_lens[:1])])
+    last = (lens.long() - 1).clamp_min(0)
+    slots = tables.long().gather(1, (last // block_size)[:, None])[:, 0] * block_size + last % block_size
+    slots[-1] = -1
+    positions = last + 3  # any position: the kernel must take it from `positions`
+
+    ref_q, ref_k = q.clone(), k.clone()
+    ref_k_cache, ref_v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    rope_and_cache_kv(ref_q, ref_k, v, positions, rope.cos, rope.sin, ref_k_cache, ref_v_cache, slots)
+    expected = poisoned((rows, q_heads, head_dim), dtype, device)
+    options = {**TILES, "partition_size": PARTITION, "max_num_partitions": cap}
+    paged_decode_attention(ref_q, ref_k_cache, ref_v_cache, tables, lens, batch.scale, expected, hint, **options)
+
+    q_before = q.clone()
+    out = poisoned((rows, q_heads, head_dim), dtype, device)
+    new = paged_attention.NewTokens(k, v, positions, rope.cos, rope.sin, slots)
+    paged_decode_attention(q, batch.k_cache, batch.v_cache, tables, lens, batch.scale, out, hint, new_tokens=new,
+                           **options)
+    assert torch.equal(q, q_before)  # q is rotated in registers only
+    for actual, reference in ((batch.k_cache, ref_k_cache), (batch.v_cache, ref_v_cache)):
+        assert torch.equal(actual.isnan(), reference.isnan())  # the same slots written, none for the padding row
+        torch.testing.assert_close(actual.nan_to_num(), reference.nan_to_num(), **tolerance(dtype))
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
+def test_decode_rejects_new_tokens_of_the_wrong_shape(device):
+    batch = make_paged_batch([5], [1], 2, 2, 64, 16, torch.float32, seed=2, device=device)
+    table = torch.zeros(10, 32, device=device)
+    wrong = paged_attention.NewTokens(torch.zeros(1, 1, 64, device=device), torch.zeros(1, 2, 64, device=device),
+                                      torch.zeros(1, dtype=torch.long, device=device), table, table,
+                                      torch.zeros(1, dtype=torch.long, device=device))
+    with pytest.raises(ValueError, match="k"):
+        paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                               batch.scale, torch.empty_like(batch.q), 16, new_tokens=wrong)
