@@ -28,7 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from photoninfer.kernels import activation, gemv, paged_attention, rmsnorm, rope  # noqa: E402
+from photoninfer.kernels import activation, argmax, gemv, paged_attention, rmsnorm, rope  # noqa: E402
 
 TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
                  torch.int64: "i64"}
@@ -96,8 +96,8 @@ def record_launches() -> list:
     launches: list = []
     kernels = [(rmsnorm, "_rms_norm_kernel"), (activation, "_silu_and_mul_kernel"),
                (rope, "_rope_and_cache_kv_kernel"), (paged_attention, "_paged_decode_kernel"),
-               (paged_attention, "_paged_decode_reduce_kernel"), (paged_attention, "_paged_prefill_kernel"),
-               (gemv, "_gemv_kernel"), (gemv, "_gemv_reduce_kernel")]
+               (paged_attention, "_paged_prefill_kernel"), (gemv, "_gemv_kernel"), (gemv, "_gemv_reduce_kernel"),
+               (argmax, "_chunk_argmax_kernel"), (argmax, "_pick_chunk_kernel")]
     originals = [(module, name, getattr(module, name)) for module, name in kernels]
     for module, name, fn in originals:
         setattr(module, name, Recorder(fn, launches))
@@ -119,12 +119,17 @@ def record_launches() -> list:
                                        torch.empty(4096, head_dim // 2), cache, cache,
                                        torch.empty(16, dtype=torch.long))
                 tables, lens = torch.empty(16, 256, dtype=torch.int32), torch.empty(16, dtype=torch.int32)
-                for hint in (200, 4096):  # one partition (direct) and split-K + reduction
-                    paged_attention.paged_decode_attention(q, cache, cache, tables, lens, 0.125, e(16, hq, head_dim),
-                                                           hint)
+                positions, slots = torch.empty(16, dtype=torch.long), torch.empty(16, dtype=torch.long)
+                rotary = torch.empty(4096, head_dim // 2)
+                for hint in (200, 4096):  # one partition (direct) and split-K + merge
+                    for new in (None, paged_attention.NewTokens(k, v, positions, rotary, rotary, slots)):
+                        paged_attention.paged_decode_attention(q, cache, cache, tables, lens, 0.125,
+                                                               e(16, hq, head_dim), hint, new_tokens=new)
                 qsl = torch.empty(17, dtype=torch.int32)
                 paged_attention.paged_prefill_attention(q, cache, cache, tables, qsl, lens, 0.125,
                                                         e(16, hq, head_dim), 100)
+        for dtype in (torch.bfloat16, torch.float32):
+            argmax.argmax_rows(torch.empty(16, 128256, dtype=dtype))
         for m in (1, 16):
             x, weight = torch.empty(m, hidden, dtype=torch.bfloat16), torch.empty(3072, hidden, dtype=torch.bfloat16)
             for cfg in (gemv.GemvConfig(split_k=1), gemv.default_config(3072, hidden),

@@ -11,13 +11,14 @@ probabilities are rounded to the value dtype before the P.V product, as the refe
 
 Decode ("flash-decoding"): grid (B, Hkv, P). Program (b, h, p) takes the whole group of query heads that
 share kv head h (one K/V tile load serves the group; the group is padded to 16 rows for tl.dot) over the
-p-th span of sequence b's context and writes a partial result with its running max and sum; a second
-kernel, grid (B, Hq), merges the partials. A span is a whole number of partitions (`partition_size`
+p-th span of sequence b's context and writes a partial result with its running max and sum; the last
+program of (b, h) to finish (an atomic counter in the workspace says which) merges the partials, so a
+decode is one launch. A span is a whole number of partitions (`partition_size`
 tokens): one partition while the context has no more partitions than P, more beyond. P =
 min(ceil(max_seq_len_hint / partition), cap) where the cap is max_num_partitions, or by default what
 fills the GPU for this batch (DECODE_TARGET_PROGRAMS / (B * Hkv)); it depends only on the call's
 arguments, so a CUDA graph (hint = max_model_len) replays one grid. Programs past a sequence's length do
-nothing. With P == 1 the first kernel writes the output directly and no reduction runs. Given the step's
+nothing. With P == 1 each program writes the output directly, with no partials. Given the step's
 unrotated q, k, v (`NewTokens`), the kernel also does the RoPE kernel's work (saving a launch per layer):
 every program rotates its q heads, and the program whose span ends the context rotates k and stores K/V
 into the cache before it reads its tiles.
@@ -111,12 +112,12 @@ def _rotated(rows, d, cos, sin, mask, HEAD_DIM: tl.constexpr):
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
-    part_out_ptr, part_max_ptr, part_sum_ptr,
+    part_out_ptr, part_max_ptr, part_sum_ptr, done_ptr,
     k_new_ptr, v_new_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
     qk_scale, group, block_size, num_splits,
     q_sb, q_sh, o_sb, o_sh,
     kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, bt_stride,
-    po_sb, po_sh, po_sp, pm_sb, pm_sh,
+    po_sb, po_sh, po_sp, pm_sb, pm_sh, done_sb,
     kn_sb, kn_sh, vn_sb, vn_sh, cos_stride, sin_stride,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
     DIRECT: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -169,65 +170,65 @@ def _paged_decode_kernel(
         m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
 
     result = _normalized(acc, l_i)
+    out_rows = out_ptr + seq * o_sb + heads[:, None] * o_sh + d[None, :]
     if DIRECT:
-        tl.store(out_ptr + seq * o_sb + heads[:, None] * o_sh + d[None, :],
-                 result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+        tl.store(out_rows, result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
         if start < seq_len:
-            tl.store(part_out_ptr + seq * po_sb + heads[:, None] * po_sh + split * po_sp + d[None, :],
-                     result, mask=g_mask[:, None])
-            tl.store(part_max_ptr + seq * pm_sb + heads * pm_sh + split, m_i, mask=g_mask)
-            tl.store(part_sum_ptr + seq * pm_sb + heads * pm_sh + split, l_i, mask=g_mask)
+            parts_out = part_out_ptr + seq * po_sb + heads[:, None] * po_sh + d[None, :]
+            parts_max = part_max_ptr + seq * pm_sb + heads * pm_sh
+            parts_sum = part_sum_ptr + seq * pm_sb + heads * pm_sh
+            tl.store(parts_out + split * po_sp, result, mask=g_mask[:, None])
+            tl.store(parts_max + split, m_i, mask=g_mask)
+            tl.store(parts_sum + split, l_i, mask=g_mask)
+            tl.debug_barrier()  # all of this program's partials are stored before it counts itself done
+            num_parts = tl.cdiv(seq_len, span)  # the programs that write a partial
+            done = done_ptr + seq * done_sb + kv_head
+            if tl.atomic_add(done, 1, sem="acq_rel", scope="gpu") == num_parts - 1:
+                # the last of them merges everyone's partials and re-arms the counter for the next call
+                _merge_partials(out_rows, parts_out, parts_max, parts_sum, num_parts, po_sp, g_mask, BLOCK_G,
+                                HEAD_DIM)
+                tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
+        elif split == 0:  # an empty context (CUDA-graph padding): zeros, as its result holds
+            tl.store(out_rows, result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
 @triton.jit
-def _paged_decode_reduce_kernel(
-    seq_lens_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, num_splits,
-    o_sb, o_sh, po_sb, po_sh, po_sp, pm_sb, pm_sh,
-    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, PARTITION: tl.constexpr,
-):
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    num_parts = tl.cdiv(seq_len, _split_tokens(seq_len, num_splits, PARTITION))  # splits that wrote a partial
-    stats = seq * pm_sb + head * pm_sh
-    parts_out = part_out_ptr + seq * po_sb + head * po_sh
-    d = tl.arange(0, HEAD_DIM)
-
-    max_seen = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    for p0 in range(0, num_parts, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        max_seen = tl.maximum(max_seen, tl.load(part_max_ptr + stats + p, mask=p < num_parts,
-                                                other=float("-inf")))
-    global_max = tl.max(max_seen, 0)
-
-    total = tl.zeros([BLOCK_P], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for p0 in range(0, num_parts, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mask = p < num_parts
-        m = tl.load(part_max_ptr + stats + p, mask=mask, other=float("-inf"))
-        weight = tl.where(mask, tl.load(part_sum_ptr + stats + p, mask=mask, other=0.0) * tl.exp2(m - global_max),
-                          0.0)
-        partial = tl.load(parts_out + p[:, None] * po_sp + d[None, :], mask=mask[:, None], other=0.0)
-        acc += tl.sum(weight[:, None] * partial, 0)
+def _merge_partials(out_rows, parts_out, parts_max, parts_sum, num_parts, po_sp, g_mask,
+                    BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """out = sum_p w_p * partial_p / sum_p w_p with w_p = sum_p * 2^(max_p - max), per query head of the
+    group. The partials come from other programs: loaded from L2 (".cg"), past this SM's L1."""
+    global_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for p in range(0, num_parts):
+        global_max = tl.maximum(global_max, tl.load(parts_max + p, mask=g_mask, other=float("-inf"),
+                                                    cache_modifier=".cg"))
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for p in range(0, num_parts):
+        m = tl.load(parts_max + p, mask=g_mask, other=0.0, cache_modifier=".cg")
+        weight = tl.load(parts_sum + p, mask=g_mask, other=0.0, cache_modifier=".cg") \
+            * tl.exp2(m - tl.where(g_mask, global_max, 0.0))  # padding heads: 0 * 2^0
+        partial = tl.load(parts_out + p * po_sp, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
+        acc += weight[:, None] * partial
         total += weight
-    denom = tl.sum(total, 0)
-    result = tl.where(denom > 0, acc / tl.maximum(denom, 1e-30), 0.0)
-    tl.store(out_ptr + seq * o_sb + head * o_sh + d, result.to(out_ptr.dtype.element_ty))
+    result = tl.where(total[:, None] > 0, acc / tl.maximum(total, 1e-30)[:, None], 0.0)
+    tl.store(out_rows, result.to(out_rows.dtype.element_ty), mask=g_mask[:, None])
 
 
 @dataclass
 class DecodeWorkspace:
-    """Partial results of split-K decode: out [B, Hq, P, D], max and sum [B, Hq, P], all float32.
+    """Partial results of split-K decode: out [B, Hq, P, D], max and sum [B, Hq, P], all float32, and
+    `done` [B, >= Hkv] int32: how many programs of each (sequence, kv head) have finished, zero between
+    calls (the last program of a pair resets it).
 
     Allocate once for the largest batch and the grid's P (CUDA graphs need stable addresses) and pass it
-    to every call; a smaller batch uses its leading rows.
+    to every call; a smaller batch uses its leading rows. Calls that share one must not run concurrently.
     """
 
     out: torch.Tensor
     max: torch.Tensor
     sum: torch.Tensor
+    done: torch.Tensor
 
     @classmethod
     def allocate(cls, max_batch: int, num_q_heads: int, head_dim: int, max_seq_len: int, device,
@@ -237,7 +238,8 @@ class DecodeWorkspace:
         parts = decode_splits(max_seq_len, partition_size, max_num_partitions)
         stats = torch.empty((max_batch, num_q_heads, parts), dtype=torch.float32, device=device)
         return cls(torch.empty((max_batch, num_q_heads, parts, head_dim), dtype=torch.float32, device=device),
-                   stats, torch.empty_like(stats))
+                   stats, torch.empty_like(stats), torch.zeros((max_batch, num_q_heads), dtype=torch.int32,
+                                                               device=device))
 
 
 @dataclass
@@ -371,42 +373,37 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                max_num_partitions or default_max_partitions(batch, num_kv_heads))
     direct = num_splits == 1
     if direct:
-        ws_out = ws_max = ws_sum = out  # unused by the kernel
-        po_strides, pm_strides = (0, 0, 0), (0, 0)
+        ws_out = ws_max = ws_sum = ws_done = out  # unused by the kernel
+        po_strides, pm_strides, done_stride = (0, 0, 0), (0, 0), 0
     else:
         if workspace is None:
             workspace = DecodeWorkspace.allocate(batch, q.shape[1], head_dim, num_splits * partition_size, q.device,
                                                  partition_size)
-        ws_out, ws_max, ws_sum = workspace.out, workspace.max, workspace.sum
+        ws_out, ws_max, ws_sum, ws_done = workspace.out, workspace.max, workspace.sum, workspace.done
         if (ws_out.shape[0] < batch or ws_out.shape[1] != q.shape[1] or ws_out.shape[2] < num_splits
-                or ws_out.shape[3] != head_dim):
+                or ws_out.shape[3] != head_dim or ws_done.shape[0] < batch or ws_done.shape[1] < num_kv_heads):
             raise ValueError(f"decode workspace {tuple(ws_out.shape)} cannot hold [{batch}, {q.shape[1]}, "
                              f"{num_splits}, {head_dim}] partials: allocate it with a larger max_batch/max_seq_len")
+        check_dtype("workspace.done", ws_done, (torch.int32,))
         po_strides = ws_out.stride()[:3]
         pm_strides = ws_max.stride()[:2]
+        done_stride = ws_done.stride(0)
     block_g = max(MIN_DOT, triton.next_power_of_2(group))
     new = new_tokens or NewTokens(q, q, seq_lens, q, q, seq_lens)  # unused without ROPE
     new_strides = ((new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
                     new.sin.stride(0)) if new_tokens else (0,) * 6)
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, ws_out, ws_max, ws_sum,
+        q, k_cache, v_cache, block_tables, seq_lens, out, ws_out, ws_max, ws_sum, ws_done,
         new.k, new.v, new.positions, new.cos, new.sin, new.slot_mapping,
         scale * LOG2E, group, block_size, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        *po_strides, *pm_strides, *new_strides,
+        *po_strides, *pm_strides, done_stride, *new_strides,
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
         ROPE=new_tokens is not None, UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
-    if not direct:
-        _paged_decode_reduce_kernel[(batch, q.shape[1])](
-            seq_lens, out, ws_out, ws_max, ws_sum, num_splits,
-            out.stride(0), out.stride(1), *po_strides, *pm_strides,
-            HEAD_DIM=head_dim, BLOCK_P=min(triton.next_power_of_2(num_splits), 32), PARTITION=partition_size,
-            num_warps=4,
-        )
     return out
 
 

@@ -108,7 +108,9 @@ class CausalLM(nn.Module):
             from photoninfer.model.cpu_fast import fast_forward
 
             return fast_forward(self, input_ids, positions, kv_caches, meta)
-        x, residual = self.embed_tokens(input_ids), None
+        # a gather over all output elements: nn.Embedding's index_select runs few blocks for a few ids
+        # (13 us for 16 ids of Llama-3.2-1B on an H100, against ~2 us)
+        x, residual = self.embed_tokens.weight[input_ids], None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.rope, kv_cache, self.attention, meta)
         x, _ = self.norm(x, residual)

@@ -162,11 +162,35 @@ class TritonPagedAttention:
         self.scale, self.block_size = scale, block_size
         self._attention, self._rope = paged_attention, rope
         self.num_sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 8
+        self._partials: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # the decode workspace's storage
+        self._retired: list = []  # storage that captured CUDA graphs may still write to: never freed
 
     def decode_partitions(self, num_seqs: int, num_kv_heads: int) -> int:
         """Split a context over more programs only while (sequence, kv head) pairs leave the GPU idle: two
         waves of programs. A context longer than that covers several partitions per program."""
         return max(1, -(-2 * self.num_sms // (num_seqs * num_kv_heads)))
+
+    def decode_workspace(self, q: torch.Tensor, num_kv_heads: int, splits: int):
+        """Views of one persistent storage for a decode's partials and counters (the counters must stay
+        zero between calls, and a CUDA graph keeps the addresses it was captured with). Sized at the first
+        split decode for any this backend runs: P > 1 only while rows * Hkv < 2 * SMs, so rows * Hkv * P <
+        4 * SMs programs write partials."""
+        rows, heads, head_dim = q.shape
+        stats = rows * heads * splits  # one max and one sum per partial
+        need, need_done = stats * (head_dim + 2), rows * num_kv_heads
+        if self._partials is None or self._partials[0].numel() < need or self._partials[1].numel() < need_done:
+            if self._partials is not None:
+                self._retired.append(self._partials)
+            most_stats = 4 * self.num_sms * (heads // num_kv_heads)
+            self._partials = (torch.empty(max(need, most_stats * (head_dim + 2)), dtype=torch.float32, device=q.device),
+                              torch.zeros(max(need_done, 2 * self.num_sms), dtype=torch.int32, device=q.device))
+        storage, done = self._partials
+        need_out = stats * head_dim
+        return self._attention.DecodeWorkspace(
+            storage[:need_out].view(rows, heads, splits, head_dim),
+            storage[need_out:need_out + stats].view(rows, heads, splits),
+            storage[need_out + stats:need_out + 2 * stats].view(rows, heads, splits),
+            done[:need_done].view(rows, num_kv_heads))
 
     def prepare(self, batch: ForwardBatch) -> ForwardBatch:
         """The kernels read the flat batch as it is. Its max_seq_len sizes the decode grid (a CUDA graph's
@@ -178,9 +202,13 @@ class TritonPagedAttention:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if batch.is_decode_only:  # the decode kernel rotates q, k and writes K/V itself
             new_tokens = self._attention.NewTokens(k, v, positions, rope.cos, rope.sin, batch.slot_mapping)
+            num_kv_heads = k_cache.shape[2]
+            cap = self.decode_partitions(q.shape[0], num_kv_heads)
+            splits = self._attention.decode_splits(batch.max_seq_len, max_num_partitions=cap)
             self._attention.paged_decode_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale, out, batch.max_seq_len,
-                max_num_partitions=self.decode_partitions(q.shape[0], k_cache.shape[2]), new_tokens=new_tokens)
+                max_num_partitions=cap, new_tokens=new_tokens,
+                workspace=self.decode_workspace(q, num_kv_heads, splits) if splits > 1 else None)
         else:
             self._rope.rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache,
                                          batch.slot_mapping)

@@ -75,7 +75,7 @@ def test_decode_default_cap_follows_the_batch(monkeypatch, device):
     assert paged_attention.default_max_partitions(256, 8) == 1
     monkeypatch.setattr(paged_attention, "DECODE_TARGET_PROGRAMS", 8)
     batch = make_paged_batch([1, 37, 100, 130], [1] * 4, 4, 2, 64, 16, torch.float32, seed=3, device=device)
-    out = decode(batch, max_seq_len_hint=128, workspace=paged_attention.DecodeWorkspace(*[None] * 3))  # unused
+    out = decode(batch, max_seq_len_hint=128, workspace=paged_attention.DecodeWorkspace(*[None] * 4))  # unused
     torch.testing.assert_close(out, batch.expected, **tolerance(torch.float32))
 
 
@@ -191,3 +191,29 @@ def test_decode_rejects_new_tokens_of_the_wrong_shape(device):
     with pytest.raises(ValueError, match="k"):
         paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
                                batch.scale, torch.empty_like(batch.q), 16, new_tokens=wrong)
+
+
+def test_split_decode_re_arms_its_counters_for_the_next_call(device):
+    """The last program of each (sequence, kv head) merges the partials and resets its counter: a
+    workspace reused call after call (as a CUDA graph reuses it) keeps giving the reference output."""
+    batch = make_paged_batch([1, 37, 100, 130], [1] * 4, 4, 2, 64, 16, torch.float32, seed=8, device=device)
+    workspace = DecodeWorkspace.allocate(4, 4, 64, 160, device, partition_size=PARTITION)
+    for _ in range(2):
+        out = decode(batch, max_seq_len_hint=160, workspace=workspace)
+        torch.testing.assert_close(out, batch.expected, **tolerance(torch.float32))
+        assert not workspace.done.any()
+
+
+def test_backend_decode_workspace_is_one_storage_sized_once(device):
+    from photoninfer.runner.attention import TritonPagedAttention
+
+    backend = TritonPagedAttention(0.125, 16)
+    q = torch.zeros(3, 8, 64, device=device)
+    first = backend.decode_workspace(q, 2, splits=5)
+    assert first.out.shape == (3, 8, 5, 64) and first.max.shape == first.sum.shape == (3, 8, 5)
+    assert first.done.shape == (3, 2) and not first.done.any()
+    again = backend.decode_workspace(torch.zeros(1, 8, 64, device=device), 2, splits=9)
+    assert again.out.data_ptr() == first.out.data_ptr() and again.done.data_ptr() == first.done.data_ptr()
+    # partials, maxima and sums never overlap
+    ends = [(t.data_ptr(), t.data_ptr() + t.numel() * 4) for t in (first.out, first.max, first.sum)]
+    assert ends[0][1] <= ends[1][0] and ends[1][1] <= ends[2][0]
