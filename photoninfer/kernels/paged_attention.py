@@ -18,10 +18,10 @@ tokens): one partition while the context has no more partitions than P, more bey
 min(ceil(max_seq_len_hint / partition), cap) where the cap is max_num_partitions, or by default what
 fills the GPU for this batch (DECODE_TARGET_PROGRAMS / (B * Hkv)); it depends only on the call's
 arguments, so a CUDA graph (hint = max_model_len) replays one grid. Programs past a sequence's length do
-nothing. With P == 1 each program writes the output directly, with no partials. Given the step's
-unrotated q, k, v (`NewTokens`), the kernel also does the RoPE kernel's work (saving a launch per layer):
-every program rotates its q heads, and the program whose span ends the context rotates k and stores K/V
-into the cache before it reads its tiles.
+nothing. A program that holds a whole context (P == 1, or a context of one span) writes the output
+directly, with no partials. Given the step's unrotated q, k, v (`NewTokens`), the kernel also does the
+RoPE kernel's work (saving a launch per layer): every program rotates its q heads, and the program whose
+span ends the context rotates k and stores K/V into the cache before it reads its tiles.
 
 Prefill: grid (S, ceil(max_query_len / BLOCK_M), Hq). Program (i, m, h) takes query rows
 [m * BLOCK_M, (m + 1) * BLOCK_M) of sequence i (positions seq_len - q_len + row) against keys
@@ -171,46 +171,44 @@ def _paged_decode_kernel(
 
     result = _normalized(acc, l_i)
     out_rows = out_ptr + seq * o_sb + heads[:, None] * o_sh + d[None, :]
-    if DIRECT:
-        tl.store(out_rows, result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-    else:
-        if start < seq_len:
-            parts_out = part_out_ptr + seq * po_sb + heads[:, None] * po_sh + d[None, :]
-            parts_max = part_max_ptr + seq * pm_sb + heads * pm_sh
-            parts_sum = part_sum_ptr + seq * pm_sb + heads * pm_sh
-            tl.store(parts_out + split * po_sp, result, mask=g_mask[:, None])
-            tl.store(parts_max + split, m_i, mask=g_mask)
-            tl.store(parts_sum + split, l_i, mask=g_mask)
-            tl.debug_barrier()  # all of this program's partials are stored before it counts itself done
-            num_parts = tl.cdiv(seq_len, span)  # the programs that write a partial
-            done = done_ptr + seq * done_sb + kv_head
-            if tl.atomic_add(done, 1, sem="acq_rel", scope="gpu") == num_parts - 1:
-                # the last of them merges everyone's partials and re-arms the counter for the next call
-                _merge_partials(out_rows, parts_out, parts_max, parts_sum, num_parts, po_sp, g_mask, BLOCK_G,
-                                HEAD_DIM)
-                tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
-        elif split == 0:  # an empty context (CUDA-graph padding): zeros, as its result holds
+    num_parts = tl.cdiv(seq_len, span)  # the programs that see part of the context
+    if DIRECT or num_parts <= 1:  # one program holds the whole context (or none: zeros for padding)
+        if split == 0:
             tl.store(out_rows, result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    elif start < seq_len:
+        parts_out = part_out_ptr + seq * po_sb + heads[:, None] * po_sh + d[None, :]
+        parts_max = part_max_ptr + seq * pm_sb + heads * pm_sh
+        parts_sum = part_sum_ptr + seq * pm_sb + heads * pm_sh
+        tl.store(parts_out + split * po_sp, result, mask=g_mask[:, None])
+        tl.store(parts_max + split, m_i, mask=g_mask)
+        tl.store(parts_sum + split, l_i, mask=g_mask)
+        tl.debug_barrier()  # all of this program's partials are stored before it counts itself done
+        done = done_ptr + seq * done_sb + kv_head
+        if tl.atomic_add(done, 1, sem="acq_rel", scope="gpu") == num_parts - 1:
+            # the last of them merges everyone's partials and re-arms the counter for the next call
+            _merge_partials(out_rows, parts_out, parts_max, parts_sum, num_parts, po_sp, g_mask, BLOCK_G, HEAD_DIM)
+            tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
 def _merge_partials(out_rows, parts_out, parts_max, parts_sum, num_parts, po_sp, g_mask,
                     BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
     """out = sum_p w_p * partial_p / sum_p w_p with w_p = sum_p * 2^(max_p - max), per query head of the
-    group. The partials come from other programs: loaded from L2 (".cg"), past this SM's L1."""
-    global_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for p in range(0, num_parts):
-        global_max = tl.maximum(global_max, tl.load(parts_max + p, mask=g_mask, other=float("-inf"),
-                                                    cache_modifier=".cg"))
+    group, in one pass (rescaled as the running max grows). The partials come from other programs: they
+    are loaded from L2 (".cg"), past this SM's L1."""
+    running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for p in range(0, num_parts):
+    for p in range(0, num_parts):  # every part saw at least one key: its max is finite
         m = tl.load(parts_max + p, mask=g_mask, other=0.0, cache_modifier=".cg")
-        weight = tl.load(parts_sum + p, mask=g_mask, other=0.0, cache_modifier=".cg") \
-            * tl.exp2(m - tl.where(g_mask, global_max, 0.0))  # padding heads: 0 * 2^0
+        l = tl.load(parts_sum + p, mask=g_mask, other=0.0, cache_modifier=".cg")
         partial = tl.load(parts_out + p * po_sp, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
-        acc += weight[:, None] * partial
-        total += weight
+        new_max = tl.maximum(running_max, m)
+        old_scale = tl.exp2(running_max - new_max)  # 0 at the first part
+        weight = l * tl.exp2(m - new_max)
+        acc = acc * old_scale[:, None] + weight[:, None] * partial
+        total = total * old_scale + weight
+        running_max = new_max
     result = tl.where(total[:, None] > 0, acc / tl.maximum(total, 1e-30)[:, None], 0.0)
     tl.store(out_rows, result.to(out_rows.dtype.element_ty), mask=g_mask[:, None])
 
