@@ -18,6 +18,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="HF model directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     g.add_argument("--tokenizer", default=None, help="tokenizer path if different from --model")
     g.add_argument("--dtype", default=defaults.dtype, help="auto | float32 | bfloat16 | float16")
+    g.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
+                   help="auto (the model dtype) | fp8 (float8_e4m3fn: twice the tokens, half the attention reads)")
     g.add_argument("--device", default=defaults.device, help="auto | cpu | cuda")
     g.add_argument("--block-size", type=int, default=defaults.block_size)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
@@ -38,7 +40,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+        device=args.device,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from photoninfer.kernels import activation, argmax, gemv, paged_attention, rmsnorm, rope  # noqa: E402
 
 TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
-                 torch.int64: "i64"}
+                 torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -114,20 +114,19 @@ def record_launches() -> list:
             activation.silu_and_mul(e(16, 2 * ffn))
             for head_dim in (64, 128):
                 q, k, v = e(16, hq, head_dim), e(16, hkv, head_dim), e(16, hkv, head_dim)
-                cache = e(100, 16, hkv, head_dim)
-                rope.rope_and_cache_kv(q, k, v, torch.empty(16, dtype=torch.long), torch.empty(4096, head_dim // 2),
-                                       torch.empty(4096, head_dim // 2), cache, cache,
-                                       torch.empty(16, dtype=torch.long))
                 tables, lens = torch.empty(16, 256, dtype=torch.int32), torch.empty(16, dtype=torch.int32)
                 positions, slots = torch.empty(16, dtype=torch.long), torch.empty(16, dtype=torch.long)
                 rotary = torch.empty(4096, head_dim // 2)
-                for hint in (200, 4096):  # one partition (direct) and split-K + merge
-                    for new in (None, paged_attention.NewTokens(k, v, positions, rotary, rotary, slots)):
-                        paged_attention.paged_decode_attention(q, cache, cache, tables, lens, 0.125,
-                                                               e(16, hq, head_dim), hint, new_tokens=new)
-                qsl = torch.empty(17, dtype=torch.int32)
-                paged_attention.paged_prefill_attention(q, cache, cache, tables, qsl, lens, 0.125,
-                                                        e(16, hq, head_dim), 100)
+                fp8 = [torch.empty(100, 16, hkv, head_dim, dtype=torch.float8_e4m3fn)] if dtype == torch.bfloat16 else []
+                for cache in [e(100, 16, hkv, head_dim)] + fp8:  # the model dtype, and kv_cache_dtype="fp8"
+                    rope.rope_and_cache_kv(q, k, v, positions, rotary, rotary, cache, cache, slots)
+                    for hint in (200, 4096):  # one partition (direct) and split-K + merge
+                        for new in (None, paged_attention.NewTokens(k, v, positions, rotary, rotary, slots)):
+                            paged_attention.paged_decode_attention(q, cache, cache, tables, lens, 0.125,
+                                                                   e(16, hq, head_dim), hint, new_tokens=new)
+                    qsl = torch.empty(17, dtype=torch.int32)
+                    paged_attention.paged_prefill_attention(q, cache, cache, tables, qsl, lens, 0.125,
+                                                            e(16, hq, head_dim), 100)
         for dtype in (torch.bfloat16, torch.float32):
             argmax.argmax_rows(torch.empty(16, 128256, dtype=dtype))
         for m in (1, 16):

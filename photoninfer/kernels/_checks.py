@@ -13,6 +13,14 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
 
 
+CACHE_DTYPES = FLOAT_DTYPES + (torch.float8_e4m3fn,)  # a KV cache may also hold FP8 (kv_cache_dtype="fp8")
+
+
+def check_cache_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in CACHE_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float8_e4m3fn, got {t.dtype}")
+
+
 def check_dim(name: str, t: torch.Tensor, ndim: int) -> None:
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")

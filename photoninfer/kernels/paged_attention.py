@@ -6,8 +6,10 @@ sequence, `_prefill` for several), which reads the same cache layout.
 Layouts. k_cache, v_cache: [num_blocks, block_size, Hkv, D] (last dim contiguous); token t of sequence i
 is at block block_tables[i, t // block_size], offset t % block_size. block_tables: [S, max_blocks] int32.
 seq_lens: [S] int32, context length after this step. Hq is a multiple of Hkv (GQA); D a power of two.
-Math in float32 with an online softmax in base 2 (scores pre-multiplied by scale * log2(e)); the
-probabilities are rounded to the value dtype before the P.V product, as the reference rounds them.
+The cache holds q's dtype or FP8 (float8_e4m3fn, kv_cache_dtype="fp8"): tiles are widened to q's dtype
+as they are loaded, as the reference widens what it gathers. Math in float32 with an online softmax in
+base 2 (scores pre-multiplied by scale * log2(e)); the probabilities are rounded to q's dtype before the
+P.V product, as the reference rounds them.
 
 Decode ("flash-decoding"): grid (B, Hkv, P). Program (b, h, p) takes the whole group of query heads that
 share kv head h (one K/V tile load serves the group; the group is padded to 16 rows for tl.dot) over the
@@ -40,8 +42,8 @@ import triton
 import triton.language as tl
 
 from photoninfer.kernels import interpreting
-from photoninfer.kernels._checks import (check_dim, check_dtype, check_float, check_last_contiguous,
-                                         check_power_of_two, check_shape)
+from photoninfer.kernels._checks import (check_cache_dtype, check_dim, check_dtype, check_float,
+                                         check_last_contiguous, check_power_of_two, check_shape)
 
 LOG2E = 1.4426950408889634
 DEFAULT_PARTITION = 256  # tokens per decode program; a multiple of the key tile
@@ -166,7 +168,7 @@ def _paged_decode_kernel(
                  PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
-                          HEAD_DIM)
+                          HEAD_DIM).to(q.dtype)
         m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
 
     result = _normalized(acc, l_i)
@@ -277,7 +279,7 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int
     """(block_size, num_kv_heads, head_dim) of a valid cache pair."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_dim(name, t, 4)
-        check_float(name, t)
+        check_cache_dtype(name, t)
         check_last_contiguous(name, t)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
@@ -443,7 +445,7 @@ def _paged_prefill_kernel(
                      PRECISION) * qk_scale
             s = tl.where(valid[None, :] & (toks[None, :] <= q_pos[:, None]), s, float("-inf"))
             v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
-                              HEAD_DIM)
+                              HEAD_DIM).to(q.dtype)
             m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
 
         result = _normalized(acc, l_i)

@@ -7,7 +7,9 @@ layout: out = [x1*cos - x2*sin, x2*cos + x1*sin] in float32, rounded to the inpu
 Shapes: q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D] (any token/head strides, last dim contiguous: they may
 be column slices of the fused qkv output [T, Hq*D + 2*Hkv*D]); positions [T] int; cos, sin
 [max_pos, D/2] float32 (the RotaryEmbedding tables, llama3 scaling already folded in); k_cache, v_cache
-[num_blocks, block_size, Hkv, D]; slot_mapping [T] int64, -1 = padding row (its K/V are not written).
+[num_blocks, block_size, Hkv, D] in q's dtype or FP8 (rotated k is rounded to q's dtype first, then to
+the cache's, as write_kv rounds it; FP8 saturates at +-448 as torch's conversion does); slot_mapping [T]
+int64, -1 = padding row (its K/V are not written).
 One program handles one token: all its q heads and k heads, so cos/sin are loaded once per token.
 """
 
@@ -17,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from photoninfer.kernels._checks import check_dim, check_dtype, check_float, check_last_contiguous, check_shape
+from photoninfer.kernels._checks import (check_cache_dtype, check_dim, check_dtype, check_float, check_last_contiguous,
+                                         check_shape)
 
 
 @triton.jit
@@ -95,7 +98,7 @@ def rope_and_cache_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
             raise ValueError(f"{name} must be [max_pos, {half}] (head_dim / 2), got {tuple(t.shape)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_dim(name, t, 4)
-        check_float(name, t)
+        check_cache_dtype(name, t)
         check_last_contiguous(name, t)
         if tuple(t.shape[2:]) != (num_kv_heads, head_dim):
             raise ValueError(f"{name} must be [num_blocks, block_size, {num_kv_heads}, {head_dim}], "

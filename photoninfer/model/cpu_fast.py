@@ -97,7 +97,8 @@ def _attention(attn, x: torch.Tensor, rope: StepRope, kv_cache: torch.Tensor, ba
     qk = rope.rotate(qk)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     write_kv(k_cache, v_cache, qk[:, heads:], v, meta.slot_mapping)
-    out = backend.attend(qk[:, :heads].to(k_cache.dtype), k_cache, v_cache, meta)
+    q = qk[:, :heads] if k_cache.element_size() == 1 else qk[:, :heads].to(k_cache.dtype)  # FP8 K/V: q stays float32
+    out = backend.attend(q, k_cache, v_cache, meta)
     return _matmul(attn.o_proj, out.reshape(num_tokens, attn.q_size).to(MATMUL_DTYPE), dense)
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from photoninfer.config import EngineConfig, ModelConfig, packs_weights, set_cpu_threads
+from photoninfer.config import EngineConfig, ModelConfig, packs_weights, resolve_kv_cache_dtype, set_cpu_threads
 from photoninfer.engine.scheduler import SchedulerOutput
 from photoninfer.errors import ConfigError
 from photoninfer.model.llama import CausalLM
@@ -33,6 +33,7 @@ class ModelRunner:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig, device: torch.device, dtype: torch.dtype):
         self.model_config: ModelConfig = checkpoint.config
         self.device, self.dtype, self.block_size = device, dtype, config.block_size
+        self.cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
         if device.type == "cpu":
             logger.info("CPU: %d threads, %s", set_cpu_threads(config.threads), dtype)
         self.model: CausalLM = build_model(checkpoint, device, dtype, pack=packs_weights(config.dtype, device))
@@ -50,9 +51,9 @@ class ModelRunner:
             max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
             -(-self.max_model_len // self.block_size), self.block_size, device)
         tokens = self.num_blocks * self.block_size
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB), room for %.1f sequences of 4k tokens",
-                    self.num_blocks, self.block_size, tokens, self.num_blocks * self._bytes_per_block() / 2**20,
-                    tokens / 4096)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB of %s), room for %.1f sequences of 4k "
+                    "tokens", self.num_blocks, self.block_size, tokens, self.num_blocks * self._bytes_per_block() / 2**20,
+                    str(self.cache_dtype).replace("torch.", ""), tokens / 4096)
         if device.type == "cuda" and triton_available():
             self._warm_up(min(max(config.max_num_batched_tokens, config.max_num_seqs), self.max_model_len))
         self.graphs = None
@@ -104,7 +105,7 @@ class ModelRunner:
 
     def _bytes_per_block(self) -> int:
         cfg = self.model_config
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.cache_dtype).element_size()
         return 2 * cfg.num_hidden_layers * self.block_size * cfg.kv_size * elem
 
     def _blocks_that_fit(self, config: EngineConfig) -> int:
@@ -140,8 +141,8 @@ class ModelRunner:
         cfg = self.model_config
         shape = (2, num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         if self.device.type == "cpu":
-            return [lazy_zeros(shape, self.dtype) for _ in range(cfg.num_hidden_layers)]
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+            return [lazy_zeros(shape, self.cache_dtype) for _ in range(cfg.num_hidden_layers)]
+        return [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
 
     # ---- one step ----------------------------------------------------------------------------------
 

@@ -29,9 +29,10 @@ class PagedBatch:
 
 
 def make_paged_batch(seq_lens: list[int], q_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
-                     block_size: int, dtype: torch.dtype, seed: int, device="cpu") -> PagedBatch:
+                     block_size: int, dtype: torch.dtype, seed: int, device="cpu",
+                     cache_dtype: torch.dtype = None) -> PagedBatch:
     """Sequence i has seq_lens[i] tokens in context, the last q_lens[i] of them computed this step.
-    Built and referenced on the CPU, then moved to `device`.
+    Built and referenced on the CPU, then moved to `device`. The cache holds `cache_dtype` (default: dtype).
 
     Blocks are handed out in random order from 1..; block 0 and every slot beyond a sequence's length hold
     NaN, so a kernel that reads outside a context poisons its output.
@@ -47,15 +48,15 @@ def make_paged_batch(seq_lens: list[int], q_lens: list[int], num_q_heads: int, n
         block_tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
 
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    k_cache = torch.full(shape, float("nan"), dtype=cache_dtype or dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=cache_dtype or dtype)
     k_flat, v_flat = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
     new_k, new_v, new_slots = [], [], []
     for table, n, q_len in zip(tables, seq_lens, q_lens):
         positions = torch.arange(n)
         slots = torch.tensor(table, dtype=torch.long)[positions // block_size] * block_size + positions % block_size
-        k_flat[slots] = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
-        v_flat[slots] = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+        k_flat[slots] = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(k_cache.dtype)
+        v_flat[slots] = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(v_cache.dtype)
         new_k.append(k_flat[slots[n - q_len:]])
         new_v.append(v_flat[slots[n - q_len:]])
         new_slots.append(slots[n - q_len:])
@@ -69,7 +70,8 @@ def make_paged_batch(seq_lens: list[int], q_lens: list[int], num_q_heads: int, n
     meta = reference.prepare(ForwardBatch.for_attention(torch.cat(new_slots), query_start, seq_lens, tables))
     # This step's K/V are already in place. The reference's padded decode gathers slot 0 for padding
     # (masked, but 0 * NaN is NaN): give it a NaN-free copy of the cache.
-    expected = reference.attend(q, k_cache.nan_to_num(), v_cache.nan_to_num(), meta)
+    # (The reference widens K/V to q's dtype as it reads them: so may this copy.)
+    expected = reference.attend(q, k_cache.to(dtype).nan_to_num(), v_cache.to(dtype).nan_to_num(), meta)
     assert not expected.isnan().any()
     tensors = (q, k_cache, v_cache, block_tables, torch.tensor(query_start, dtype=torch.int32),
                torch.tensor(seq_lens, dtype=torch.int32))

@@ -217,3 +217,21 @@ def test_backend_decode_workspace_is_one_storage_sized_once(device):
     # partials, maxima and sums never overlap
     ends = [(t.data_ptr(), t.data_ptr() + t.numel() * 4) for t in (first.out, first.max, first.sum)]
     assert ends[0][1] <= ends[1][0] and ends[1][1] <= ends[2][0]
+
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("hint", [128, 32], ids=["split", "direct"])
+def test_decode_reads_an_fp8_cache(hint, device):
+    """kv_cache_dtype="fp8": the kernel widens FP8 tiles to q's dtype as the reference widens them."""
+    batch = make_paged_batch([1, 37, 100, 16], [1] * 4, 8, 2, 64, 16, torch.bfloat16, seed=31, device=device,
+                             cache_dtype=FP8)
+    assert batch.k_cache.dtype == FP8
+    torch.testing.assert_close(decode(batch, max_seq_len_hint=hint), batch.expected, **tolerance(torch.bfloat16))
+
+
+def test_prefill_reads_an_fp8_cache(device):
+    batch = make_paged_batch([20, 37, 9], [20, 5, 1], 4, 2, 64, 16, torch.bfloat16, seed=32, device=device,
+                             cache_dtype=FP8)
+    torch.testing.assert_close(prefill(batch), batch.expected, **tolerance(torch.bfloat16))

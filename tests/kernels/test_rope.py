@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import ON_GPU
 from ulp import assert_close_ulps, ulps_for
 
 from photoninfer.kernels.rope import rope_and_cache_kv
@@ -70,3 +71,37 @@ def test_rope_takes_int32_positions_and_rejects_wrong_tables(device):
         rope_and_cache_kv(q, k, v, ints([0, 1]), rope.cos[:, :16], rope.sin, cache, cache.clone(), ints([0, 1]))
     with pytest.raises(TypeError, match="slot_mapping"):
         rope_and_cache_kv(q, k, v, ints([0, 1]), rope.cos, rope.sin, cache, cache.clone(), ints([0, 1], torch.int32))
+
+
+def fp8_comparable(x: torch.Tensor) -> torch.Tensor:
+    """Where Triton's CPU interpreter converts bf16 -> float8_e4m3fn as the GPU and torch do. It rounds exact
+    ties away from even, loses the carry when rounding up reaches the next power of two (1.98 -> 1.0) and
+    flushes subnormals. On a GPU: everywhere."""
+    if ON_GPU:
+        return torch.ones_like(x, dtype=torch.bool)
+    mantissa = x.to(torch.bfloat16).view(torch.int16).int() & 0x7F  # bf16 keeps 7 bits, e4m3 3 of them
+    return ((mantissa & 0xF) != 0x8) & (mantissa < 0x78) & (x.abs() >= 2.0**-6)
+
+
+def test_rope_writes_an_fp8_cache_as_write_kv_does(device):
+    """kv_cache_dtype="fp8": rotated k rounded to q's dtype, then to float8_e4m3fn; the same bytes as torch."""
+    gen = torch.Generator().manual_seed(9)
+    tokens, heads, kv_heads, head_dim = 5, 4, 2, 64
+    rope = RotaryEmbedding(head_dim, 64, theta=10000.0, scaling=None).to(device)
+    qkv = (4 * torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)).to(torch.bfloat16).to(device)
+    q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                              kv_heads * head_dim], dim=-1))
+    positions = torch.arange(tokens, device=device) * 7
+    slots = torch.tensor([3, 9, 17, -1, 30], device=device)
+    k_cache = torch.zeros(4, 16, kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    _, expected_k = rope(positions, q.clone(), k.clone())
+    keep = slots >= 0
+    rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, slots)
+    for cache, rows in ((k_cache, expected_k[keep]), (v_cache, v[keep])):
+        written = cache.view(-1, kv_heads, head_dim)[slots[keep]]
+        comparable = fp8_comparable(rows)
+        assert comparable.float().mean() > 0.8
+        got, want = written.view(torch.uint8)[comparable], rows.to(torch.float8_e4m3fn).view(torch.uint8)[comparable]
+        assert torch.equal(got, want)
+    assert not k_cache.view(-1, kv_heads, head_dim)[slots[keep].max() + 1:].float().any()  # nothing else written

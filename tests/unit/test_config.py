@@ -24,3 +24,12 @@ def test_explicit_step_token_budget_is_kept():
 def test_bad_step_token_budget_is_refused(budget):
     with pytest.raises(ConfigError, match="max_num_batched_tokens"):
         EngineConfig(max_num_batched_tokens=budget).validate()
+
+
+def test_kv_cache_dtype_resolves_and_refuses_unknown_names():
+    from photoninfer.config import resolve_kv_cache_dtype
+
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype("fp8", torch.float32) == torch.float8_e4m3fn
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int4").validate()

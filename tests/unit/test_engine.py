@@ -1,6 +1,7 @@
 """LLMEngine behaviour on a tiny random-weight model: stops, seeds, aborts, limits, bad requests."""
 
 import pytest
+import torch
 
 from photoninfer import LLM, SamplingParams
 from photoninfer.errors import InvalidRequestError
@@ -256,3 +257,17 @@ def test_token_budget_below_max_num_seqs_keeps_every_running_sequence_going(make
         assert engine.stats().last_step_num_tokens <= 4
     reference = LLM(path, dtype="float32", device="cpu", max_model_len=64).generate(prompts, params)
     assert [finals[str(i)] for i in range(len(prompts))] == [o.outputs[0].token_ids for o in reference]
+
+
+def test_fp8_kv_cache_holds_more_tokens_and_follows_float32(make_tiny_model):
+    """kv_cache_dtype="fp8" on the CPU reference path: K/V stored as float8_e4m3fn, so the same memory budget
+    holds four times float32's blocks, and greedy tokens start as the float32 cache's do."""
+    path = make_tiny_model("llama3")
+    options = dict(dtype="float32", device="cpu", max_model_len=256, kv_cache_memory_gb=0.01)
+    exact, fp8 = LLM(path, **options), LLM(path, kv_cache_dtype="fp8", **options)
+    assert fp8.engine.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    assert abs(fp8.engine.runner.num_blocks - 4 * exact.engine.runner.num_blocks) < 4  # 1 byte against 4
+    prompts = [[1, 2, 3, 4, 5], list(range(100, 160)), [7] * 30]
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    first = [[o.outputs[0].token_ids[0] for o in llm.generate(prompts, params)] for llm in (exact, fp8)]
+    assert sum(a == b for a, b in zip(*first)) >= 2
