@@ -1,6 +1,6 @@
 """Where a workload's wall time goes, by kind of engine step (decode graph, lone-prefill graph, eager).
 
-    python scripts/step_breakdown.py --shape qwen3-0.6b --workload nano-vllm [--max-num-batched-tokens 8192]
+    python scripts/step_breakdown.py --shape qwen3-0.6b [--max-num-batched-tokens 8192] [--kv-cache-dtype fp8]
 
 Runs the workload through LLMEngine.step() and times each step (with async scheduling a step's wall time is the
 slower of the host and the device). Prints, per kind and per size bucket, steps, total seconds and ms per step.
@@ -44,10 +44,12 @@ def main() -> None:
                         "steps of the last run")
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--kv-cache-dtype", default="auto")
     args = parser.parse_args()
     path = build_random_model(args.shape, os.path.join(tempfile.gettempdir(), f"photoninfer-{args.shape}"))
     engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
-                                    max_num_batched_tokens=args.max_num_batched_tokens))
+                                    max_num_batched_tokens=args.max_num_batched_tokens,
+                                    kv_cache_dtype=args.kv_cache_dtype))
     batch = nano_vllm_batch(args.requests, args.min_len, args.max_len, engine.model_config.vocab_size)
     kinds = []
     build = engine.runner.batch_builder.build
