@@ -209,8 +209,9 @@ def bench_rope(b: Bench, shape: Shape) -> None:
               reference, err, ok, "ulps, cache")
 
 
-def paged_setup(b: Bench, shape: Shape, seq_lens: list[int], q_lens: list[int], dtype):
-    """A paged cache holding the given contexts (blocks in random order) and the reference's metadata."""
+def paged_setup(b: Bench, shape: Shape, seq_lens: list[int], q_lens: list[int], dtype, cache_dtype=None):
+    """A paged cache holding the given contexts (blocks in random order) and the reference's metadata. With a
+    `cache_dtype` (FP8), the kernels get the cache in it and the reference the same values widened to dtype."""
     bs = shape.block_size
     blocks_needed = [-(-n // bs) for n in seq_lens]
     num_blocks = sum(blocks_needed) + 1
@@ -222,6 +223,9 @@ def paged_setup(b: Bench, shape: Shape, seq_lens: list[int], q_lens: list[int], 
         block_tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
     k_cache = b.randn(num_blocks, bs, shape.kv_heads, shape.head_dim, dtype=dtype)
     v_cache = b.randn(num_blocks, bs, shape.kv_heads, shape.head_dim, dtype=dtype)
+    cache_dtype = cache_dtype or dtype
+    for cache in (k_cache, v_cache):
+        cache.copy_(cache.to(cache_dtype))  # values the narrower cache can hold
     new_slots = []
     for t, n, ql in zip(tables, seq_lens, q_lens):
         pos = torch.arange(n - ql, n)
@@ -239,7 +243,7 @@ def paged_setup(b: Bench, shape: Shape, seq_lens: list[int], q_lens: list[int], 
                          reference_backend.attend(q, k_cache, v_cache, meta))[1]
     seq = dict(block_tables=block_tables.to(b.device), seq_lens=torch.tensor(seq_lens, dtype=torch.int32,
                device=b.device), query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=b.device))
-    return q, k_cache, v_cache, seq, reference
+    return q, k_cache.to(cache_dtype), v_cache.to(cache_dtype), seq, reference
 
 
 def attention_tolerance(dtype) -> float:
@@ -275,14 +279,18 @@ def bench_decode(b: Bench, shape: Shape, tune: bool) -> None:
     configs = [default, dict(default, block_n=64, num_warps=4, num_stages=3)]
     if tune:  # max_num_partitions None = the kernel's own cap (DECODE_TARGET_PROGRAMS programs)
         configs += [dict(partition_size=p, block_n=n, num_warps=w, max_num_partitions=None, num_stages=st)
-                    for p in (64, 256) for n in (16, 32, 64) for w in (2, 4, 8) for st in (1, 2, 3, 4)
+                    for p in (64, 256) for n in (16, 32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3, 4)
                     if dict(partition_size=p, block_n=n, num_warps=w, max_num_partitions=None, num_stages=st) != default]
-    for dtype in (torch.bfloat16, torch.float32):
-        for batch in shape.batches if dtype == torch.bfloat16 else shape.batches[:1]:
+    # (q dtype, cache dtype): the model dtype, float32 at one batch, and kv_cache_dtype="fp8"
+    cases = [(torch.bfloat16, torch.bfloat16, shape.batches), (torch.float32, torch.float32, shape.batches[:1]),
+             (torch.bfloat16, torch.float8_e4m3fn, shape.batches)]
+    for dtype, cache_dtype, batches in cases:
+        for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             seq_lens = torch.randint(shape.context * 7 // 8, shape.context * 9 // 8, (batch,), generator=gen).tolist()
-            q, k_cache, v_cache, seq, reference = paged_setup(b, shape, seq_lens, [1] * batch, dtype)
+            q, k_cache, v_cache, seq, reference = paged_setup(b, shape, seq_lens, [1] * batch, dtype, cache_dtype)
             expected = reference()
+            kv_bytes = sum(seq_lens) * shape.kv_heads * shape.head_dim * 2 * k_cache.element_size()
             out = torch.empty_like(q)
             # "max_model_len": the grid a CUDA graph replays; "exact": eager, sized by the longest sequence
             for hint, hint_name in ((shape.max_model_len, "max_model_len"), (max(seq_lens), "exact")):
@@ -297,9 +305,12 @@ def bench_decode(b: Bench, shape: Shape, tune: bool) -> None:
                                                       num_warps=num_warps, max_num_partitions=max_num_partitions,
                                                       num_stages=num_stages)
                     return run
-                sweep(b, "paged_decode", f"B={batch} ctx~{shape.context} hint={hint_name}", dtype, make_run,
-                      reference, expected, attention_tolerance(dtype),
-                      b.limit(configs) if dtype == torch.bfloat16 and hint_name == "max_model_len" else [default])
+                kind = "paged_decode" if cache_dtype == dtype else "paged_decode_fp8_cache"
+                row = sweep(b, kind, f"B={batch} ctx~{shape.context} hint={hint_name}", dtype, make_run,
+                            reference, expected, attention_tolerance(dtype),
+                            b.limit(configs) if dtype == torch.bfloat16 and hint_name == "max_model_len" else [default])
+                row.extra["kv_tb_per_s"] = round(kv_bytes / (row.triton_us * 1e-6) / 1e12, 3)
+                print(f"    K/V read at {row.extra['kv_tb_per_s']} TB/s", flush=True)
 
 
 def bench_prefill(b: Bench, shape: Shape, tune: bool) -> None:
