@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # read by triton when the kernels are decorated, so before importing them
@@ -271,7 +271,7 @@ def sweep(b: Bench, kernel: str, shape_desc: str, dtype, make_run, reference, ex
     return row
 
 
-def bench_decode(b: Bench, shape: Shape, tune: bool) -> None:
+def bench_decode(b: Bench, shape: Shape, tune: bool, caches=("model", "float32", "fp8")) -> None:
     scale = shape.head_dim ** -0.5
     # the kernel's own tiles (decode_tiles), then the fixed tiles it used before them
     default = dict(partition_size=DEFAULT_PARTITION, block_n=None, num_warps=None, max_num_partitions=None,
@@ -282,8 +282,10 @@ def bench_decode(b: Bench, shape: Shape, tune: bool) -> None:
                     for p in (64, 256) for n in (16, 32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3, 4)
                     if dict(partition_size=p, block_n=n, num_warps=w, max_num_partitions=None, num_stages=st) != default]
     # (q dtype, cache dtype): the model dtype, float32 at one batch, and kv_cache_dtype="fp8"
-    cases = [(torch.bfloat16, torch.bfloat16, shape.batches), (torch.float32, torch.float32, shape.batches[:1]),
-             (torch.bfloat16, torch.float8_e4m3fn, shape.batches)]
+    cases = {"model": (torch.bfloat16, torch.bfloat16, shape.batches),
+             "float32": (torch.float32, torch.float32, shape.batches[:1]),
+             "fp8": (torch.bfloat16, torch.float8_e4m3fn, shape.batches)}
+    cases = [case for name, case in cases.items() if name in caches]
     for dtype, cache_dtype, batches in cases:
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
@@ -399,12 +401,17 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time a sweep of tiles per shape (slow)")
     parser.add_argument("--shape", default="llama-3.2-1b", choices=list(SHAPES))
     parser.add_argument("--only", default="", help="comma-separated subset: norm,silu,rope,decode,prefill,linear")
+    parser.add_argument("--batches", default="", help="decode batch sizes instead of the shape's, e.g. 256")
+    parser.add_argument("--decode-caches", default="model,float32,fp8",
+                        help="decode cases: the model dtype (bf16), float32, an FP8 cache")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         print("bench_kernels needs CUDA (or --smoke for the CPU interpreter)", file=sys.stderr)
         return 2
     b = Bench("cpu" if args.smoke else "cuda", args.smoke)
     shape = SMOKE if args.smoke else SHAPES[args.shape]
+    if args.batches:
+        shape = replace(shape, batches=tuple(int(x) for x in args.batches.split(",")))
     torch.manual_seed(0)
     only = set(filter(None, args.only.split(",")))
     want = lambda part: not only or part in only  # noqa: E731
@@ -418,7 +425,7 @@ def main() -> int:
     if want("rope"):
         bench_rope(b, shape)
     if want("decode"):
-        bench_decode(b, shape, tune)
+        bench_decode(b, shape, tune, set(args.decode_caches.split(",")))
     if want("prefill"):
         bench_prefill(b, shape, tune)
     if want("linear"):
