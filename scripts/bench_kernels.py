@@ -280,7 +280,8 @@ def bench_decode(b: Bench, shape: Shape, tune: bool, caches=("model", "float32",
     if tune:  # max_num_partitions None = the kernel's own cap (DECODE_TARGET_PROGRAMS programs)
         configs += [dict(partition_size=p, block_n=n, num_warps=w, max_num_partitions=None, num_stages=st)
                     for p in (64, 256) for n in (16, 32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3, 4)
-                    if dict(partition_size=p, block_n=n, num_warps=w, max_num_partitions=None, num_stages=st) != default]
+                    if n <= p and dict(partition_size=p, block_n=n, num_warps=w, max_num_partitions=None,
+                                       num_stages=st) != default]
     # (q dtype, cache dtype): the model dtype, float32 at one batch, and kv_cache_dtype="fp8"
     cases = {"model": (torch.bfloat16, torch.bfloat16, shape.batches),
              "float32": (torch.float32, torch.float32, shape.batches[:1]),

@@ -58,8 +58,19 @@ def context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> t
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V ([T, Hkv, D]) into their slots of the paged cache."""
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = to_cache_dtype(k, k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = to_cache_dtype(v, v_cache.dtype)
+
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's dtype. FP8 saturates at +-448 as the GPU's conversion (the kernels') does: torch
+    saturates on the CPU but gives NaN on CUDA."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.clamp(-FP8_MAX, FP8_MAX)
+    return x.to(dtype)
 
 
 class TorchPagedAttention:

@@ -104,16 +104,13 @@ def test_triton_backend_equals_the_torch_reference(make_tiny_model, kind, monkey
 
 @pytest.mark.parametrize("kind", ["llama3", "qwen3"])
 def test_fp8_kv_cache_triton_follows_the_torch_reference(make_tiny_model, kind, monkeypatch):
-    """kv_cache_dtype="fp8": the kernels write and read a float8_e4m3fn cache as the torch reference does,
-    with graphs and chunked prefill. Not token for token: the kernels' float32 -> FP8 conversion may round a
-    value one FP8 step (6%) away from torch's where torch's rounding sits near a tie, and a tiny random model's
-    flat logits turn that into other tokens within a few steps. So: the same first token (from the prompt),
-    and close to the float32 cache."""
+    """kv_cache_dtype="fp8": the kernels write and read a float8_e4m3fn cache as the torch reference does
+    (both saturate at +-448), with graphs and chunked prefill, and stay close to the float32 cache."""
     path = make_tiny_model(kind)
     prompts = prompts_for(49152)
     fast = _greedy_tokens(path, prompts, dtype="float32", kv_cache_dtype="fp8", max_num_batched_tokens=64)
     exact = _greedy_tokens(path, prompts, dtype="float32")
     monkeypatch.setenv("PHOTONINFER_TORCH_BACKEND", "1")
     reference = _greedy_tokens(path, prompts, dtype="float32", kv_cache_dtype="fp8", max_num_batched_tokens=64)
-    assert sum(a[0] == b[0] for a, b in zip(fast, reference)) >= len(prompts) - 1, (fast, reference)
+    assert sum(a == b for a, b in zip(fast, reference)) >= len(prompts) - 1, (fast, reference)
     assert sum(a[0] == b[0] for a, b in zip(fast, exact)) >= len(prompts) - 1
