@@ -54,8 +54,9 @@ def test_int4_decode_is_exactly_the_gguf_dequantization(qtype):
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
-def test_int4_linear_matches_its_dequantized_reference(qtype):
-    """Fused like q/k/v: three parts loaded into row slices, then packed; compared with float32 F.linear."""
+def test_int4_linear_matches_its_dequantized_reference(qtype, torch_int4_kernel):
+    """torch's kernel, fused like q/k/v: three parts loaded into row slices, then packed; compared with float32
+    F.linear. (The native kernel: tests/unit/test_native_q4.py.)"""
     parts = [blocks_of(qtype, rows, 256, seed) for seed, rows in enumerate((64, 32, 32))]
     layer = Int4Linear(256, 128)
     start = 0
@@ -73,7 +74,7 @@ def test_int4_linear_matches_its_dequantized_reference(qtype):
     assert (F.linear(x, reference_weight.roll(1, 0)) - expected).abs().max() > 0.2 * expected.abs().max()
 
 
-def test_int4_linear_dense_copy_computes_what_the_kernel_computes():
+def test_int4_linear_dense_copy_computes_what_the_kernel_computes(torch_int4_kernel):
     """From DENSE_MIN_ROWS rows on, the layer multiplies by its dense bf16 copy; row by row it runs the kernel."""
     from photoninfer.quant.int4 import DENSE_MIN_ROWS
 
@@ -89,7 +90,7 @@ def test_int4_linear_dense_copy_computes_what_the_kernel_computes():
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
-def test_the_accuracy_tools_emulation_reproduces_the_packed_kernel(qtype):
+def test_the_accuracy_tools_emulation_reproduces_the_packed_kernel(qtype, torch_int4_kernel):
     """quant.accuracy splits the packed path's error into bf16 scale/zero, inputs and outputs, emulated in
     float32: with all three the emulation must give the kernel's outputs, far closer than the exact weights do."""
     from photoninfer.quant.accuracy import _bf16_scaled_weight, _EmulatedRounding
