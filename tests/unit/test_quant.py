@@ -240,8 +240,12 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
 
 
 @pytest.mark.parametrize("rows", [3, 12])  # the packed 4-bit head below 8 rows, the bf16 one from 8 on
-def test_refined_head_has_the_float32_argmax_and_top_logits(rows):
+@pytest.mark.parametrize("kernel", ["native", "torch"])  # the native 4-bit kernel where it runs, else torch's
+def test_refined_head_has_the_float32_argmax_and_top_logits(rows, kernel, request):
     from photoninfer.quant.head import RefinedHead
+
+    if kernel == "torch":
+        request.getfixturevalue("torch_int4_kernel")
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(4096, 64, generator=gen)
@@ -266,6 +270,20 @@ def test_int4_head_packing_is_close_to_its_weight():
     step = (weight.view(256, 4, 32).amax(-1) - weight.view(256, 4, 32).amin(-1)) / 15  # one code's width
     error = (dequantized - weight).abs().view(256, 4, 32).amax(-1)
     assert (error <= 0.5 * step + 0.02).all()  # half a step, plus bf16 rounding of scale and zero
+    assert error.mean() > 0.05 * step.mean()  # it is quantized
+
+
+def test_native_head_packing_is_close_to_its_weight():
+    from photoninfer.quant import native
+    from photoninfer.quant.head import pack_native
+
+    if native.kernel() is None:
+        pytest.skip("the native kernel is not available here")
+    weight = torch.randn(256, 128, generator=torch.Generator().manual_seed(1))
+    dequantized = native.kernel().matmul(torch.eye(128), pack_native(weight)).t()
+    step = (weight.view(256, 4, 32).amax(-1) - weight.view(256, 4, 32).amin(-1)) / 15
+    error = (dequantized - weight).abs().view(256, 4, 32).amax(-1)
+    assert (error <= 0.5 * step + 0.005 * weight.abs().max()).all()  # half a step, plus float16 rounding of d, m
     assert error.mean() > 0.05 * step.mean()  # it is quantized
 
 
