@@ -9,6 +9,8 @@ step is per-op overhead, so:
     SiLU·mul runs on their bf16 output; the residual stream, RoPE and attention stay in the model dtype
     (float32 for auto);
   * the norms are torch's fused rms_norm, and q and k rotate as one tensor (they are adjacent in qkv);
+  * where every packed layer runs our native kernel, a decode step of fewer than DENSE_MIN_ROWS rows is one
+    native call per layer (native_decode.py) instead of the torch ops below;
   * the packed layers run a 4-bit kernel only in decode steps of fewer than DENSE_MIN_ROWS rows; every
     other step (batched decode, any prompt) multiplies by their dense bf16 copies, in oneDNN's own blocked
     layout, reordered once at the first forward (~0.1 s): F.linear would reorder them on every call, which
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from photoninfer.model import native_decode
 from photoninfer.quant.int4 import DENSE_MIN_ROWS, Int4Linear
 from photoninfer.runner.attention import write_kv
 
@@ -48,8 +51,12 @@ def fast_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_cac
     """CausalLM.forward's contract: input_ids, positions [T] -> hidden states [T, hidden] (model dtype)."""
     if not getattr(model, "onednn_ready", False):
         _reorder_dense_weights(model)
-    rope = StepRope(model.rope, positions)
     dense = not (meta.decode_only and len(input_ids) < DENSE_MIN_ROWS)
+    if not dense and native_decode.supported(model):
+        hidden = native_decode.forward(model, input_ids, positions, kv_caches, meta)
+        if hidden is not None:
+            return hidden
+    rope = StepRope(model.rope, positions)
     act = torch.float32 if not dense and model.runs_native else MATMUL_DTYPE  # the matmuls' inputs
     residual = None
     x = model.embed_tokens(input_ids)

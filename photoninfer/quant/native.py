@@ -1,4 +1,6 @@
-"""Our native CPU kernel (q4_kernels.c): built with the system C compiler on first use, cached, loaded with ctypes.
+"""Our native CPU kernels: built with the system C compiler on first use, cached, loaded with ctypes.
+q4_kernels.c: the 4-bit matmul (float32, GGUF Q4_0/Q4_1 weights in panels); cpu_layer.c: a whole decoder layer
+of a decode step on top of it (used by model/cpu_fast.py).
 
 The shared library is cached under the PhotonInfer cache dir, keyed by a hash of the source, the flags and the
 compiler's version, so it is built once per machine (about a second). No compiler, a failed build or a CPU that
@@ -28,13 +30,29 @@ from photoninfer.config import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "q4_kernels.c")
+SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("q4_kernels.c", "cpu_layer.c")]
 PANEL, RECORD = 16, 320  # rows of a panel, bytes of a panel's group of 32 inputs (q4_kernels.c)
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"]
+LIBS = ["-lm"]
 DISABLE_ENV = "PHOTONINFER_NATIVE"  # "0" turns the native kernel off (torch's path is used)
 
 _kernel: Optional["Q4Kernel"] = None
 _tried = False
+
+
+class Layer(ctypes.Structure):
+    """cpu_layer.c's `struct layer`: one decoder layer's weights and KV cache."""
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("in_norm", "post_norm", "qkv", "o", "gate_up", "down", "k_cache", "v_cache")]
+
+
+class Step(ctypes.Structure):
+    """cpu_layer.c's `struct step`: one decode step's shapes, positions and block tables."""
+    _fields_ = ([(name, ctypes.c_int64) for name in ("rows", "hidden", "heads", "kv_heads", "head_dim", "inter",
+                                                      "block_size", "max_blocks")]
+                + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+                + [(name, ctypes.c_void_p) for name in ("cos", "sin", "slots", "lens", "blocks", "work")]
+                + [("nthreads", ctypes.c_int)])
 
 
 class Q4Kernel:
@@ -42,6 +60,11 @@ class Q4Kernel:
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
+        lib.native_decode_work_floats.argtypes = [ctypes.POINTER(Step)]
+        lib.native_decode_work_floats.restype = ctypes.c_int64
+        lib.native_decode_layer.argtypes = [ctypes.POINTER(Step), ctypes.POINTER(Layer), ctypes.c_void_p,
+                                            ctypes.c_void_p]
+        lib.native_decode_layer.restype = None
         lib.q4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                   ctypes.c_void_p, ctypes.c_int]
         lib.q4_matmul.restype = ctypes.c_int
@@ -120,9 +143,11 @@ def build(flags: Optional[list[str]] = None) -> str:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"{cc} --version failed: {e}") from e
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(), version.encode()])).hexdigest()
+    sources = []
+    for path in SOURCES:
+        with open(path, "rb") as f:
+            sources.append(f.read())
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(flags + LIBS).encode(), cc.encode(), version.encode()])).hexdigest()
     path = cache_dir("native", f"q4_kernels-{key[:24]}.so")
     if os.path.isfile(path):
         return path
@@ -130,12 +155,12 @@ def build(flags: Optional[list[str]] = None) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        result = subprocess.run([cc, *flags, SOURCE, "-o", tmp], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([cc, *flags, *SOURCES, "-o", tmp, *LIBS], capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{cc} failed: {result.stderr.strip()[-500:]}")
         os.replace(tmp, path)  # atomic: a concurrent process sees the whole library or none
     except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"building {SOURCE} failed: {e}") from e
+        raise RuntimeError(f"building {SOURCES} failed: {e}") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -198,3 +198,30 @@ def test_fast_path_decode_steps_match_the_float32_model(kernel, qtype, tmp_path,
     for e, g in zip(expected, got):
         assert (g - e).abs().max() <= 1e-4 * e.abs().max()  # float32 sums in another order
     assert (got[-1] - expected[-2]).abs().max() > 0.1 * expected[-1].abs().max()
+
+
+def test_native_decode_layers_match_the_torch_fast_path(kernel, tmp_path, monkeypatch):
+    """Decode steps as one native call per layer against cpu_fast's torch ops on the same packed model, after a
+    prefill of prompts of different lengths (contexts of different lengths, block tables out of order)."""
+    from test_cpu_fast import BLOCK, run_steps
+    from test_quant import write_quantized_gguf
+
+    from photoninfer.model import native_decode
+    from photoninfer.model.loader import build_model, load_checkpoint
+    from photoninfer.runner.attention import TorchPagedAttention
+
+    monkeypatch.setenv("PHOTONINFER_CACHE", str(tmp_path / "cache"))
+    model = build_model(load_checkpoint(write_quantized_gguf(tmp_path / "model.gguf", Q.Q4_1)), torch.device("cpu"),
+                        torch.float32, pack=True)
+    model.attention = TorchPagedAttention(model.config.head_dim**-0.5, BLOCK)
+    calls = []
+    native_forward = native_decode.forward
+    monkeypatch.setattr(native_decode, "forward", lambda *a: calls.append(1) or native_forward(*a))
+    got = run_steps(model, [5, 13, 1], decode_steps=4)
+    assert len(calls) == 4  # every decode step, not the prefill
+    monkeypatch.setattr(native_decode, "supported", lambda model: False)
+    expected = run_steps(model, [5, 13, 1], decode_steps=4)
+    assert torch.equal(got[0], expected[0])  # the prefill: the same torch ops
+    for e, g in zip(expected[1:], got[1:]):
+        assert (g - e).abs().max() <= 1e-4 * e.abs().max()
+    assert (got[-1] - expected[-2]).abs().max() > 0.1 * expected[-1].abs().max()
