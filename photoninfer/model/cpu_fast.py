@@ -51,11 +51,11 @@ def fast_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_cac
     """CausalLM.forward's contract: input_ids, positions [T] -> hidden states [T, hidden] (model dtype)."""
     if not getattr(model, "onednn_ready", False):
         _reorder_dense_weights(model)
-    dense = not (meta.decode_only and len(input_ids) < DENSE_MIN_ROWS)
-    if not dense and native_decode.supported(model):
+    if meta.decode_only and len(input_ids) <= native_decode.MAX_ROWS and native_decode.supported(model):
         hidden = native_decode.forward(model, input_ids, positions, kv_caches, meta)
         if hidden is not None:
             return hidden
+    dense = not (meta.decode_only and len(input_ids) < DENSE_MIN_ROWS)
     rope = StepRope(model.rope, positions)
     act = torch.float32 if not dense and model.runs_native else MATMUL_DTYPE  # the matmuls' inputs
     residual = None

@@ -16,6 +16,8 @@ import torch
 from photoninfer.quant import native
 from photoninfer.quant.int4 import Int4Linear
 
+MAX_ROWS = 64  # decode steps of up to this many sequences run natively
+
 
 def supported(model) -> bool:
     """Whether `model`'s decode steps can run natively (checked once; the answer is kept on the model)."""
@@ -30,18 +32,18 @@ def _layer_fits(layer) -> bool:
     attn, mlp = layer.self_attn, layer.mlp
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    return (attn.q_norm is None and all(isinstance(m, Int4Linear) and m.runs_native and m.bias is None for m in linears)
+    return (attn.q_norm is None and attn.head_dim % 16 == 0 and all(isinstance(m, Int4Linear) and m.runs_native and m.bias is None for m in linears)
             and all(w.dtype == torch.float32 and w.is_contiguous() for w in norms))
 
 
 def forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta) -> Optional[torch.Tensor]:
     """A decode step (meta.decode_only) -> hidden states [T, hidden], or None where the cache does not fit
-    (not float32 or not contiguous): then the torch forward runs."""
-    if any(c.dtype != torch.float32 or not c.is_contiguous() for c in kv_caches):
+    (not float32, not contiguous, blocks not a power of two): then the torch forward runs."""
+    block_size = kv_caches[0].shape[2]
+    if block_size & (block_size - 1) or any(c.dtype != torch.float32 or not c.is_contiguous() for c in kv_caches):
         return None
     cfg, attn = model.config, model.layers[0].self_attn
     rows = len(input_ids)
-    block_size = kv_caches[0].shape[2]
     blocks = meta.decode_blocks.view(rows, -1)
     half = attn.head_dim // 2
     cos, sin = model.rope.cos[positions].contiguous(), model.rope.sin[positions].contiguous()
@@ -49,7 +51,7 @@ def forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: 
     assert cos.shape == (rows, half)
     step = native.Step(rows=rows, hidden=cfg.hidden_size, heads=attn.num_heads, kv_heads=attn.num_kv_heads,
                        head_dim=attn.head_dim, inter=model.layers[0].mlp.intermediate_size, block_size=block_size,
-                       max_blocks=blocks.shape[1], eps=model.layers[0].input_layernorm.eps, scale=model.attention.scale,
+                       block_shift=block_size.bit_length() - 1, max_blocks=blocks.shape[1], eps=model.layers[0].input_layernorm.eps, scale=model.attention.scale,
                        cos=cos.data_ptr(), sin=sin.data_ptr(), slots=slots.data_ptr(), lens=lens.data_ptr(),
                        blocks=blocks.data_ptr(), nthreads=torch.get_num_threads())
     lib = native.kernel().lib
@@ -58,7 +60,8 @@ def forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: 
     residual = model.embed_tokens(input_ids).float().contiguous()
     x = torch.zeros_like(residual)
     for layer in _layer_structs(model, kv_caches):
-        lib.native_decode_layer(step, layer, residual.data_ptr(), x.data_ptr())
+        if lib.native_decode_layer(step, layer, residual.data_ptr(), x.data_ptr()):
+            raise MemoryError("native decode layer: out of memory")
     return model.norm.normalize(residual + x)
 
 

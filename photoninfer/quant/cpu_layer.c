@@ -5,10 +5,12 @@
  *   x = a @ Wo^T;  residual += x;  h = rmsnorm(residual) * w_post;  gu = h @ Wgu^T;  x = (silu(g) * u) @ Wd^T
  * float32 throughout, the same operations as cpu_fast.py's torch forward (its reference in the tests), so only
  * the order of float32 sums differs. Saves ~20 torch ops a layer (their dispatch is most of a small model's step).
- * Llama/SmolLM2 only: no q/k norm, no biases (the Python side checks).
+ * Llama/SmolLM2 only: no q/k norm, no biases, head_dim % 16 == 0, block_size a power of two (the Python side
+ * checks).
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int nthreads);
 
@@ -19,7 +21,7 @@ struct layer {
 };
 
 struct step {
-    int64_t rows, hidden, heads, kv_heads, head_dim, inter, block_size, max_blocks;
+    int64_t rows, hidden, heads, kv_heads, head_dim, inter, block_size, block_shift, max_blocks;
     float eps, scale;
     const float *cos, *sin;   /* [rows, head_dim / 2] at each row's position */
     const int64_t *slots;     /* [rows] cache slot of the new token */
@@ -54,33 +56,94 @@ static void rope(float *x, int64_t heads, int64_t dim, const float *cos, const f
     }
 }
 
-/* out[D] = softmax(q . K^T * scale) V over `len` tokens of the sequence's blocks, kv head `kvh`
- * (one pass, rescaling the running sums when the maximum grows) */
-static void attend(const struct step *s, const struct layer *l, const float *q, const int64_t *blocks, int64_t len,
-                   int64_t kvh, float *out) {
-    const int64_t dim = s->head_dim, token_stride = s->kv_heads * dim;
-    float max = -INFINITY, sum = 0.0f;
-    for (int64_t i = 0; i < dim; i++) out[i] = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        const int64_t slot = blocks[t / s->block_size] * s->block_size + t % s->block_size;
-        const float *k = l->k_cache + slot * token_stride + kvh * dim, *v = l->v_cache + slot * token_stride + kvh * dim;
-        float score = 0.0f;
-        for (int64_t i = 0; i < dim; i++) score += q[i] * k[i];
-        score *= s->scale;
-        if (score > max) {
-            const float c = expf(max - score);
-            sum *= c;
-            for (int64_t i = 0; i < dim; i++) out[i] *= c;
-            max = score;
-        }
-        const float p = expf(score - max);
-        sum += p;
-        for (int64_t i = 0; i < dim; i++) out[i] += p * v[i];
-    }
-    for (int64_t i = 0; i < dim; i++) out[i] /= sum;
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+static inline float dot(const float *a, const float *b, int64_t n) { /* n % 16 == 0 */
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+    for (int64_t i = 16; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    return _mm512_reduce_add_ps(acc);
 }
 
-void native_decode_layer(const struct step *s, const struct layer *l, float *residual, float *x) {
+/* y += a * x (n % 16 == 0) */
+static inline void axpy(float a, const float *x, float *y, int64_t n) {
+    const __m512 va = _mm512_set1_ps(a);
+    for (int64_t i = 0; i < n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+}
+
+/* p[t] = exp(p[t] - max), returns their sum. exp as 2^n * 2^f, 2^f by a degree-6 polynomial on |f| <= 1/2
+ * (relative error ~2e-7, like a float32 exp; torch's vectorized exp is also a polynomial). */
+static float exp_shifted(float *p, int64_t len, float max) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504089f), mx = _mm512_set1_ps(max);
+    const float c[7] = {1.0f, 0.693147182f, 0.240226507f, 0.0555041087f, 0.00961812911f, 0.00133335581f,
+                        0.000154034646f};
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t += 16) {
+        const __mmask16 mask = len - t >= 16 ? 0xffff : (__mmask16)((1u << (len - t)) - 1);
+        __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + t), mx), log2e);
+        y = _mm512_max_ps(y, _mm512_set1_ps(-150.0f)); /* exp underflows to 0 below */
+        const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 f = _mm512_sub_ps(y, n);
+        __m512 r = _mm512_set1_ps(c[6]);
+        for (int k = 5; k >= 0; k--) r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(c[k]));
+        r = _mm512_maskz_mov_ps(mask, _mm512_scalef_ps(r, n));
+        _mm512_mask_storeu_ps(p + t, mask, r);
+        total = _mm512_add_ps(total, r);
+    }
+    return _mm512_reduce_add_ps(total);
+}
+#else
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static inline void axpy(float a, const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static float exp_shifted(float *p, int64_t len, float max) {
+    float sum = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        p[t] = expf(p[t] - max);
+        sum += p[t];
+    }
+    return sum;
+}
+#endif
+
+/* The cache slot of token t of a sequence (block sizes are powers of two: no division) */
+static inline int64_t slot_of(const struct step *s, const int64_t *blocks, int64_t t) {
+    return blocks[t >> s->block_shift] * s->block_size + (t & (s->block_size - 1));
+}
+
+/* The `group` query heads q [group, D] that share kv head `kvh`: out [group, D] = softmax(q . K^T * scale) V
+ * over the sequence's first `len` tokens (scores first, then their exponentials, then the sum of V rows:
+ * each K and V row is read once for the whole group). scores: [group, len] scratch. */
+static void attend(const struct step *s, const struct layer *l, const float *q, int64_t group, const int64_t *blocks,
+                   int64_t len, int64_t kvh, float *out, float *scores) {
+    const int64_t dim = s->head_dim, token_stride = s->kv_heads * dim;
+    for (int64_t t = 0; t < len; t++) {
+        const float *k = l->k_cache + slot_of(s, blocks, t) * token_stride + kvh * dim;
+        for (int64_t g = 0; g < group; g++) scores[g * len + t] = dot(q + g * dim, k, dim) * s->scale;
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *p = scores + g * len, max = -INFINITY;
+        for (int64_t t = 0; t < len; t++) max = p[t] > max ? p[t] : max;
+        const float sum = exp_shifted(p, len, max);
+        for (int64_t t = 0; t < len; t++) p[t] /= sum;
+    }
+    for (int64_t i = 0; i < group * dim; i++) out[i] = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        const float *v = l->v_cache + slot_of(s, blocks, t) * token_stride + kvh * dim;
+        for (int64_t g = 0; g < group; g++) axpy(scores[g * len + t], v, out + g * dim, dim);
+    }
+}
+
+/* Returns 0, or -1 when out of memory. */
+int native_decode_layer(const struct step *s, const struct layer *l, float *residual, float *x) {
     const int64_t M = s->rows, H = s->hidden, D = s->head_dim, F = s->inter;
     const int64_t q_size = s->heads * D, kv_size = s->kv_heads * D, qkv_size = q_size + 2 * kv_size;
     float *h = s->work, *qkv = h + M * H, *a = qkv + M * qkv_size, *gu = a + M * q_size, *act = gu + 2 * M * F;
@@ -89,7 +152,7 @@ void native_decode_layer(const struct step *s, const struct layer *l, float *res
         for (int64_t i = 0; i < H; i++) residual[r * H + i] += x[r * H + i];
         rms_norm(residual + r * H, l->in_norm, H, s->eps, h + r * H);
     }
-    q4_matmul(h, M, H, l->qkv, qkv_size, qkv, s->nthreads);
+    if (q4_matmul(h, M, H, l->qkv, qkv_size, qkv, s->nthreads)) return -1;
     for (int64_t r = 0; r < M; r++) {
         float *q = qkv + r * qkv_size, *k = q + q_size, *v = k + kv_size;
         rope(q, s->heads + s->kv_heads, D, s->cos + r * (D / 2), s->sin + r * (D / 2)); /* q and k: adjacent */
@@ -99,22 +162,30 @@ void native_decode_layer(const struct step *s, const struct layer *l, float *res
         }
     }
     const int64_t group = s->heads / s->kv_heads;
-#pragma omp parallel for num_threads(s->nthreads) schedule(static) if (s->nthreads > 1)
-    for (int64_t job = 0; job < M * s->heads; job++) {
-        const int64_t r = job / s->heads, head = job % s->heads;
-        attend(s, l, qkv + r * qkv_size + head * D, s->blocks + r * s->max_blocks, s->lens[r], head / group,
-               a + r * q_size + head * D);
+    int failed = 0;
+#pragma omp parallel for num_threads(s->nthreads) schedule(dynamic) if (s->nthreads > 1)
+    for (int64_t job = 0; job < M * s->kv_heads; job++) {
+        const int64_t r = job / s->kv_heads, kvh = job % s->kv_heads;
+        float *scores = malloc(sizeof(float) * group * s->lens[r]);
+        if (!scores) {
+            failed = 1;
+            continue;
+        }
+        attend(s, l, qkv + r * qkv_size + kvh * group * D, group, s->blocks + r * s->max_blocks, s->lens[r], kvh,
+               a + r * q_size + kvh * group * D, scores);
+        free(scores);
     }
-    q4_matmul(a, M, q_size, l->o, H, x, s->nthreads);
+    if (failed) return -1;
+    if (q4_matmul(a, M, q_size, l->o, H, x, s->nthreads)) return -1;
     for (int64_t r = 0; r < M; r++) {
         for (int64_t i = 0; i < H; i++) residual[r * H + i] += x[r * H + i];
         rms_norm(residual + r * H, l->post_norm, H, s->eps, h + r * H);
     }
-    q4_matmul(h, M, H, l->gate_up, 2 * F, gu, s->nthreads);
+    if (q4_matmul(h, M, H, l->gate_up, 2 * F, gu, s->nthreads)) return -1;
     for (int64_t r = 0; r < M; r++)
         for (int64_t i = 0; i < F; i++) {
             const float g = gu[r * 2 * F + i];
             act[r * F + i] = g / (1.0f + expf(-g)) * gu[r * 2 * F + F + i];
         }
-    q4_matmul(act, M, F, l->down, H, x, s->nthreads);
+    return q4_matmul(act, M, F, l->down, H, x, s->nthreads);
 }

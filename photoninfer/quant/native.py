@@ -49,7 +49,7 @@ class Layer(ctypes.Structure):
 class Step(ctypes.Structure):
     """cpu_layer.c's `struct step`: one decode step's shapes, positions and block tables."""
     _fields_ = ([(name, ctypes.c_int64) for name in ("rows", "hidden", "heads", "kv_heads", "head_dim", "inter",
-                                                      "block_size", "max_blocks")]
+                                                      "block_size", "block_shift", "max_blocks")]
                 + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
                 + [(name, ctypes.c_void_p) for name in ("cos", "sin", "slots", "lens", "blocks", "work")]
                 + [("nthreads", ctypes.c_int)])
@@ -64,7 +64,7 @@ class Q4Kernel:
         lib.native_decode_work_floats.restype = ctypes.c_int64
         lib.native_decode_layer.argtypes = [ctypes.POINTER(Step), ctypes.POINTER(Layer), ctypes.c_void_p,
                                             ctypes.c_void_p]
-        lib.native_decode_layer.restype = None
+        lib.native_decode_layer.restype = ctypes.c_int
         lib.q4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                   ctypes.c_void_p, ctypes.c_int]
         lib.q4_matmul.restype = ctypes.c_int
