@@ -54,11 +54,22 @@ class RefinedHead(nn.Module):
         elif self.packs and x.shape[0] < DENSE_MIN_ROWS:
             logits = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_and_zeros)
         else:
-            logits = F.linear(x, self.weight_bf16)
+            logits = self._dense(x)
         logits = logits.float()
         top = logits.topk(self.refine, dim=-1).indices  # [T, refine]
         exact = torch.einsum("th,tkh->tk", hidden.float(), self.weight[top])
         return logits.scatter_(1, top, exact)
+
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight_bf16^T; through oneDNN with the weight reordered once into its own layout (a plain
+        attribute: the layout belongs to this machine), where F.linear would reorder 56 MB on every call."""
+        if not torch.backends.mkldnn.is_available():
+            return F.linear(x, self.weight_bf16)
+        onednn = self.__dict__.get("_onednn_weight")
+        if onednn is None:
+            onednn = self.__dict__["_onednn_weight"] = torch.ops.mkldnn._reorder_linear_weight(self.weight_bf16, 16)
+        return torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], "")
 
 
 def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
