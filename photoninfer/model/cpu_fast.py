@@ -20,6 +20,8 @@ step is per-op overhead, so:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +30,9 @@ from photoninfer.quant.int4 import DENSE_MIN_ROWS, Int4Linear
 from photoninfer.runner.attention import write_kv
 
 MATMUL_DTYPE = torch.bfloat16  # of the matmuls' inputs and outputs, except in steps of the native kernel
+# Steps of up to this many tokens run every packed matmul through the native float32 kernel (exact weights);
+# longer ones (long prompts, many prompts at once) through the dense bf16 copies (AMX: ~5x faster there).
+EXACT_MAX_ROWS = int(os.environ.get("PHOTONINFER_EXACT_MAX_ROWS", 512))
 
 
 class StepRope:
@@ -55,9 +60,10 @@ def fast_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_cac
         hidden = native_decode.forward(model, input_ids, positions, kv_caches, meta)
         if hidden is not None:
             return hidden
-    dense = not (meta.decode_only and len(input_ids) < DENSE_MIN_ROWS)
+    exact = model.runs_native and len(input_ids) <= EXACT_MAX_ROWS  # every matmul: the native float32 kernel
+    dense = not exact and not (meta.decode_only and len(input_ids) < DENSE_MIN_ROWS)
     rope = StepRope(model.rope, positions)
-    act = torch.float32 if not dense and model.runs_native else MATMUL_DTYPE  # the matmuls' inputs
+    act = torch.float32 if exact else MATMUL_DTYPE  # the matmuls' inputs
     residual = None
     x = model.embed_tokens(input_ids)
     for layer, kv_cache in zip(model.layers, kv_caches):
@@ -93,6 +99,8 @@ def _matmul(linear, x: torch.Tensor, dense: bool) -> torch.Tensor:
         if onednn_weight is not None:  # computes exactly F.linear(x, linear.dense, linear.bias)
             return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, linear.bias, "none", [], "")
         return F.linear(x, linear.dense, linear.bias)
+    if isinstance(linear, Int4Linear) and linear.runs_native and x.dtype == torch.float32:
+        return linear.exact(x)  # (a step of the native kernel)
     if isinstance(linear, Int4Linear) or linear.weight.dtype == x.dtype:
         return linear(x)  # (not dense: fewer than DENSE_MIN_ROWS rows, so Int4Linear runs a 4-bit kernel)
     return linear(x.to(linear.weight.dtype)).to(x.dtype)

@@ -32,7 +32,7 @@ def _layer_fits(layer) -> bool:
     attn, mlp = layer.self_attn, layer.mlp
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    return (attn.q_norm is None and attn.head_dim % 16 == 0 and all(isinstance(m, Int4Linear) and m.runs_native and m.bias is None for m in linears)
+    return (attn.q_norm is None and attn.head_dim % 16 == 0 and mlp.intermediate_size % 16 == 0 and all(isinstance(m, Int4Linear) and m.runs_native and m.bias is None for m in linears)
             and all(w.dtype == torch.float32 and w.is_contiguous() for w in norms))
 
 

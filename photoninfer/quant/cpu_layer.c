@@ -5,7 +5,7 @@
  *   x = a @ Wo^T;  residual += x;  h = rmsnorm(residual) * w_post;  gu = h @ Wgu^T;  x = (silu(g) * u) @ Wd^T
  * float32 throughout, the same operations as cpu_fast.py's torch forward (its reference in the tests), so only
  * the order of float32 sums differs. Saves ~20 torch ops a layer (their dispatch is most of a small model's step).
- * Llama/SmolLM2 only: no q/k norm, no biases, head_dim % 16 == 0, block_size a power of two (the Python side
+ * Llama/SmolLM2 only: no q/k norm, no biases, head_dim and intermediate size % 16 == 0, block_size a power of two (the Python side
  * checks).
  */
 #include <math.h>
@@ -72,26 +72,40 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
         _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
 }
 
-/* p[t] = exp(p[t] - max), returns their sum. exp as 2^n * 2^f, 2^f by a degree-6 polynomial on |f| <= 1/2
- * (relative error ~2e-7, like a float32 exp; torch's vectorized exp is also a polynomial). */
-static float exp_shifted(float *p, int64_t len, float max) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504089f), mx = _mm512_set1_ps(max);
+/* exp(x) as 2^n * 2^f, 2^f by a degree-6 polynomial on |f| <= 1/2 (relative error ~2e-7, like a float32
+ * exp; torch's vectorized exp is also a polynomial) */
+static inline __m512 vexp(__m512 x) {
     const float c[7] = {1.0f, 0.693147182f, 0.240226507f, 0.0555041087f, 0.00961812911f, 0.00133335581f,
                         0.000154034646f};
+    __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f));
+    y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-150.0f)), _mm512_set1_ps(128.0f)); /* 0 and inf beyond */
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, n);
+    __m512 r = _mm512_set1_ps(c[6]);
+    for (int k = 5; k >= 0; k--) r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(c[k]));
+    return _mm512_scalef_ps(r, n);
+}
+
+/* p[t] = exp(p[t] - max), returns their sum */
+static float exp_shifted(float *p, int64_t len, float max) {
     __m512 total = _mm512_setzero_ps();
     for (int64_t t = 0; t < len; t += 16) {
         const __mmask16 mask = len - t >= 16 ? 0xffff : (__mmask16)((1u << (len - t)) - 1);
-        __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + t), mx), log2e);
-        y = _mm512_max_ps(y, _mm512_set1_ps(-150.0f)); /* exp underflows to 0 below */
-        const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m512 f = _mm512_sub_ps(y, n);
-        __m512 r = _mm512_set1_ps(c[6]);
-        for (int k = 5; k >= 0; k--) r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(c[k]));
-        r = _mm512_maskz_mov_ps(mask, _mm512_scalef_ps(r, n));
+        const __m512 r = vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + t), _mm512_set1_ps(max)));
         _mm512_mask_storeu_ps(p + t, mask, r);
-        total = _mm512_add_ps(total, r);
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, r));
     }
     return _mm512_reduce_add_ps(total);
+}
+
+/* out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, n % 16 == 0 */
+static void silu_mul(const float *g, const float *u, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(g + i);
+        const __m512 e = vexp(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                                _mm512_loadu_ps(u + i)));
+    }
 }
 #else
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -111,6 +125,10 @@ static float exp_shifted(float *p, int64_t len, float max) {
         sum += p[t];
     }
     return sum;
+}
+
+static void silu_mul(const float *g, const float *u, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 #endif
 
@@ -182,10 +200,6 @@ int native_decode_layer(const struct step *s, const struct layer *l, float *resi
         rms_norm(residual + r * H, l->post_norm, H, s->eps, h + r * H);
     }
     if (q4_matmul(h, M, H, l->gate_up, 2 * F, gu, s->nthreads)) return -1;
-    for (int64_t r = 0; r < M; r++)
-        for (int64_t i = 0; i < F; i++) {
-            const float g = gu[r * 2 * F + i];
-            act[r * F + i] = g / (1.0f + expf(-g)) * gu[r * 2 * F + F + i];
-        }
+    for (int64_t r = 0; r < M; r++) silu_mul(gu + r * 2 * F, gu + r * 2 * F + F, act + r * F, F);
     return q4_matmul(act, M, F, l->down, H, x, s->nthreads);
 }

@@ -102,14 +102,17 @@ class Int4Linear(nn.Module):
         """Whether few rows run our native float32 kernel (else torch's bf16 one)."""
         return self.panels.numel() > 0
 
+    def exact(self, x: torch.Tensor) -> torch.Tensor:
+        """x float32 [T, in_features] -> float32 [T, out_features] through the native kernel, for any T
+        (runs_native only): exact weights, float32 sums."""
+        y = native.kernel().matmul(x, self.panels)
+        return y if self.bias is None else y + self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in_features] -> [T, out_features] in x's dtype: float32 through the native kernel for fewer
         than DENSE_MIN_ROWS rows where it runs, else computed with bf16 activations."""
         if self.runs_native and x.shape[0] < DENSE_MIN_ROWS:
-            y = native.kernel().matmul(x.float(), self.panels)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.to(x.dtype)
+            return self.exact(x.float()).to(x.dtype)
         if x.shape[0] >= DENSE_MIN_ROWS:
             y = F.linear(x.to(ACTIVATION_DTYPE), self.dense)
         else:
