@@ -177,9 +177,13 @@ def test_native_can_be_turned_off(monkeypatch):
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
-def test_fast_path_decode_steps_match_the_float32_model(kernel, qtype, tmp_path, monkeypatch):
-    """A tiny GGUF model: the CPU fast path with packed layers (decode steps only, so every matmul runs the
-    native kernel) against the float32 reference model, step by step over a paged cache."""
+@pytest.mark.parametrize("prompt_lens", [[1, 1, 1], [5, 13, 1]])
+def test_fast_path_matches_the_float32_model(kernel, qtype, prompt_lens, tmp_path, monkeypatch):
+    """A tiny GGUF model: the CPU fast path with packed layers (a prefill of at most EXACT_MAX_ROWS tokens and
+    decode steps: every matmul runs the native kernel) against the float32 reference model, step by step over
+    a paged cache. With EXACT_MAX_ROWS = 0 the prefill multiplies by the dense bf16 copies instead."""
+    from photoninfer.model import cpu_fast
+
     from test_cpu_fast import BLOCK, run_steps
     from test_quant import write_quantized_gguf
 
@@ -193,11 +197,16 @@ def test_fast_path_decode_steps_match_the_float32_model(kernel, qtype, tmp_path,
     assert isinstance(models[1].layers[0].mlp.down_proj, Int4Linear) and models[1].layers[0].mlp.down_proj.runs_native
     for model in models:
         model.attention = TorchPagedAttention(model.config.head_dim**-0.5, BLOCK)
-    expected, got = (run_steps(model, [1, 1, 1], decode_steps=4) for model in models)
+    expected, got = (run_steps(model, prompt_lens, decode_steps=4) for model in models)
     assert models[1].runs_native
     for e, g in zip(expected, got):
         assert (g - e).abs().max() <= 1e-4 * e.abs().max()  # float32 sums in another order
     assert (got[-1] - expected[-2]).abs().max() > 0.1 * expected[-1].abs().max()
+    if max(prompt_lens) > 1:
+        monkeypatch.setattr(cpu_fast, "EXACT_MAX_ROWS", 0)
+        bf16_prefill = run_steps(models[1], prompt_lens, decode_steps=0)[0]
+        assert (bf16_prefill - expected[0]).abs().max() > 1e-3 * expected[0].abs().max()
+        assert (bf16_prefill - expected[0]).abs().max() <= 3e-2 * expected[0].abs().max()
 
 
 def test_native_decode_layers_match_the_torch_fast_path(kernel, tmp_path, monkeypatch):
