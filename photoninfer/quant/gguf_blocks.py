@@ -14,7 +14,6 @@ The 4-bit formats all decode to one affine form per group of 32 inputs: w = scal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -94,24 +93,3 @@ def _q4_k_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sc = np.concatenate([lo[0] & 63, (lo[2] & 0x0F) | ((lo[0] >> 6) << 4)], axis=-1)
     mn = np.concatenate([lo[1] & 63, (lo[2] >> 4) | ((lo[1] >> 6) << 4)], axis=-1)
     return sc.astype(np.float32), mn.astype(np.float32)
-
-
-
-def decode_float16_affine(blocks: GGUFBlocks) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Q4_0 / Q4_1 -> (codes uint8 [rows, cols], d and m float16 [rows, cols / 32]) with w = d * q + m exactly
-    as gguf dequantizes (Q4_0's m = -8 d is exact in float16); None for other types (Q4_K's scales are products
-    float16 cannot hold) or a Q4_0 d beyond float16's range / 8."""
-    rows, cols = blocks.shape
-    if blocks.type_name not in ("Q4_0", "Q4_1"):
-        return None
-    width = 18 if blocks.type_name == "Q4_0" else 20
-    raw = blocks.data.numpy().reshape(rows, -1, width)
-    d = np.ascontiguousarray(raw[..., 0:2]).view(np.float16)[..., 0]
-    if blocks.type_name == "Q4_1":
-        m = np.ascontiguousarray(raw[..., 2:4]).view(np.float16)[..., 0]
-    else:
-        with np.errstate(over="ignore"):
-            m = (-8 * d.astype(np.float32)).astype(np.float16)
-        if not np.all(np.isfinite(m)):
-            return None
-    return _nibbles_32(raw[..., width - 16:]).reshape(rows, cols), d, m
