@@ -2,8 +2,8 @@
 q4_kernels.c: the 4-bit matmul (float32, GGUF Q4_0/Q4_1 weights in panels); cpu_layer.c: a whole decoder layer
 of a decode step on top of it (used by model/cpu_fast.py).
 
-The shared library is cached under the PhotonInfer cache dir, keyed by a hash of the source, the flags and the
-compiler's version, so it is built once per machine (about a second). No compiler, a failed build or a CPU that
+The shared library is cached under the PhotonInfer cache dir (native/), keyed by a hash of the sources, the
+flags and the compiler's version, so it is built once per machine (a few seconds). No compiler, a failed build or a CPU that
 is not x86-64 (or lacks AVX-512: the scalar path is slower than torch's kernel): `kernel()` returns None after
 one warning, and callers keep torch's path.
 
