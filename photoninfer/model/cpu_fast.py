@@ -4,18 +4,19 @@ Used when the CPU runs packed 4-bit weights (dtype auto or bfloat16, config.pack
 keeps the reference forward of llama.py, which this one is tested against. On a small model most of a decode
 step is per-op overhead, so:
   * what every layer shares is computed once per step (the rotary cos/sin of the step's positions);
-  * in steps that run our native 4-bit kernel (quant/native.py) everything stays float32; otherwise the
-    matmuls take and give bf16 (torch's packed kernels' fast dtype): norms hand them bf16 directly and
-    SiLU·mul runs on their bf16 output; the residual stream, RoPE and attention stay in the model dtype
-    (float32 for auto);
+  * where every packed layer runs our native float32 kernel (quant/native.py; model.runs_native), a step of up
+    to EXACT_MAX_ROWS tokens runs all its matmuls through it and stays float32 (exact weights), and a decode
+    step of up to native_decode.MAX_ROWS sequences is one native call per layer (native_decode.py) instead of
+    the torch ops below;
+  * otherwise the matmuls take and give bf16 (torch's packed kernels' fast dtype): norms hand them bf16
+    directly and SiLU·mul runs on their bf16 output; the residual stream, RoPE and attention stay in the model
+    dtype (float32 for auto);
   * the norms are torch's fused rms_norm, and q and k rotate as one tensor (they are adjacent in qkv);
-  * where every packed layer runs our native kernel, a decode step of fewer than DENSE_MIN_ROWS rows is one
-    native call per layer (native_decode.py) instead of the torch ops below;
-  * the packed layers run a 4-bit kernel only in decode steps of fewer than DENSE_MIN_ROWS rows; every
-    other step (batched decode, any prompt) multiplies by their dense bf16 copies, in oneDNN's own blocked
-    layout, reordered once at the first forward (~0.1 s): F.linear would reorder them on every call, which
-    costs a third of a batched step over weights that no longer sit in the cache. Choosing by the kind of
-    step, not only by its rows, keeps a prompt's tokens the same alone or batched with other prompts.
+  * in those bf16 steps the packed layers run torch's 4-bit kernel only in decode steps of fewer than
+    DENSE_MIN_ROWS rows; every other step (batched decode, any prompt) multiplies by their dense bf16 copies,
+    in oneDNN's own blocked layout, reordered once at the first forward (~0.1 s): F.linear would reorder them on
+    every call, which costs a third of a batched step over weights that no longer sit in the cache. Choosing by
+    the kind of step, not only by its rows, keeps a prompt's tokens the same alone or batched with other prompts.
 """
 
 from __future__ import annotations
