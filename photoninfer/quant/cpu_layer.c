@@ -5,8 +5,8 @@
  *   x = a @ Wo^T;  residual += x;  h = rmsnorm(residual) * w_post;  gu = h @ Wgu^T;  x = (silu(g) * u) @ Wd^T
  * float32 throughout, the same operations as cpu_fast.py's torch forward (its reference in the tests), so only
  * the order of float32 sums differs. Saves ~20 torch ops a layer (their dispatch is most of a small model's step).
- * Llama/SmolLM2 only: no q/k norm, no biases, head_dim and intermediate size % 16 == 0, block_size a power of two (the Python side
- * checks).
+ * Llama/SmolLM2 only: no q/k norm, no biases, head_dim and intermediate size % 16 == 0, block_size a power
+ * of two (native_decode.py checks).
  */
 #include <math.h>
 #include <stdint.h>
