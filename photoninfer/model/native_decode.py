@@ -45,10 +45,8 @@ def forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: 
     cfg, attn = model.config, model.layers[0].self_attn
     rows = len(input_ids)
     blocks = meta.decode_blocks.view(rows, -1)
-    half = attn.head_dim // 2
-    cos, sin = model.rope.cos[positions].contiguous(), model.rope.sin[positions].contiguous()
+    cos, sin = model.rope.cos[positions].contiguous(), model.rope.sin[positions].contiguous()  # [T, D / 2]
     slots, lens = meta.slot_mapping.long().contiguous(), (positions + 1).long()
-    assert cos.shape == (rows, half)
     step = native.Step(rows=rows, hidden=cfg.hidden_size, heads=attn.num_heads, kv_heads=attn.num_kv_heads,
                        head_dim=attn.head_dim, inter=model.layers[0].mlp.intermediate_size, block_size=block_size,
                        block_shift=block_size.bit_length() - 1, max_blocks=blocks.shape[1], eps=model.layers[0].input_layernorm.eps, scale=model.attention.scale,

@@ -169,6 +169,20 @@ def test_no_compiler_falls_back_to_torchs_kernel(tmp_path, monkeypatch, caplog):
     assert (got - expected).abs().max() > 1e-5 * expected.abs().max()
 
 
+def test_a_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: internal error' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("PHOTONINFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native, "_tried", False)
+    with caplog.at_level(logging.WARNING, logger="photoninfer.quant.native"):
+        assert native.kernel() is None
+    assert [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
+    assert not os.listdir(tmp_path / "cache" / "native")  # no half-written library left behind
+
+
 def test_native_can_be_turned_off(monkeypatch):
     monkeypatch.setenv(native.DISABLE_ENV, "0")
     monkeypatch.setattr(native, "_kernel", None)
