@@ -60,7 +60,6 @@ class RefinedHead(nn.Module):
         exact = torch.einsum("th,tkh->tk", hidden.float(), self.weight[top])
         return logits.scatter_(1, top, exact)
 
-
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight_bf16^T; through oneDNN with the weight reordered once into its own layout (a plain
         attribute: the layout belongs to this machine), where F.linear would reorder 56 MB on every call."""
