@@ -133,3 +133,12 @@ def make_tiny_model(smol_tokenizer_dir, tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def torch_int4_kernel(monkeypatch):
+    """Packed layers built in the test run torch's bf16 int4 kernel, as where the native kernel is unavailable."""
+    from photoninfer.quant import native
+
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native, "_tried", True)

@@ -4,26 +4,36 @@ Used when the CPU runs packed 4-bit weights (dtype auto or bfloat16, config.pack
 keeps the reference forward of llama.py, which this one is tested against. On a small model most of a decode
 step is per-op overhead, so:
   * what every layer shares is computed once per step (the rotary cos/sin of the step's positions);
-  * the matmuls take and give bf16 (the packed kernels' fast dtype): norms hand them bf16 directly and
-    SiLU·mul runs on their bf16 output; the residual stream, RoPE and attention stay in the model dtype
-    (float32 for auto);
+  * where every packed layer runs our native float32 kernel (quant/native.py; model.runs_native), a step of up
+    to EXACT_MAX_ROWS tokens runs all its matmuls through it and stays float32 (exact weights), and a decode
+    step of up to native_decode.MAX_ROWS sequences is one native call per layer (native_decode.py) instead of
+    the torch ops below;
+  * otherwise the matmuls take and give bf16 (torch's packed kernels' fast dtype): norms hand them bf16
+    directly and SiLU·mul runs on their bf16 output; the residual stream, RoPE and attention stay in the model
+    dtype (float32 for auto);
   * the norms are torch's fused rms_norm, and q and k rotate as one tensor (they are adjacent in qkv);
-  * the packed layers run the 4-bit kernel only in decode steps of fewer than DENSE_MIN_ROWS rows; every
-    other step (batched decode, any prompt) multiplies by their dense bf16 copies, in oneDNN's own blocked
-    layout, reordered once at the first forward (~0.1 s): F.linear would reorder them on every call, which
-    costs a third of a batched step over weights that no longer sit in the cache. Choosing by the kind of
-    step, not only by its rows, keeps a prompt's tokens the same alone or batched with other prompts.
+  * in those bf16 steps the packed layers run torch's 4-bit kernel only in decode steps of fewer than
+    DENSE_MIN_ROWS rows; every other step (batched decode, any prompt) multiplies by their dense bf16 copies,
+    in oneDNN's own blocked layout, reordered once at the first forward (~0.1 s): F.linear would reorder them on
+    every call, which costs a third of a batched step over weights that no longer sit in the cache. Choosing by
+    the kind of step, not only by its rows, keeps a prompt's tokens the same alone or batched with other prompts.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+from photoninfer.model import native_decode
 from photoninfer.quant.int4 import DENSE_MIN_ROWS, Int4Linear
 from photoninfer.runner.attention import write_kv
 
-MATMUL_DTYPE = torch.bfloat16
+MATMUL_DTYPE = torch.bfloat16  # of the matmuls' inputs and outputs, except in steps of the native kernel
+# Steps of up to this many tokens run every packed matmul through the native float32 kernel (exact weights);
+# longer ones (long prompts, many prompts at once) through the dense bf16 copies (AMX: ~5x faster there).
+EXACT_MAX_ROWS = int(os.environ.get("PHOTONINFER_EXACT_MAX_ROWS", 512))
 
 
 class StepRope:
@@ -47,44 +57,54 @@ def fast_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_cac
     """CausalLM.forward's contract: input_ids, positions [T] -> hidden states [T, hidden] (model dtype)."""
     if not getattr(model, "onednn_ready", False):
         _reorder_dense_weights(model)
+    if meta.decode_only and len(input_ids) <= native_decode.MAX_ROWS and native_decode.supported(model):
+        hidden = native_decode.forward(model, input_ids, positions, kv_caches, meta)
+        if hidden is not None:
+            return hidden
+    exact = model.runs_native and len(input_ids) <= EXACT_MAX_ROWS  # every matmul: the native float32 kernel
+    dense = not exact and not (meta.decode_only and len(input_ids) < DENSE_MIN_ROWS)
     rope = StepRope(model.rope, positions)
-    dense = not (meta.decode_only and len(input_ids) < DENSE_MIN_ROWS)
+    act = torch.float32 if exact else MATMUL_DTYPE  # the matmuls' inputs
     residual = None
     x = model.embed_tokens(input_ids)
     for layer, kv_cache in zip(model.layers, kv_caches):
         residual = x if residual is None else residual + x
-        x = _attention(layer.self_attn, _norm(layer.input_layernorm, residual), rope, kv_cache, model.attention,
-                       meta, dense)
+        x = _attention(layer.self_attn, _norm(layer.input_layernorm, residual, act), rope, kv_cache,
+                       model.attention, meta, dense)
         residual = residual + x
-        x = _mlp(layer.mlp, _norm(layer.post_attention_layernorm, residual), dense)
+        x = _mlp(layer.mlp, _norm(layer.post_attention_layernorm, residual, act), dense)
     return model.norm.normalize(residual + x)  # the reference norm: the LM head's input as in float32
 
 
-def _norm(norm, x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps).to(MATMUL_DTYPE)
+def _norm(norm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps).to(dtype)
 
 
 def _reorder_dense_weights(model) -> None:
     """Give each packed layer `onednn_weight`: its dense bf16 copy in oneDNN's layout (a plain attribute, not
-    saved with the weights: the layout belongs to this machine's oneDNN)."""
+    saved with the weights: the layout belongs to this machine's oneDNN). Sets model.runs_native: all packed
+    layers run the native kernel for few rows (float32 steps)."""
+    packed = [module for module in model.modules() if isinstance(module, Int4Linear)]
     if torch.backends.mkldnn.is_available():
-        for module in model.modules():
-            if isinstance(module, Int4Linear):
-                module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(module.dense, 16)
+        for module in packed:
+            module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(module.dense, 16)
+    model.runs_native = bool(packed) and all(module.runs_native for module in packed)
     model.onednn_ready = True
 
 
 def _matmul(linear, x: torch.Tensor, dense: bool) -> torch.Tensor:
-    """bf16 in, bf16 out; `dense`: a packed layer multiplies by its dense copy. A layer that is not packed
-    (e.g. a K-quant q/k/v mix) runs in its own dtype."""
+    """x's dtype in and out (bf16, or float32 in steps of the native kernel); `dense` (bf16): a packed layer
+    multiplies by its dense copy. A layer that is not packed (e.g. a K-quant q/k/v mix) runs in its own dtype."""
     if dense and isinstance(linear, Int4Linear):
         onednn_weight = getattr(linear, "onednn_weight", None)
         if onednn_weight is not None:  # computes exactly F.linear(x, linear.dense, linear.bias)
             return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, linear.bias, "none", [], "")
         return F.linear(x, linear.dense, linear.bias)
-    if isinstance(linear, Int4Linear) or linear.weight.dtype == MATMUL_DTYPE:
-        return linear(x)  # (not dense: fewer than DENSE_MIN_ROWS rows, so Int4Linear runs the 4-bit kernel)
-    return linear(x.to(linear.weight.dtype)).to(MATMUL_DTYPE)
+    if isinstance(linear, Int4Linear) and linear.runs_native and x.dtype == torch.float32:
+        return linear.exact(x)  # (a step of the native kernel)
+    if isinstance(linear, Int4Linear) or linear.weight.dtype == x.dtype:
+        return linear(x)  # (not dense: fewer than DENSE_MIN_ROWS rows, so Int4Linear runs a 4-bit kernel)
+    return linear(x.to(linear.weight.dtype)).to(x.dtype)
 
 
 def _attention(attn, x: torch.Tensor, rope: StepRope, kv_cache: torch.Tensor, backend, meta, dense: bool):
@@ -99,7 +119,7 @@ def _attention(attn, x: torch.Tensor, rope: StepRope, kv_cache: torch.Tensor, ba
     write_kv(k_cache, v_cache, qk[:, heads:], v, meta.slot_mapping)
     q = qk[:, :heads] if k_cache.element_size() == 1 else qk[:, :heads].to(k_cache.dtype)  # FP8 K/V: q stays float32
     out = backend.attend(q, k_cache, v_cache, meta)
-    return _matmul(attn.o_proj, out.reshape(num_tokens, attn.q_size).to(MATMUL_DTYPE), dense)
+    return _matmul(attn.o_proj, out.reshape(num_tokens, attn.q_size).to(x.dtype), dense)
 
 
 def _head_norm(norm, x: torch.Tensor) -> torch.Tensor:

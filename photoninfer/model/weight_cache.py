@@ -21,7 +21,7 @@ from photoninfer.config import ModelConfig, cache_dir
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the cached layout or the packing of any format changes
+FORMAT_VERSION = 3  # bump when the cached layout or the packing of any format changes
 MAX_ENTRIES = 4
 _HEADER_BYTES = 1 << 20
 
@@ -54,7 +54,11 @@ def save_header(path: str, config: ModelConfig, num_tensors: int, tensor_types: 
 
 
 def weights_file(path: str, dtype: torch.dtype, device: torch.device, pack: bool) -> str:
-    variant = f"{str(dtype).removeprefix('torch.')}-{device.type}{'-packed' if pack else ''}"
+    from photoninfer.quant import native
+
+    # packed layers hold the native kernel's layout where it is available here, torch's where not
+    packing = ("-packed-native" if native.kernel() is not None else "-packed") if pack else ""
+    variant = f"{str(dtype).removeprefix('torch.')}-{device.type}{packing}"
     return os.path.join(entry_dir(path), f"weights-{variant}.pt")
 
 

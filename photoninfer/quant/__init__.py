@@ -3,7 +3,8 @@
 Every class is built like `layers.Linear(in_features, out_features, bias)`, fills its parameters through their
 `weight_loader(param, tensor, shard)` and packs them in `process_weights_after_loading()`; its reference is
 the dense `layers.Linear` on the dequantized weight. Today: GGUF 4-bit (Q4_0, Q4_1, Q4_K) runs packed on the
-CPU with bf16 matmul inputs (Int4Linear); every other type is dequantized into a dense Linear of the model dtype.
+CPU (Int4Linear: our native float32 kernel for Q4_0/Q4_1 where it builds, else torch's with bf16 matmul inputs);
+every other type is dequantized into a dense Linear of the model dtype.
 """
 
 from __future__ import annotations

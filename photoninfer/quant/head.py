@@ -2,7 +2,8 @@
 
 The head is the largest matmul of a small model (SmolLM2: 49152 x 576, 113 MB in float32), and a decode
 step reads all of it. Approximate logits come from a packed 4-bit copy of the head (group 32, 14 MB) for a
-few rows, or from a bf16 copy for many rows (the bf16 matmul costs about the same for 1 or 16 rows, the 4-bit
+few rows (our native kernel with float32 activations where it is available, else torch's), or from a bf16 copy
+for many rows (the bf16 matmul costs about the same for 1 or 16 rows, the 4-bit
 kernel grows with them). Either rounds the logits (bf16: ~0.06 at a logit of 10; 4-bit: ~0.1), which would flip
 the arg-max at a few % of positions. Recomputing the `refine` largest logits in float32 makes the arg-max
 and the top logprobs those of the float32 reference; the tail keeps the approximation.
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from photoninfer.quant import native
 from photoninfer.quant.gguf_blocks import GROUP_SIZE
 from photoninfer.quant.int4 import DENSE_MIN_ROWS, int4_kernel_fits
 
@@ -31,26 +33,42 @@ class RefinedHead(nn.Module):
         if self.packs:
             self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
             self.register_buffer("scales_and_zeros", torch.empty(hidden // GROUP_SIZE, vocab, 2, dtype=torch.bfloat16))
+            self.register_buffer("panels", torch.empty(0, dtype=torch.uint8))  # the native kernel's copy, if used
         if prepare:
             self.prepare()
 
     def prepare(self) -> None:
         """Derive the bf16 and the packed 4-bit copies from the float32 weight."""
         self.weight_bf16 = self.weight.to(torch.bfloat16)
-        if self.packs:
+        if self.packs and native.kernel() is not None:
+            self.panels = pack_native(self.weight)
+            self.packed, self.scales_and_zeros = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.bfloat16)
+        elif self.packs:
             self.packed, self.scales_and_zeros = pack_int4(self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [T, hidden] -> float32 logits [T, vocab]."""
         x = hidden.to(torch.bfloat16)
-        if self.packs and x.shape[0] < DENSE_MIN_ROWS:
+        if self.packs and x.shape[0] < DENSE_MIN_ROWS and self.panels.numel():
+            logits = native.kernel().matmul(hidden.float(), self.panels)
+        elif self.packs and x.shape[0] < DENSE_MIN_ROWS:
             logits = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_and_zeros)
         else:
-            logits = F.linear(x, self.weight_bf16)
+            logits = self._dense(x)
         logits = logits.float()
         top = logits.topk(self.refine, dim=-1).indices  # [T, refine]
         exact = torch.einsum("th,tkh->tk", hidden.float(), self.weight[top])
         return logits.scatter_(1, top, exact)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight_bf16^T; through oneDNN with the weight reordered once into its own layout (a plain
+        attribute: the layout belongs to this machine), where F.linear would reorder 56 MB on every call."""
+        if not torch.backends.mkldnn.is_available():
+            return F.linear(x, self.weight_bf16)
+        onednn = self.__dict__.get("_onednn_weight")
+        if onednn is None:
+            onednn = self.__dict__["_onednn_weight"] = torch.ops.mkldnn._reorder_linear_weight(self.weight_bf16, 16)
+        return torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], "")
 
 
 def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,3 +82,15 @@ def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale, low = scale.squeeze(-1), low.squeeze(-1)
     scales_and_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scales_and_zeros
+
+
+def pack_native(weight: torch.Tensor) -> torch.Tensor:
+    """Asymmetric 4-bit quantization per group of 32 inputs for the native kernel: w ~ d * q + m with float16
+    d (the group's range / 15) and m (its minimum), codes rounded against the float16 d and m."""
+    rows, cols = weight.shape
+    groups = weight.float().view(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    low, high = groups.amin(-1), groups.amax(-1)
+    d = ((high - low) / 15).clamp_min(1e-6).half()  # (not below float16's normal range)
+    m = low.half()
+    codes = ((groups - m.float()[..., None]) / d.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    return native.pack_panels(codes.view(rows, cols).numpy(), d.numpy(), m.numpy())

@@ -1,5 +1,10 @@
 """Int4Linear: GGUF Q4_0 / Q4_1 / Q4_K weights executed packed on the CPU.
 
+Where our native kernel is available (quant/native.py: built with the system C compiler, AVX-512) and the
+weights' scales and biases are float16 values (Q4_0, Q4_1: all of them), a layer runs it for fewer than
+DENSE_MIN_ROWS rows: float32 activations, exact weights, float32 sums, so it matches the float32
+reference to ~1e-6 and is faster than torch's kernel below. Otherwise (Q4_K, no compiler, no AVX-512):
+
 Each group of 32 inputs of an output row holds 4-bit codes q and w = scale * q + bias (see gguf_blocks).
 torch's CPU kernel `_weight_int4pack_mm_for_cpu` computes with w = (q - 8) * scale + zero, so zero = bias +
 8 * scale; scales and zeros are bfloat16 (the kernel's only fast dtype, with bf16 activations), which rounds
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from photoninfer.errors import ModelLoadError
+from photoninfer.quant import native
 from photoninfer.quant.gguf_blocks import GROUP_SIZE, INT4_TYPES, GGUFBlocks, decode_int4
 
 ACTIVATION_DTYPE = torch.bfloat16
@@ -55,6 +61,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("_biases", torch.empty(out_features, groups, dtype=torch.float32), persistent=False)
         self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=ACTIVATION_DTYPE))
         self.register_buffer("dense", torch.empty(out_features, in_features, dtype=ACTIVATION_DTYPE))
+        # the native kernel's weight (native.pack_panels), empty where torch's kernel runs instead
+        self.register_buffer("panels", torch.empty(0, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=ACTIVATION_DTYPE), requires_grad=False) if bias else None
 
     def load_blocks(self, param: nn.Parameter, blocks, shard=None) -> None:
@@ -72,16 +80,39 @@ class Int4Linear(nn.Module):
         self._biases[rows] = biases
 
     def process_weights_after_loading(self) -> None:
-        """Pack the codes for the CPU kernel; scales/zeros become [groups, out, 2] bf16."""
-        scales, zeros = bf16_scales_and_zeros(self._scales, self._biases)
-        self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
-        self.dense = dense_weight(self.weight.data, self.scales_and_zeros)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.weight.data.to(torch.int32), 1)
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        """Pack the codes for the native kernel (float16 scales and biases) or else for torch's kernel
+        (scales/zeros [groups, out, 2] bf16); keep the dense bf16 copy for many rows."""
+        codes, scales, biases = self.weight.data, self._scales, self._biases
         self._scales = self._biases = None  # the loading buffers are not needed any more
+        if native.kernel() is not None and _float16_exact(scales) and _float16_exact(biases):
+            self.panels = native.pack_panels(codes.numpy(), scales.half().numpy(), biases.half().numpy())
+            self.dense = (codes.float() * scales.repeat_interleave(GROUP_SIZE, 1)
+                          + biases.repeat_interleave(GROUP_SIZE, 1)).to(ACTIVATION_DTYPE)
+            self.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+            self.scales_and_zeros = torch.empty(0, dtype=ACTIVATION_DTYPE)
+            return
+        scales, zeros = bf16_scales_and_zeros(scales, biases)
+        self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
+        self.dense = dense_weight(codes, self.scales_and_zeros)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+
+    @property
+    def runs_native(self) -> bool:
+        """Whether few rows run our native float32 kernel (else torch's bf16 one)."""
+        return self.panels.numel() > 0
+
+    def exact(self, x: torch.Tensor) -> torch.Tensor:
+        """x float32 [T, in_features] -> float32 [T, out_features] through the native kernel, for any T
+        (runs_native only): exact weights, float32 sums."""
+        y = native.kernel().matmul(x, self.panels)
+        return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, in_features] -> [T, out_features] in x's dtype (computed with bf16 activations)."""
+        """x: [T, in_features] -> [T, out_features] in x's dtype: float32 through the native kernel for fewer
+        than DENSE_MIN_ROWS rows where it runs, else computed with bf16 activations."""
+        if self.runs_native and x.shape[0] < DENSE_MIN_ROWS:
+            return self.exact(x.float()).to(x.dtype)
         if x.shape[0] >= DENSE_MIN_ROWS:
             y = F.linear(x.to(ACTIVATION_DTYPE), self.dense)
         else:
@@ -90,6 +121,10 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
+
+
+def _float16_exact(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t.half().float(), t))
 
 
 def dense_weight(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:

@@ -54,8 +54,9 @@ def test_int4_decode_is_exactly_the_gguf_dequantization(qtype):
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
-def test_int4_linear_matches_its_dequantized_reference(qtype):
-    """Fused like q/k/v: three parts loaded into row slices, then packed; compared with float32 F.linear."""
+def test_int4_linear_matches_its_dequantized_reference(qtype, torch_int4_kernel):
+    """torch's kernel, fused like q/k/v: three parts loaded into row slices, then packed; compared with float32
+    F.linear. (The native kernel: tests/unit/test_native_q4.py.)"""
     parts = [blocks_of(qtype, rows, 256, seed) for seed, rows in enumerate((64, 32, 32))]
     layer = Int4Linear(256, 128)
     start = 0
@@ -73,7 +74,7 @@ def test_int4_linear_matches_its_dequantized_reference(qtype):
     assert (F.linear(x, reference_weight.roll(1, 0)) - expected).abs().max() > 0.2 * expected.abs().max()
 
 
-def test_int4_linear_dense_copy_computes_what_the_kernel_computes():
+def test_int4_linear_dense_copy_computes_what_the_kernel_computes(torch_int4_kernel):
     """From DENSE_MIN_ROWS rows on, the layer multiplies by its dense bf16 copy; row by row it runs the kernel."""
     from photoninfer.quant.int4 import DENSE_MIN_ROWS
 
@@ -89,7 +90,7 @@ def test_int4_linear_dense_copy_computes_what_the_kernel_computes():
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
-def test_the_accuracy_tools_emulation_reproduces_the_packed_kernel(qtype):
+def test_the_accuracy_tools_emulation_reproduces_the_packed_kernel(qtype, torch_int4_kernel):
     """quant.accuracy splits the packed path's error into bf16 scale/zero, inputs and outputs, emulated in
     float32: with all three the emulation must give the kernel's outputs, far closer than the exact weights do."""
     from photoninfer.quant.accuracy import _bf16_scaled_weight, _EmulatedRounding
@@ -239,8 +240,12 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
 
 
 @pytest.mark.parametrize("rows", [3, 12])  # the packed 4-bit head below 8 rows, the bf16 one from 8 on
-def test_refined_head_has_the_float32_argmax_and_top_logits(rows):
+@pytest.mark.parametrize("kernel", ["native", "torch"])  # the native 4-bit kernel where it runs, else torch's
+def test_refined_head_has_the_float32_argmax_and_top_logits(rows, kernel, request):
     from photoninfer.quant.head import RefinedHead
+
+    if kernel == "torch":
+        request.getfixturevalue("torch_int4_kernel")
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(4096, 64, generator=gen)
@@ -265,6 +270,20 @@ def test_int4_head_packing_is_close_to_its_weight():
     step = (weight.view(256, 4, 32).amax(-1) - weight.view(256, 4, 32).amin(-1)) / 15  # one code's width
     error = (dequantized - weight).abs().view(256, 4, 32).amax(-1)
     assert (error <= 0.5 * step + 0.02).all()  # half a step, plus bf16 rounding of scale and zero
+    assert error.mean() > 0.05 * step.mean()  # it is quantized
+
+
+def test_native_head_packing_is_close_to_its_weight():
+    from photoninfer.quant import native
+    from photoninfer.quant.head import pack_native
+
+    if native.kernel() is None:
+        pytest.skip("the native kernel is not available here")
+    weight = torch.randn(256, 128, generator=torch.Generator().manual_seed(1))
+    dequantized = native.kernel().matmul(torch.eye(128), pack_native(weight)).t()
+    step = (weight.view(256, 4, 32).amax(-1) - weight.view(256, 4, 32).amin(-1)) / 15
+    error = (dequantized - weight).abs().view(256, 4, 32).amax(-1)
+    assert (error <= 0.5 * step + 0.005 * weight.abs().max()).all()  # half a step, plus float16 rounding of d, m
     assert error.mean() > 0.05 * step.mean()  # it is quantized
 
 

@@ -1,0 +1,149 @@
+/* y[M, N] = x[M, K] @ W^T in float32, W a GGUF 4-bit weight with w = d * q + m per group of 32 inputs
+ * (Q4_1; Q4_0 has m = -8 d), d and m float16, q in 0..15, repacked at load time into panels of 16 rows.
+ *
+ * Layout (native.pack_panels): W is N / 16 panels; a panel is K / 32 block records of 320 bytes:
+ *   bytes   0..255  codes: 4 chunks of 64 bytes; in chunk j, the 32-bit lane r holds 8 nibbles, nibble t
+ *                   (bits 4t..4t+3) the code of panel row r at the block's input 8 j + t;
+ *   bytes 256..287  d of the 16 rows (float16);  bytes 288..319  m of the 16 rows (float16).
+ * So one 16-lane vector holds one value per output row: no horizontal sums; 0.625 byte per weight.
+ *
+ * Per block and row: sum_k w_k x_k = d * sum_k q_k x_k + m * sum_k x_k, the block sums of x computed once
+ * per call. The products q * x are exact, so the result is F.linear(x, dequantize(W)) up to the order and
+ * rounding of float32 sums (~1e-6 relative). A code becomes a float by a permute from the table 0..15.
+ * AVX-512 path, and a scalar path for other CPUs (built and tested, slower than torch's kernel).
+ * No torch headers: plain C, loaded with ctypes; threads from OpenMP (torch's own libgomp when loaded).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define GROUP 32
+#define PANEL 16
+#define RECORD 320
+#define MAX_MT 8 /* rows of x per pass over a panel */
+
+/* fp16 bits -> float (exact), portable */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalize */
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+int q4_simd(void) { return 512; }
+
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 8 /* records ahead: the hardware prefetcher alone leaves a core waiting on memory */
+#endif
+
+/* One panel times MT rows of x (x: row stride ldx; sums: block sums, row stride blocks) -> y (row stride ldy) */
+static inline __attribute__((always_inline)) void panel(const float *x, int64_t ldx, const float *sums,
+                                                        const uint8_t *w, int64_t blocks, float *y, int64_t ldy,
+                                                        const int MT) {
+    const int CHAINS = MT == 1 ? 4 : MT <= 4 ? 2 : 1; /* independent sums: enough FMAs in flight */
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 acc[MT];
+    for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *rec = w + b * RECORD;
+        for (int l = 0; l < RECORD; l += 64) _mm_prefetch((const char *)(rec + PREFETCH_BLOCKS * RECORD + l), _MM_HINT_T0);
+        __m512 part[MT][CHAINS];
+        for (int i = 0; i < MT; i++)
+            for (int c = 0; c < CHAINS; c++) part[i][c] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) {
+            __m512i v = _mm512_loadu_si512(rec + 64 * j);
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++) {
+                __m512 q = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * t), iota); /* low 4 bits index */
+#pragma GCC unroll 8
+                for (int i = 0; i < MT; i++) {
+                    const int c = (j * 8 + t) % CHAINS;
+                    part[i][c] = _mm512_fmadd_ps(q, _mm512_set1_ps(x[i * ldx + b * GROUP + 8 * j + t]), part[i][c]);
+                }
+            }
+        }
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 256)));
+        __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 288)));
+        for (int i = 0; i < MT; i++) {
+            __m512 s = part[i][0];
+            for (int c = 1; c < CHAINS; c++) s = _mm512_add_ps(s, part[i][c]);
+            acc[i] = _mm512_fmadd_ps(d, s, acc[i]);
+            acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(sums[i * blocks + b]), acc[i]);
+        }
+    }
+    for (int i = 0; i < MT; i++) _mm512_storeu_ps(y + i * ldy, acc[i]);
+}
+
+#define PANEL_CASE(MT) \
+    case MT: panel(x, ldx, sums, w, blocks, y, ldy, MT); break;
+
+static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t blocks,
+                       float *y, int64_t ldy) {
+    switch (mt) { PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) PANEL_CASE(6)
+                  PANEL_CASE(7) PANEL_CASE(8) }
+}
+
+#else /* scalar fallback: the same sums */
+
+int q4_simd(void) { return 0; }
+
+static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t blocks,
+                       float *y, int64_t ldy) {
+    for (int i = 0; i < mt; i++)
+        for (int r = 0; r < PANEL; r++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < blocks; b++) {
+                const uint8_t *rec = w + b * RECORD;
+                float part = 0.0f;
+                for (int j = 0; j < 4; j++) {
+                    uint32_t lane;
+                    memcpy(&lane, rec + 64 * j + 4 * r, 4);
+                    for (int t = 0; t < 8; t++) part += (float)((lane >> (4 * t)) & 15) * x[i * ldx + b * GROUP + 8 * j + t];
+                }
+                uint16_t d, m;
+                memcpy(&d, rec + 256 + 2 * r, 2);
+                memcpy(&m, rec + 288 + 2 * r, 2);
+                acc += half_to_float(d) * part + half_to_float(m) * sums[i * blocks + b];
+            }
+            y[i * ldy + r] = acc;
+        }
+}
+
+#endif
+
+/* x: float32 [M, K] contiguous; w: N / 16 panels (layout above); y: float32 [M, N]. K % 32 == 0, N % 16 == 0.
+ * Returns 0, or -1 when out of memory. */
+int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int nthreads) {
+    const int64_t blocks = K / GROUP, panels = N / PANEL;
+    float *sums = malloc(sizeof(float) * (M * blocks + 1));
+    if (!sums) return -1;
+    for (int64_t i = 0; i < M * blocks; i++) {
+        float s = 0.0f;
+        for (int k = 0; k < GROUP; k++) s += x[i * GROUP + k];
+        sums[i] = s;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
+            int mt = M - m0 < MAX_MT ? (int)(M - m0) : MAX_MT;
+            panel_rows(x + m0 * K, K, sums + m0 * blocks, mt, w + p * blocks * RECORD, blocks, y + m0 * N + p * PANEL,
+                       N);
+        }
+    free(sums);
+    return 0;
+}
