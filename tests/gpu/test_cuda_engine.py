@@ -102,18 +102,28 @@ def test_triton_backend_equals_the_torch_reference(make_tiny_model, kind, monkey
     assert fast == reference
 
 
+def _first_step_top_logprobs(path, prompts, **options):
+    """Per prompt, the 5 largest logprobs of its first generated token (sorted: robust to near-ties)."""
+    llm = LLM(path, device="cuda", **options)
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    outputs = llm.generate(prompts, params)
+    assert llm.engine.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    tops = [sorted(entry.logprob for entry in o.outputs[0].logprobs[0].values())[-5:] for o in outputs]
+    del llm
+    torch.cuda.empty_cache()
+    return torch.tensor(tops)
+
+
 @pytest.mark.parametrize("kind", ["llama3", "qwen3"])
-def test_fp8_kv_cache_on_the_kernels_stays_with_the_float32_cache(make_tiny_model, kind, monkeypatch):
-    """kv_cache_dtype="fp8" with graphs and chunked prefill, on the kernels and on the torch reference: each
-    stays close to the float32 cache (first tokens). Not token for token between the two: a float32 rotation
-    that differs in its last bit (fused multiply-adds) moves a K value by a whole FP8 step (6%) when it sits
-    at a rounding boundary (~1 in 10^6 values), enough to flip a tiny random model's flat logits. The kernels'
-    FP8 bytes themselves are checked exactly in tests/kernels (test_rope, test_paged_attention)."""
+def test_fp8_kv_cache_kernels_agree_with_the_torch_reference(make_tiny_model, kind, monkeypatch):
+    """kv_cache_dtype="fp8": prompts prefilled in chunks through an FP8 cache give the torch reference's
+    first-token distribution. Compared as logprobs, not tokens: a tiny random model's logits are so flat
+    that the rare K value rounded one FP8 step apart (a float32 rotation differing in its last bit at a
+    rounding boundary) can swap its top tokens. The kernels' FP8 bytes are checked exactly in tests/kernels."""
     path = make_tiny_model(kind)
     prompts = prompts_for(49152)
-    exact = _greedy_tokens(path, prompts, dtype="float32")
-    fast = _greedy_tokens(path, prompts, dtype="float32", kv_cache_dtype="fp8", max_num_batched_tokens=64)
+    fast = _first_step_top_logprobs(path, prompts, dtype="float32", kv_cache_dtype="fp8", max_num_batched_tokens=64)
     monkeypatch.setenv("PHOTONINFER_TORCH_BACKEND", "1")
-    reference = _greedy_tokens(path, prompts, dtype="float32", kv_cache_dtype="fp8", max_num_batched_tokens=64)
-    for tokens in (fast, reference):
-        assert sum(a[0] == b[0] for a, b in zip(tokens, exact)) >= len(prompts) - 2, (tokens, exact)
+    reference = _first_step_top_logprobs(path, prompts, dtype="float32", kv_cache_dtype="fp8",
+                                         max_num_batched_tokens=64)
+    assert (fast - reference).abs().max() < 0.02, (fast, reference)

@@ -139,9 +139,10 @@ def test_decode_tiles_follow_how_full_the_batch_keeps_the_gpu():
     assert decode_tiles(256, 8, fp8_cache=True) == (64, 2, 1) and decode_tiles(16, 8, fp8_cache=True) == (64, 4, 3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                               (torch.bfloat16, torch.float8_e4m3fn)], ids=["f32", "bf16", "fp8"])
 @pytest.mark.parametrize("hint,cap", [(128, None), (128, 1), (128, 3)], ids=["split", "direct", "spans"])
-def test_decode_with_new_tokens_does_the_rope_kernels_work(dtype, hint, cap, device):
+def test_decode_with_new_tokens_does_the_rope_kernels_work(dtype, cache_dtype, hint, cap, device):
     """Unrotated q, k, v given to the decode kernel: the same output and cache as rope_and_cache_kv followed
     by the decode kernel, whichever program's span holds the new token; a padding row writes nothing."""
     from photoninfer.kernels.rope import rope_and_cache_kv
@@ -149,7 +150,7 @@ def test_decode_with_new_tokens_does_the_rope_kernels_work(dtype, hint, cap, dev
 
     seq_lens, q_heads, kv_heads, head_dim, block_size = [1, 37, 100, 64], 4, 2, 64, 16
     batch = make_paged_batch(seq_lens, [1] * 4, q_heads, kv_heads, head_dim, block_size, dtype, seed=21,
-                             device=device)
+                             device=device, cache_dtype=cache_dtype)
     gen = torch.Generator().manual_seed(4)
     rope = RotaryEmbedding(head_dim, 256, theta=10000.0, scaling=None).to(device)
     rows = len(seq_lens) + 1  # and one padding row, as a CUDA graph pads a batch
@@ -177,6 +178,7 @@ def test_decode_with_new_tokens_does_the_rope_kernels_work(dtype, hint, cap, dev
                            **options)
     assert torch.equal(q, q_before)  # q is rotated in registers only
     for actual, reference in ((batch.k_cache, ref_k_cache), (batch.v_cache, ref_v_cache)):
+        actual, reference = actual.float(), reference.float()  # (FP8 has no isnan)
         assert torch.equal(actual.isnan(), reference.isnan())  # the same slots written, none for the padding row
         torch.testing.assert_close(actual.nan_to_num(), reference.nan_to_num(), **tolerance(dtype))
     torch.testing.assert_close(out, expected, **tolerance(dtype))
