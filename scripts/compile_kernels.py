@@ -124,8 +124,6 @@ def record_launches() -> list:
                         for new in (None, paged_attention.NewTokens(k, v, positions, rotary, rotary, slots)):
                             paged_attention.paged_decode_attention(q, cache, cache, tables, lens, 0.125,
                                                                    e(16, hq, head_dim), hint, new_tokens=new)
-                        paged_attention.paged_decode_attention(q, cache, cache, tables, lens, 0.125,  # CUDA cores
-                                                               e(16, hq, head_dim), hint, fma=True, block_n=32)
                     qsl = torch.empty(17, dtype=torch.int32)
                     paged_attention.paged_prefill_attention(q, cache, cache, tables, qsl, lens, 0.125,
                                                             e(16, hq, head_dim), 100)

@@ -81,19 +81,6 @@ def _online_softmax_step(s, m_i, l_i, acc, v, UPCAST: tl.constexpr, PRECISION: t
 
 
 @triton.jit
-def _online_softmax_step_fma(s, m_i, l_i, acc, v):
-    """`_online_softmax_step` with the P.V product on CUDA cores (broadcast and sum): for a GQA group of a
-    few rows, which tl.dot would pad to 16."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    pv = tl.sum(p.to(v.dtype).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-    return m_new, l_i, acc * alpha[:, None] + pv
-
-
-@triton.jit
 def _normalized(acc, l_i):
     """The attention output of each row: acc / l, zeros for a row that saw no key."""
     return tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
@@ -137,7 +124,7 @@ def _paged_decode_kernel(
     po_sb, po_sh, po_sp, pm_sb, pm_sh, done_sb,
     kn_sb, kn_sh, vn_sb, vn_sh, cos_stride, sin_stride,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
-    DIRECT: tl.constexpr, ROPE: tl.constexpr, DOT_F16: tl.constexpr, FMA: tl.constexpr, UPCAST: tl.constexpr,
+    DIRECT: tl.constexpr, ROPE: tl.constexpr, DOT_F16: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
@@ -182,18 +169,12 @@ def _paged_decode_kernel(
         valid = toks < end
         k = _load_kv_tile(k_cache_ptr, block_table_row, toks, valid, kv_head, block_size, kc_sb, kc_so, kc_sh,
                           HEAD_DIM)
-        if FMA:
-            s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(q.dtype).to(tl.float32)[None, :, :], 2) * qk_scale
-        else:
-            s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST,
-                     PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST,
+                 PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
                           HEAD_DIM).to(q.dtype)
-        if FMA:
-            m_i, l_i, acc = _online_softmax_step_fma(s, m_i, l_i, acc, v)
-        else:
-            m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
+        m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
 
     result = _normalized(acc, l_i)
     out_rows = out_ptr + seq * o_sb + heads[:, None] * o_sh + d[None, :]
@@ -371,8 +352,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            max_seq_len_hint: int, *, partition_size: int = DEFAULT_PARTITION,
                            max_num_partitions: Optional[int] = None, workspace: Optional[DecodeWorkspace] = None,
                            block_n: Optional[int] = None, num_warps: Optional[int] = None,
-                           num_stages: Optional[int] = None, new_tokens: Optional[NewTokens] = None,
-                           fma: bool = False) -> torch.Tensor:
+                           num_stages: Optional[int] = None, new_tokens: Optional[NewTokens] = None) -> torch.Tensor:
     """One query per sequence: q [B, Hq, D] attends to its sequence's seq_lens[b] cached tokens; writes out.
     With `new_tokens`, q is unrotated: the kernel rotates it and stores the step's rotated K and V itself
     (one launch instead of the RoPE kernel's and its own).
@@ -415,8 +395,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         po_strides = ws_out.stride()[:3]
         pm_strides = ws_max.stride()[:2]
         done_stride = ws_done.stride(0)
-    # tl.dot wants 16 rows: the group is padded to them, unless the products run on CUDA cores (`fma`)
-    block_g = triton.next_power_of_2(group) if fma else max(MIN_DOT, triton.next_power_of_2(group))
+    block_g = max(MIN_DOT, triton.next_power_of_2(group))
     new = new_tokens or NewTokens(q, q, seq_lens, q, q, seq_lens)  # unused without ROPE
     new_strides = ((new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
                     new.sin.stride(0)) if new_tokens else (0,) * 6)
@@ -430,7 +409,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *po_strides, *pm_strides, done_stride, *new_strides,
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
         ROPE=new_tokens is not None, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
-        FMA=fma,
         UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -238,14 +238,3 @@ def test_prefill_reads_an_fp8_cache(device):
     batch = make_paged_batch([20, 37, 9], [20, 5, 1], 4, 2, 64, 16, torch.bfloat16, seed=32, device=device,
                              cache_dtype=FP8)
     torch.testing.assert_close(prefill(batch), batch.expected, **tolerance(torch.bfloat16))
-
-
-@pytest.mark.parametrize("cache_dtype", [None, FP8], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("q_heads,kv_heads", [(4, 2), (8, 2), (2, 2)], ids=["group2", "group4", "group1"])
-@pytest.mark.parametrize("hint", [128, 32], ids=["split", "direct"])
-def test_decode_on_cuda_cores_matches_reference(cache_dtype, q_heads, kv_heads, hint, device):
-    """fma=True: the group's own rows multiplied on CUDA cores, not padded to 16 rows for tl.dot."""
-    batch = make_paged_batch([1, 37, 100, 16], [1] * 4, q_heads, kv_heads, 64, 16, torch.bfloat16, seed=41,
-                             device=device, cache_dtype=cache_dtype)
-    out = decode(batch, max_seq_len_hint=hint, fma=True)
-    torch.testing.assert_close(out, batch.expected, **tolerance(torch.bfloat16))
