@@ -19,6 +19,7 @@ from photoninfer.model.llama import CausalLM
 from photoninfer.model.loader import Checkpoint, build_model
 from photoninfer.runner.attention import make_attention_backend, triton_available
 from photoninfer.runner.batch import BatchBuilder, ForwardBatch
+from photoninfer.runner.cpu_kv_memory import lazy_zeros, prefault_in_background
 from photoninfer.runner.cuda_graph import StepGraphs
 from photoninfer.runner.prompt_logprobs import (PromptLogprobsChunk, PromptLogprobsWanted, prompt_rows,
                                                 prompt_token_logprobs)
@@ -141,7 +142,9 @@ class ModelRunner:
         cfg = self.model_config
         shape = (2, num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         if self.device.type == "cpu":
-            return [lazy_zeros(shape, self.cache_dtype) for _ in range(cfg.num_hidden_layers)]
+            caches = [lazy_zeros(shape, self.cache_dtype) for _ in range(cfg.num_hidden_layers)]
+            self.prefault = prefault_in_background(caches)
+            return caches
         return [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
 
     # ---- one step ----------------------------------------------------------------------------------
@@ -202,16 +205,6 @@ class ModelRunner:
         if handle.sampled is None:
             return [], {}
         return handle.sampled.host_results()
-
-
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A CPU tensor of zeros whose pages the OS maps only when first touched: numpy's zeros is calloc, which
-    takes fresh (already zero) pages for a large block instead of writing 1 GiB of zeros as torch.zeros does
-    (0.5 s of a start). The tensor shares the numpy array's memory and keeps it alive."""
-    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    raw = np.zeros((nbytes + 64,), dtype=np.uint8)
-    start = -raw.ctypes.data % 64  # 64-byte aligned, as torch's own allocations are (AVX-512 loads)
-    return torch.from_numpy(raw[start:start + nbytes]).view(dtype).view(shape)
 
 
 @dataclass
