@@ -9,9 +9,9 @@ seq_lens: [S] int32, context length after this step. Hq is a multiple of Hkv (GQ
 The cache holds q's dtype or FP8 (float8_e4m3fn, kv_cache_dtype="fp8"): tiles are widened to q's dtype
 as they are loaded, as the reference widens what it gathers; the decode kernel widens FP8 to float16 instead
 (and multiplies in float16, finer than bf16) when q is 16-bit: the conversion to bf16 took ~40% more
-registers per thread, which cut the resident programs and left the kernel latency-bound (ncu on an H100). Math in float32 with an online softmax in
-base 2 (scores pre-multiplied by scale * log2(e)); the probabilities are rounded to q's dtype before the
-P.V product, as the reference rounds them.
+registers per thread, which cut the resident programs and left the kernel latency-bound (ncu on an H100).
+Math in float32 with an online softmax in base 2 (scores pre-multiplied by scale * log2(e)); the
+probabilities are rounded to q's dtype before the P.V product, as the reference rounds them.
 
 Decode ("flash-decoding"): grid (B, Hkv, P). Program (b, h, p) takes the whole group of query heads that
 share kv head h (one K/V tile load serves the group; the group is padded to 16 rows for tl.dot) over the

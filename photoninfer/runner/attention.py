@@ -192,8 +192,8 @@ class TritonPagedAttention:
         if self._partials is None or self._partials[0].numel() < need or self._partials[1].numel() < need_done:
             if self._partials is not None:
                 self._retired.append(self._partials)
-            most_stats = 4 * self.num_sms * (heads // num_kv_heads)
-            self._partials = (torch.empty(max(need, most_stats * (head_dim + 2)), dtype=torch.float32, device=q.device),
+            most = 4 * self.num_sms * (heads // num_kv_heads) * (head_dim + 2)
+            self._partials = (torch.empty(max(need, most), dtype=torch.float32, device=q.device),
                               torch.zeros(max(need_done, 2 * self.num_sms), dtype=torch.int32, device=q.device))
         storage, done = self._partials
         need_out = stats * head_dim
