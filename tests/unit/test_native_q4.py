@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
+from int4_layers import fused_int4_layer
 
 from photoninfer.quant import native
 from photoninfer.quant.gguf_blocks import GGUFBlocks, decode_int4
@@ -95,12 +96,7 @@ def test_kernel_rejects_bad_input(kernel):
 def test_fused_layer_runs_native_below_dense_rows(kernel, qtype):
     """q/k/v fused: three parts in row slices; few rows are float32-exact, many rows use the dense bf16 copy."""
     parts = [random_blocks(qtype, rows, 256, seed) for seed, rows in enumerate((64, 32, 32))]
-    layer = Int4Linear(256, 128)
-    start = 0
-    for part in parts:
-        layer.weight.weight_loader(layer.weight, part, slice(start, start + part.shape[0]))
-        start += part.shape[0]
-    layer.process_weights_after_loading()
+    layer = fused_int4_layer(parts, 256)
     assert layer.runs_native
     weight = torch.cat([p.dequantize() for p in parts])
     x = torch.randn(DENSE_MIN_ROWS + 2, 256, generator=torch.Generator().manual_seed(4))

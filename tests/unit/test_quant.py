@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
+from int4_layers import fused_int4_layer
 
 from photoninfer import LLM, SamplingParams
 from photoninfer.config import cpu_has_native_bf16, packs_weights
@@ -58,12 +59,7 @@ def test_int4_linear_matches_its_dequantized_reference(qtype, torch_int4_kernel)
     """torch's kernel, fused like q/k/v: three parts loaded into row slices, then packed; compared with float32
     F.linear. (The native kernel: tests/unit/test_native_q4.py.)"""
     parts = [blocks_of(qtype, rows, 256, seed) for seed, rows in enumerate((64, 32, 32))]
-    layer = Int4Linear(256, 128)
-    start = 0
-    for part in parts:
-        layer.weight.weight_loader(layer.weight, part, slice(start, start + part.shape[0]))
-        start += part.shape[0]
-    layer.process_weights_after_loading()
+    layer = fused_int4_layer(parts, 256)
     reference_weight = torch.cat([p.dequantize() for p in parts])
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0))
     expected = F.linear(x, reference_weight)
