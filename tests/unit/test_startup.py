@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import sys
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,15 +60,21 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-# 36 MiB a layer: above glibc's largest dynamic mmap threshold (32 MiB), so calloc maps fresh pages (a smaller
-# buffer may come from the heap, zeroed by memset and already resident)
-LAYER = (2, 1152, 16, 4, 64)
+LAYER = (2, 1152, 16, 4, 64)  # 36 MiB
+
+
+def fresh_cache(shape) -> torch.Tensor:
+    """Zeros over an anonymous mapping: no page resident yet, whatever the allocator would have reused."""
+    buffer = mmap.mmap(-1, int(np.prod(shape)) * 4)
+    tensor = torch.frombuffer(buffer, dtype=torch.float32).view(shape)
+    tensor.buffer = buffer  # keep the mapping alive with the tensor
+    return tensor
 
 
 def test_prefault_maps_the_cache_pages_and_keeps_what_is_written():
     """The background prefault makes the lazily zeroed pages resident (the engine's first writes then cost no
     page faults) and never changes their contents, even where K/V were written before it got there."""
-    caches = [lazy_zeros(LAYER, torch.float32) for _ in range(2)]
+    caches = [fresh_cache(LAYER) for _ in range(2)]
     caches[0][0, 200, 3] = 7.0
     caches[1][1, 5] = -1.0
     before = _resident_bytes()
@@ -80,7 +88,7 @@ def test_prefault_maps_the_cache_pages_and_keeps_what_is_written():
 
 
 def test_prefault_stops_at_its_byte_budget():
-    caches = [lazy_zeros(LAYER, torch.float32) for _ in range(2)]
+    caches = [fresh_cache(LAYER) for _ in range(2)]
     before = _resident_bytes()
     thread = prefault_in_background(caches, max_bytes=8 * 2**20)  # the lowest 128 blocks of each
     thread.join(timeout=60)
