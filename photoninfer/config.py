@@ -205,8 +205,6 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES + ("fp8_e4m3",):
-            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                              f"got {self.kv_cache_dtype!r}")
+        resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # the one list of accepted names
         if self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
