@@ -69,9 +69,7 @@ class RMSNorm(nn.Module):
         self.kernels = rmsnorm
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """Without `residual`: returns norm(x). With it: returns (norm(x + residual), x + residual)."""
@@ -83,6 +81,13 @@ class RMSNorm(nn.Module):
             return self.normalize(x)
         x = x + residual
         return self.normalize(x), x
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: normalized in float32, rounded to x's dtype, then scaled by the weight."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ def generate(llm, prompts):
 def on_kernels(llm) -> None:
     model = llm.engine.runner.model
     model.attention = TritonPagedAttention(model.attention.scale, model.attention.block_size)
+    model.fast_path = False  # bf16 on the CPU turns on cpu_fast.py's forward: run the decoder as on CUDA
     model.use_kernels()
 
 
@@ -95,3 +96,56 @@ def test_steps_laid_out_for_graphs_give_the_reference_tokens(make_tiny_model, de
     # the lone 30-token prompt again: its first block comes from the prefix cache, the other 14 tokens ran
     # padded to the graph of 16 over that cached prefix
     assert ("prefill", 14, 16) in replays
+
+
+def prompt_logprobs(llm, prompts):
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    rows = []
+    for prompt in prompts:  # one prompt per step: each a batch of at most 16 tokens, the fused path's size
+        out = llm.generate([prompt], params)[0]
+        rows.append([next(iter(step.values())).logprob for step in out.prompt_logprobs[1:]])
+    return rows
+
+
+@pytest.mark.parametrize("kind,fuse_qkv", [("llama3", True), ("qwen3", True), ("llama3", False)])
+def test_fused_norm_linear_layers_score_as_the_separate_kernels(make_tiny_model, device, kind, fuse_qkv):
+    """bf16, batches of <= 16 tokens: the decoder with its norms run inside q/k/v (for short rows) and
+    gate/up (kernels/norm_linear.py) scores prompts as the same kernels one by one, to bf16 rounding."""
+    from types import SimpleNamespace
+
+    from photoninfer.kernels import norm_linear
+
+    path = make_tiny_model(kind)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (16, 9)]
+    llm = LLM(path, dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True)
+    on_kernels(llm)
+    layers = llm.engine.runner.model.layers
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("gated", False))
+        return norm_linear.fused_norm_linear(*args, **kwargs)
+
+    assert all(layer.norm_linear is norm_linear for layer in layers)
+    assert llm.engine.model_config.hidden_size < norm_linear.FUSE_QKV_MAX_K  # q/k/v fused too
+    for layer in layers:
+        layer.norm_linear = SimpleNamespace(MAX_M=norm_linear.MAX_M, DTYPES=norm_linear.DTYPES,
+                                            FUSE_QKV_MAX_K=norm_linear.FUSE_QKV_MAX_K if fuse_qkv else 0,
+                                            fused_norm_linear=counted)
+    fused = prompt_logprobs(llm, prompts)
+    assert calls.count(True) == len(layers) * len(prompts)
+    assert calls.count(False) == (len(layers) * len(prompts) if fuse_qkv else 0)
+    for layer in layers:
+        layer.norm_linear = None
+    separate = prompt_logprobs(llm, prompts)
+    exact = prompt_logprobs(LLM(path, dtype="float32", device=str(device), max_num_seqs=4, enforce_eager=True),
+                            prompts)
+
+    def mean_error(rows):
+        errors = [abs(a - b) for row, ref in zip(rows, exact) for a, b in zip(row, ref)]
+        assert len(errors) == 15 + 8
+        return sum(errors) / len(errors)
+
+    # rounding differs (norm(h) * g vs h * g scaled after the sums), accuracy must not
+    assert mean_error(fused) < 1.5 * mean_error(separate) + 1e-3

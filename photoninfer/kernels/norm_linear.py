@@ -1,0 +1,196 @@
+"""RMSNorm (after an optional residual add) feeding a linear layer, in one kernel for a few rows (decode).
+
+Torch reference: `fused_norm_linear_reference` below, i.e. `layers.RMSNorm` then `layers.Linear` (then
+`layers.silu_and_mul` when GATED) as the decoder runs them one after the other.
+
+Why: at decode batch sizes each of those ops is a separate, latency-bound kernel of a few microseconds, and a
+decode step runs them for every layer (Llama-3.2-1B: 155 kernels a step at batch 1, most of them small). The
+norm is a per-row scale, so it commutes with the matmul: norm(h) @ W^T = rstd * ((h * g) @ W^T), with
+rstd = 1 / sqrt(mean(h^2) + eps) summed in the same pass over K that streams W. So the norm costs no extra pass
+and no launch; with GATED the gate and up rows of an output column are multiplied in the same program, which
+applies silu(gate) * up before the store (half the bytes written, no SiLU kernel).
+
+Rounding differs from the reference in one place: the reference rounds norm(h) to the model dtype and then
+multiplies by g, the kernel rounds h * g and scales the float32 sums by rstd. Both are within one bf16 ulp
+per element; the tests bound the difference.
+
+Grid: one program per BLOCK_N output columns over all of K (no split-K: the norm needs the whole row). The
+residual sum h = x + residual is written to `residual_out` by program 0 only (every program computes it).
+
+Shapes: x [M, K] with M <= 16 (last dim contiguous), residual/residual_out [M, K], norm_weight [K],
+weight [N, K] ([2I, K] gate rows then up rows when GATED), optional bias [N]; y [M, N] (or [M, I]).
+bf16/fp16 only: float32 keeps the separate kernels (tl.dot would round float32 operands to tf32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from photoninfer.kernels import interpreting
+from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
+
+MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
+# The input norm fused into q/k/v pays for short rows only: on an H100, SmolLM2 (576) 5.1 -> 3.7-4.0 us at 1-16
+# rows, but Llama-3.2-1B (2048) 9.2 -> 9.1 us at 1 row and 9.4 -> 10.8 us at 16 (the prologue's work per step
+# grows with the row). gate/up always pays: 30.3 -> 26.9 us at 1 row, 31.6 -> 27.9 at 16 (SiLU·mul too).
+FUSE_QKV_MAX_K = 1024
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class NormLinearConfig:
+    block_n: int = 32
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def default_config(n_out: int, k: int, gated: bool) -> NormLinearConfig:
+    """Tiles measured best on an H100 (scripts/bench_norm_linear.py): 32 columns a program where that still
+    gives every SM one, and 256-wide K steps (128 for gate/up, whose programs read two weight tiles)."""
+    return NormLinearConfig(block_n=32 if n_out >= 32 * 132 else 16, block_k=128 if gated else 256)
+
+
+@triton.jit
+def _norm_linear_kernel(
+    x_ptr, res_ptr, res_out_ptr, g_ptr, w_ptr, bias_ptr, y_ptr,
+    M, N, K, eps, x_sm, r_sm, ro_sm, w_sn, y_sm, up_rows,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    dtype = y_ptr.dtype.element_ty
+    rows_m = tl.arange(0, BLOCK_M)
+    rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rows_m < M
+    n_mask = rows_n < N
+    first = (tl.zeros([BLOCK_M], tl.int32) + pid) == 0  # program 0 writes the residual sum
+    w_rows = rows_n[:, None].to(tl.int64) * w_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    sum_sq = tl.zeros([BLOCK_M], tl.float32)
+    # x, residual and g are loaded one step ahead, by hand: Triton's pipeliner prefetches only loads that
+    # feed tl.dot directly, and left these waiting on memory every step (2-3x the time of a plain GEMV)
+    cols = tl.arange(0, BLOCK_K)
+    x_next, r_next, g_next = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, HAS_RESIDUAL)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_mask = cols < K
+        x_mask = m_mask[:, None] & k_mask[None, :]
+        h, r, g = x_next, r_next, g_next
+        x_next, r_next, g_next = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols + BLOCK_K, m_mask, K, x_sm, r_sm,
+                                              HAS_RESIDUAL)
+        if HAS_RESIDUAL:  # the reference adds in the model dtype
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            tl.store(res_out_ptr + rows_m[:, None] * ro_sm + cols[None, :], h, mask=x_mask & first[:, None])
+        h32 = h.to(tl.float32)
+        sum_sq += tl.sum(h32 * h32, axis=1)
+        a = (h32 * g.to(tl.float32)[None, :]).to(dtype)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_ptr + w_rows + cols[None, :], mask=w_mask, other=0.0)
+        if UPCAST:  # interpreter only: it would multiply bfloat16 bit patterns
+            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+        if GATED:
+            u = tl.load(w_ptr + up_rows * w_sn + w_rows + cols[None, :], mask=w_mask, other=0.0)
+            if UPCAST:
+                acc_up = tl.dot(a.to(tl.float32), tl.trans(u.to(tl.float32)), acc_up)
+            else:
+                acc_up = tl.dot(a, tl.trans(u), acc_up)
+    rstd = tl.rsqrt(sum_sq / K + eps)
+    y = acc * rstd[:, None]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if GATED:  # as the reference: gate and up rounded to the dtype, silu rounded, then the product
+        gate = y.to(dtype).to(tl.float32)
+        up = (acc_up * rstd[:, None]).to(dtype).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(y_ptr + rows_m[:, None] * y_sm + rows_n[None, :], y.to(dtype), mask=out_mask)
+
+
+@triton.jit
+def _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, HAS_RESIDUAL: tl.constexpr):
+    """One BLOCK_K step of x, residual (x again when there is none: never used) and the norm weight."""
+    k_mask = cols < K
+    mask = m_mask[:, None] & k_mask[None, :]
+    x = tl.load(x_ptr + rows_m[:, None] * x_sm + cols[None, :], mask=mask, other=0.0)
+    r = x
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + rows_m[:, None] * r_sm + cols[None, :], mask=mask, other=0.0)
+    return x, r, tl.load(g_ptr + cols, mask=k_mask, other=0.0)
+
+
+def fused_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None, *, residual: Optional[torch.Tensor] = None,
+                      gated: bool = False, config: Optional[NormLinearConfig] = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h): h = x + residual (x when no residual), y = rms_norm(h) * norm_weight @ weight^T (+ bias),
+    and with `gated` y = silu(y[:, :I]) * y[:, I:] for weight [2I, K]. h is a new tensor when residual is
+    given (x and residual are read by every program, so it cannot be written in place)."""
+    _check(x, norm_weight, weight, bias, residual, gated)
+    m, k = x.shape
+    n = weight.shape[0]
+    n_out = n // 2 if gated else n
+    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x) if residual is not None else x
+    if m == 0 or n_out == 0:
+        return y, h
+    config = config or default_config(n_out, k, gated)
+    check_power_of_two("block_n", config.block_n, 16, 256)
+    check_power_of_two("block_k", config.block_k, 16, 1024)
+    res = residual if residual is not None else x
+    _norm_linear_kernel[(triton.cdiv(n_out, config.block_n),)](
+        x, res, h, norm_weight, weight, bias if bias is not None else weight, y,
+        m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out,
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
+        BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k, UPCAST=interpreting(),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y, h
+
+
+def _check(x, norm_weight, weight, bias, residual, gated) -> None:
+    check_dim("x", x, 2)
+    check_dim("weight", weight, 2)
+    check_last_contiguous("x", x)
+    check_last_contiguous("weight", weight)
+    m, k = x.shape
+    if m > MAX_M:
+        raise ValueError(f"fused_norm_linear handles at most {MAX_M} rows, got {m}: run the norm and F.linear")
+    if x.dtype not in DTYPES or weight.dtype != x.dtype or norm_weight.dtype != x.dtype:
+        raise TypeError(f"fused_norm_linear takes bfloat16/float16 x, weight and norm_weight of one dtype, got "
+                        f"{x.dtype}, {weight.dtype} and {norm_weight.dtype}")
+    if weight.shape[1] != k:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}: expected [N, {k}]")
+    check_shape("norm_weight", norm_weight, (k,))
+    if residual is not None:
+        check_shape("residual", residual, (m, k))
+        check_last_contiguous("residual", residual)
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    if gated:
+        if weight.shape[0] % 2:
+            raise ValueError(f"a gated weight stacks gate and up rows: its row count must be even, got "
+                             f"{weight.shape[0]}")
+        if bias is not None:
+            raise ValueError("a gated fused_norm_linear takes no bias")
+    elif bias is not None:
+        check_shape("bias", bias, (weight.shape[0],))
+
+
+def fused_norm_linear_reference(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                                bias: Optional[torch.Tensor] = None, *, residual: Optional[torch.Tensor] = None,
+                                gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's ops one by one (layers.RMSNorm, layers.Linear, layers.silu_and_mul)."""
+    from photoninfer.model.layers import rms_norm, silu_and_mul
+
+    h = x if residual is None else x + residual
+    y = torch.nn.functional.linear(rms_norm(h, norm_weight, eps), weight, bias)
+    return (silu_and_mul(y) if gated else y), h

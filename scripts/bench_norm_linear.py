@@ -1,0 +1,101 @@
+"""RMSNorm + linear in one kernel (kernels/norm_linear.py) against the ops one by one, as a decode step runs them.
+
+    python scripts/bench_norm_linear.py [--shapes llama-3.2-1b,smollm2-135m,qwen3-0.6b] [--m 1,16] [--out nl.json]
+
+Per shape and rows M: q/k/v after the input norm (with the residual add), gate/up + SiLU·mul after the
+post-attention norm, and the LM head after the final norm. "separate" is what the decoder ran before:
+fused_add_rms_norm, cuBLAS (torch.mm), and silu_and_mul for gate/up. Each candidate runs inside one CUDA
+graph over weight copies larger than L2 (scripts/bench_gemv.py's timing), for a sweep of tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_gemv import COLD_BYTES, SHAPES, graph_time_us  # noqa: E402
+
+from photoninfer.kernels.activation import silu_and_mul  # noqa: E402
+from photoninfer.kernels.norm_linear import NormLinearConfig, default_config, fused_norm_linear  # noqa: E402
+from photoninfer.kernels.rmsnorm import fused_add_rms_norm  # noqa: E402
+
+LAYERS = {"qkv": False, "gate_up": True, "lm_head": False}  # layer -> gated
+EPS = 1e-5
+
+
+def configs() -> list[NormLinearConfig]:
+    return [NormLinearConfig(bn, bk, warps, stages)
+            for bn, bk, warps, stages in itertools.product((16, 32, 64), (128, 256), (4,), (3, 4))] + [
+        NormLinearConfig(32, 128, 8, 4), NormLinearConfig(16, 256, 8, 4), NormLinearConfig(16, 256, 2, 4)]
+
+
+def bench_layer(n: int, k: int, m: int, gated: bool, weights: list) -> dict:
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    residual = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    g = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+    xs, rs = x.clone(), residual.clone()
+
+    def separate(w):  # in place on copies, as a step runs it (values drift over replays; the time does not)
+        h, _ = fused_add_rms_norm(xs, rs, g, EPS)
+        y = torch.mm(h, w.t())
+        if gated:
+            silu_and_mul(y)
+
+    expected, _ = fused_norm_linear(x, g, EPS, weights[0], residual=residual, gated=gated,
+                                    config=NormLinearConfig(16, 64, 4, 2))
+    row = {"n": n, "k": k, "m": m, "gated": gated, "mbytes": n * k * 2 / 1e6,
+           "separate_us": graph_time_us([lambda w=w: separate(w) for w in weights])}
+    timings = []
+    n_out = n // 2 if gated else n
+    for config in configs() + [default_config(n_out, k, gated)]:
+        try:
+            y, _ = fused_norm_linear(x, g, EPS, weights[0], residual=residual, gated=gated, config=config)
+            if not torch.allclose(y.float(), expected.float(), rtol=2e-2, atol=2e-2 * float(expected.abs().max())):
+                timings.append({"config": vars(config), "error": "wrong result"})
+                continue
+            us = graph_time_us([lambda w=w, c=config: fused_norm_linear(x, g, EPS, w, residual=residual,
+                                                                        gated=gated, config=c) for w in weights])
+            timings.append({"config": vars(config), "us": us})
+        except Exception as exc:  # a config the compiler rejects
+            timings.append({"config": vars(config), "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+    ok = [t for t in timings if "us" in t]
+    row.update(best=min(ok, key=lambda t: t["us"]) if ok else None, default=timings[-1], timings=timings)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--m", default="1,16")
+    parser.add_argument("--out", default="norm_linear.json")
+    args = parser.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    for shape in args.shapes.split(","):
+        for layer, gated in LAYERS.items():
+            n, k = SHAPES[shape][layer]
+            copies = max(2, min(32, COLD_BYTES // (n * k * 2)))
+            weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16) for _ in range(copies)]
+            for m in (int(v) for v in args.m.split(",")):
+                row = bench_layer(n, k, m, gated, weights)
+                row.update(shape=shape, layer=layer)
+                results["rows"].append(row)
+                best, default = row["best"], row["default"]
+                print(f"{shape:<13} {layer:<8} M={m:<3} separate {row['separate_us']:7.2f} us | fused best "
+                      f"{best['us'] if best else float('nan'):7.2f} us {best and best['config']} | default "
+                      f"{default.get('us', float('nan')):7.2f} us", flush=True)
+                with open(args.out, "w") as f:
+                    json.dump(results, f, indent=1)
+            del weights
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""fused_norm_linear against the decoder's ops one by one (fused_norm_linear_reference) and float64 math."""
+
+import pytest
+import torch
+from ulp import assert_close_ulps, ulps_for
+
+from photoninfer.kernels.norm_linear import (NormLinearConfig, default_config, fused_norm_linear,
+                                             fused_norm_linear_reference)
+
+EPS = 1e-5
+
+
+def exact(x, norm_weight, weight, bias=None, residual=None, gated=False):
+    """float64 on the CPU, no intermediate rounding except the residual sum (stored in the model dtype)."""
+    h = (x if residual is None else x + residual).cpu().double()
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS) * norm_weight.cpu().double()
+    y = normed @ weight.cpu().double().t()
+    if bias is not None:
+        y = y + bias.cpu().double()
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    return y
+
+
+def make(m, n, k, dtype, device, seed, residual=True, bias=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+    res = torch.randn(m, k, generator=gen).to(dtype).to(device) if residual else None
+    norm_weight = (1 + 0.2 * torch.randn(k, generator=gen)).to(dtype).to(device)
+    weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).to(device)
+    b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
+    return x, res, norm_weight, weight, b
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,residual,bias,gated,config", [
+    (1, 96, 256, True, False, False, NormLinearConfig(block_n=32, block_k=64)),
+    (5, 80, 320, True, True, False, NormLinearConfig(block_n=16, block_k=64)),  # ragged N and K, bias
+    (16, 64, 512, False, False, False, NormLinearConfig(block_n=64, block_k=128)),  # first layer: no residual
+    (3, 96, 192, True, False, True, NormLinearConfig(block_n=16, block_k=64)),  # gate/up + SiLU, ragged I
+    (16, 128, 96, True, False, True, None),  # default tiles
+])
+def test_fused_norm_linear_matches_the_ops_one_by_one(dtype, m, n, k, residual, bias, gated, config, device):
+    x, res, norm_weight, weight, b = make(m, n, k, dtype, device, seed=m * n + k, residual=residual, bias=bias)
+    y, h = fused_norm_linear(x, norm_weight, EPS, weight, b, residual=res, gated=gated, config=config)
+    ref_y, ref_h = fused_norm_linear_reference(x, norm_weight, EPS, weight, b, residual=res, gated=gated)
+    assert y.shape == ref_y.shape == (m, n // 2 if gated else n)
+    # the residual sum is one rounding, as the reference's (bf16 one ulp more: the interpreter truncates)
+    assert_close_ulps(h.cpu(), ref_h.cpu(), ulps=ulps_for(dtype, 0))
+    if res is not None:
+        assert h.data_ptr() not in (x.data_ptr(), res.data_ptr())
+    want = exact(x, norm_weight, weight, b, res, gated)
+    scale = float(want.abs().max())
+    # both round a few times in the model dtype (normed input, output; gated: gate, up, silu, product),
+    # each rounding at most eps relative (the interpreter truncates bf16): a few eps from exact math
+    rtol = (5 if gated else 3) * torch.finfo(dtype).eps
+    torch.testing.assert_close(y.cpu().double(), want, rtol=rtol, atol=scale * rtol / 2)
+    torch.testing.assert_close(y.cpu().double(), ref_y.cpu().double(), rtol=rtol, atol=scale * rtol / 2)
+
+
+def test_default_config_keeps_the_card_busy():
+    assert default_config(8192, 2048, gated=True) == NormLinearConfig(32, 128)  # Llama-3.2-1B gate/up: 256 programs
+    assert default_config(1536, 576, gated=True).block_n == 16  # SmolLM2 gate/up: 96 programs
+    assert default_config(960, 576, gated=False) == NormLinearConfig(16, 256)  # SmolLM2 q/k/v
+
+
+def test_fused_norm_linear_rejects_what_it_does_not_handle(device):
+    w = torch.zeros(8, 32, dtype=torch.bfloat16, device=device)
+    g = torch.ones(32, dtype=torch.bfloat16, device=device)
+    x = torch.zeros(1, 32, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="16 rows"):
+        fused_norm_linear(torch.zeros(17, 32, dtype=torch.bfloat16, device=device), g, EPS, w)
+    with pytest.raises(TypeError, match="bfloat16"):
+        fused_norm_linear(x.float(), g.float(), EPS, w.float())
+    with pytest.raises(ValueError, match=r"\[N, 16\]"):
+        fused_norm_linear(torch.zeros(1, 16, dtype=torch.bfloat16, device=device), g[:16], EPS, w)
+    with pytest.raises(ValueError, match="even"):
+        fused_norm_linear(x, g, EPS, w[:7], gated=True)
+    with pytest.raises(ValueError, match="no bias"):
+        fused_norm_linear(x, g, EPS, w, torch.zeros(8, dtype=torch.bfloat16, device=device), gated=True)
+    with pytest.raises(ValueError, match="residual"):
+        fused_norm_linear(x, g, EPS, w, residual=torch.zeros(2, 32, dtype=torch.bfloat16, device=device))
