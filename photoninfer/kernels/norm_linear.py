@@ -35,9 +35,10 @@ from photoninfer.kernels import interpreting
 from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
 
 MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
-# The input norm fused into q/k/v pays for short rows only: on an H100, SmolLM2 (576) 5.1 -> 3.7-4.0 us at 1-16
-# rows, but Llama-3.2-1B (2048) 9.2 -> 9.1 us at 1 row and 9.4 -> 10.8 us at 16 (the prologue's work per step
-# grows with the row). gate/up always pays: 30.3 -> 26.9 us at 1 row, 31.6 -> 27.9 at 16 (SiLU·mul too).
+# The input norm fused into q/k/v pays for rows up to 1024 wide: on an H100 at 1 / 16 rows, SmolLM2 (576)
+# 5.1 -> 3.7 / 5.4 -> 4.0 us, Qwen3-0.6B (1024) 7.5 -> 6.4 / 7.6 -> 7.1 us, but Llama-3.2-1B (2048) 9.2 -> 9.1 /
+# 9.5 -> 10.5 us (the prologue's work per step grows with the row). gate/up always pays (SiLU·mul included):
+# Llama 30.9 -> 26.7 / 32.1 -> 27.3 us; and so does the LM head after the final norm: 224 -> 176 / 196 -> 184 us.
 FUSE_QKV_MAX_K = 1024
 DTYPES = (torch.bfloat16, torch.float16)
 
@@ -50,10 +51,15 @@ class NormLinearConfig:
     num_stages: int = 4
 
 
-def default_config(n_out: int, k: int, gated: bool) -> NormLinearConfig:
-    """Tiles measured best on an H100 (scripts/bench_norm_linear.py): 32 columns a program where that still
-    gives every SM one, and 256-wide K steps (128 for gate/up, whose programs read two weight tiles)."""
-    return NormLinearConfig(block_n=32 if n_out >= 32 * 132 else 16, block_k=128 if gated else 256)
+def default_config(n_out: int, k: int, gated: bool, m: int = 1) -> NormLinearConfig:
+    """Tiles measured best on an H100 (scripts/bench_norm_linear.py, docs/benchmarks.md): narrow outputs
+    (SmolLM2's q/k/v and gate/up) 16 columns a program so that the programs still cover the SMs; wider ones
+    32, or 64 for up to 4 rows (less of the prologue's work per weight byte); 256-wide K steps, 128 for
+    gate/up (two weight tiles a step) beyond 4 rows."""
+    block_n = 16 if n_out < 2048 else 64 if m <= 4 else 32
+    if gated:
+        block_n = min(block_n, 32)
+    return NormLinearConfig(block_n=block_n, block_k=128 if gated and m > 4 else 256, num_stages=3)
 
 
 @triton.jit
@@ -142,7 +148,7 @@ def fused_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, we
     h = torch.empty_like(x) if residual is not None else x
     if m == 0 or n_out == 0:
         return y, h
-    config = config or default_config(n_out, k, gated)
+    config = config or default_config(n_out, k, gated, m)
     check_power_of_two("block_n", config.block_n, 16, 256)
     check_power_of_two("block_k", config.block_k, 16, 1024)
     res = residual if residual is not None else x

@@ -86,7 +86,7 @@ class DecoderLayer(nn.Module):
         kernels, attn, mlp = self.norm_linear, self.self_attn, self.mlp
         fused = kernels.fused_norm_linear
         norm = self.input_layernorm
-        if x.shape[-1] < kernels.FUSE_QKV_MAX_K:
+        if x.shape[-1] <= kernels.FUSE_QKV_MAX_K:
             qkv, residual = fused(x, norm.weight, norm.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
                                   residual=residual)
         else:
@@ -147,11 +147,28 @@ class CausalLM(nn.Module):
             return fast_forward(self, input_ids, positions, kv_caches, meta)
         # a gather over all output elements: nn.Embedding's index_select runs few blocks for a few ids
         # (13 us for 16 ids of Llama-3.2-1B on an H100, against ~2 us)
+        x, residual = self._decoder(input_ids, positions, kv_caches, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def _decoder(self, input_ids, positions, kv_caches, meta):
+        """(x, residual) after the last layer: the final norm of their sum is what forward returns."""
         x, residual = self.embed_tokens.weight[input_ids], None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.rope, kv_cache, self.attention, meta)
-        x, _ = self.norm(x, residual)
-        return x
+        return x, residual
+
+    def all_logits(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        """raw_logits(forward(...)): every row's logits, as a decode step needs them. Decode-sized batches
+        run the final norm inside the LM head (kernels/norm_linear.py)."""
+        kernels = self.layers[0].norm_linear if len(self.layers) else None
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if (self.fast_path or kernels is None or len(input_ids) > kernels.MAX_M or head.dtype not in kernels.DTYPES
+                or (self.lm_head is not None and not _dense(self.lm_head))):
+            return self.raw_logits(self.forward(input_ids, positions, kv_caches, meta))
+        x, residual = self._decoder(input_ids, positions, kv_caches, meta)
+        logits, _ = kernels.fused_norm_linear(x, self.norm.weight, self.norm.eps, head, residual=residual)
+        return logits
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, hidden] -> float32 logits [T, vocab]."""

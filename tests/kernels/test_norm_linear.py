@@ -40,6 +40,7 @@ def make(m, n, k, dtype, device, seed, residual=True, bias=False):
     (16, 64, 512, False, False, False, NormLinearConfig(block_n=64, block_k=128)),  # first layer: no residual
     (3, 96, 192, True, False, True, NormLinearConfig(block_n=16, block_k=64)),  # gate/up + SiLU, ragged I
     (16, 128, 96, True, False, True, None),  # default tiles
+    (2, 2048, 64, True, False, False, None),  # default tiles, wide output
 ])
 def test_fused_norm_linear_matches_the_ops_one_by_one(dtype, m, n, k, residual, bias, gated, config, device):
     x, res, norm_weight, weight, b = make(m, n, k, dtype, device, seed=m * n + k, residual=residual, bias=bias)
@@ -60,9 +61,10 @@ def test_fused_norm_linear_matches_the_ops_one_by_one(dtype, m, n, k, residual, 
 
 
 def test_default_config_keeps_the_card_busy():
-    assert default_config(8192, 2048, gated=True) == NormLinearConfig(32, 128)  # Llama-3.2-1B gate/up: 256 programs
     assert default_config(1536, 576, gated=True).block_n == 16  # SmolLM2 gate/up: 96 programs
-    assert default_config(960, 576, gated=False) == NormLinearConfig(16, 256)  # SmolLM2 q/k/v
+    assert default_config(960, 576, gated=False).block_n == 16  # SmolLM2 q/k/v: 60 programs
+    assert default_config(8192, 2048, gated=True, m=16) == NormLinearConfig(32, 128, num_stages=3)
+    assert default_config(128256, 2048, gated=False, m=1).block_n == 64  # the LM head, one row
 
 
 def test_fused_norm_linear_rejects_what_it_does_not_handle(device):
