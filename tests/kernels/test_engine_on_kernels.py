@@ -118,7 +118,8 @@ def test_fused_norm_linear_layers_score_as_the_separate_kernels(make_tiny_model,
     path = make_tiny_model(kind)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (16, 9)]
-    llm = LLM(path, dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True)
+    small = dict(device=str(device), max_num_seqs=4, enforce_eager=True, num_kv_blocks=64)  # two at once on a GPU
+    llm = LLM(path, dtype="bfloat16", **small)
     on_kernels(llm)
     layers = llm.engine.runner.model.layers
     calls = []
@@ -139,8 +140,7 @@ def test_fused_norm_linear_layers_score_as_the_separate_kernels(make_tiny_model,
     for layer in layers:
         layer.norm_linear = None
     separate = prompt_logprobs(llm, prompts)
-    exact = prompt_logprobs(LLM(path, dtype="float32", device=str(device), max_num_seqs=4, enforce_eager=True),
-                            prompts)
+    exact = prompt_logprobs(LLM(path, dtype="float32", **small), prompts)
 
     def mean_error(rows):
         errors = [abs(a - b) for row, ref in zip(rows, exact) for a, b in zip(row, ref)]
@@ -160,7 +160,7 @@ def test_decode_steps_run_the_final_norm_inside_the_lm_head(make_tiny_model, dev
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (20, 33)]
     params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0)
-    llm = LLM(path, dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True)
+    llm = LLM(path, dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True, num_kv_blocks=64)
     on_kernels(llm)
     model = llm.engine.runner.model
     heads = []
