@@ -184,4 +184,6 @@ def test_decode_steps_run_the_final_norm_inside_the_lm_head(make_tiny_model, dev
         assert a.token_ids[:2] == b.token_ids[:2]
         for step in range(2):  # the prefill's token, then the first decode step's
             la, lb = (next(iter(o.logprobs[step].values())).logprob for o in (a, b))
-            assert abs(la - lb) < 0.05, (step, la, lb)
+            # bf16 roundings apart (up to 0.06 seen on an H200); a wrong norm or head is off by whole units.
+            # The prompt-scoring test above holds the fused path to the separate one's accuracy.
+            assert abs(la - lb) < 0.15, (step, la, lb)
