@@ -105,11 +105,20 @@ def _split_tokens(seq_len, num_splits, PARTITION: tl.constexpr):
 
 
 @triton.jit
-def _rotated(rows, d, cos, sin, mask, HEAD_DIM: tl.constexpr):
+def _rotated(rows, d, cos, sin, mask, norm_ptr, eps, HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):
     """Rotary embedding of the head rows at `rows` (columns d), rounded to the stored dtype as the RoPE
-    kernel rounds it: [x1*cos - x2*sin, x2*cos + x1*sin], with the sign in the first half of `sin`."""
+    kernel rounds it: [x1*cos - x2*sin, x2*cos + x1*sin], with the sign in the first half of `sin`.
+    With QK_NORM (Qwen3) each head row is RMS-normalized by the weight at `norm_ptr` first, rounded as
+    layers.RMSNorm rounds it (normalized, rounded, times the weight, rounded)."""
+    swapped_d = (d + HEAD_DIM // 2) % HEAD_DIM
     x = tl.load(rows + d, mask=mask, other=0.0)
-    swapped = tl.load(rows + (d + HEAD_DIM // 2) % HEAD_DIM, mask=mask, other=0.0)  # [x2, x1]
+    swapped = tl.load(rows + swapped_d, mask=mask, other=0.0)  # [x2, x1]
+    if QK_NORM:
+        x32 = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x32 * x32, axis=-1, keep_dims=True) / HEAD_DIM + eps)  # per head row
+        x = ((x32 * rstd).to(x.dtype).to(tl.float32) * tl.load(norm_ptr + d).to(tl.float32)).to(x.dtype)
+        swapped = ((swapped.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
+                   * tl.load(norm_ptr + swapped_d).to(tl.float32)).to(x.dtype)
     return (x.to(tl.float32) * cos + swapped.to(tl.float32) * sin).to(x.dtype)
 
 
@@ -117,14 +126,14 @@ def _rotated(rows, d, cos, sin, mask, HEAD_DIM: tl.constexpr):
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr, done_ptr,
-    k_new_ptr, v_new_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
+    k_new_ptr, v_new_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_norm_ptr, k_norm_ptr, norm_eps,
     qk_scale, group, block_size, num_splits,
     q_sb, q_sh, o_sb, o_sh,
     kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, bt_stride,
     po_sb, po_sh, po_sp, pm_sb, pm_sh, done_sb,
     kn_sb, kn_sh, vn_sb, vn_sh, cos_stride, sin_stride,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
-    DIRECT: tl.constexpr, ROPE: tl.constexpr, DOT_F16: tl.constexpr, UPCAST: tl.constexpr,
+    DIRECT: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, DOT_F16: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
@@ -145,10 +154,12 @@ def _paged_decode_kernel(
         pos = tl.load(pos_ptr + seq).to(tl.int64)
         cos = tl.load(cos_ptr + pos * cos_stride + d % (HEAD_DIM // 2))
         sin = tl.load(sin_ptr + pos * sin_stride + d % (HEAD_DIM // 2)) * tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
-        q = _rotated(q_rows, d[None, :], cos[None, :], sin[None, :], g_mask[:, None], HEAD_DIM)
+        q = _rotated(q_rows, d[None, :], cos[None, :], sin[None, :], g_mask[:, None], q_norm_ptr, norm_eps, HEAD_DIM,
+                     QK_NORM)
         slot = tl.load(slot_ptr + seq)
         if (start < seq_len) & (seq_len <= start + span) & (slot >= 0):  # this program's span ends the context
-            k = _rotated(k_new_ptr + seq * kn_sb + kv_head * kn_sh, d, cos, sin, d < HEAD_DIM, HEAD_DIM)
+            k = _rotated(k_new_ptr + seq * kn_sb + kv_head * kn_sh, d, cos, sin, d < HEAD_DIM, k_norm_ptr, norm_eps,
+                         HEAD_DIM, QK_NORM)
             v = tl.load(v_new_ptr + seq * vn_sb + kv_head * vn_sh + d)
             block, offset = slot // block_size, slot % block_size
             tl.store(k_cache_ptr + block * kc_sb + offset * kc_so + kv_head * kc_sh + d,
@@ -252,7 +263,8 @@ class NewTokens:
     """This step's tokens for the decode kernel to rotate and store itself (what `rope.rope_and_cache_kv`
     would do before it): unrotated k and v [B, Hkv, D] (any row/head strides, last dim contiguous), their
     positions [B] and cache slots [B] int64 (-1: not written), the rotary tables cos, sin [max_pos, D/2]
-    float32. q is then unrotated too and is left as it is."""
+    float32. q is then unrotated too and is left as it is. With q_norm_weight and k_norm_weight [D] (Qwen3's
+    q/k-norm, in q's dtype) q and k arrive unnormalized too, and the kernel normalizes each head first."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -260,6 +272,9 @@ class NewTokens:
     cos: torch.Tensor
     sin: torch.Tensor
     slot_mapping: torch.Tensor
+    q_norm_weight: Optional[torch.Tensor] = None
+    k_norm_weight: Optional[torch.Tensor] = None
+    norm_eps: float = 0.0
 
     def check(self, batch: int, num_kv_heads: int, head_dim: int) -> None:
         for name in ("k", "v"):
@@ -278,6 +293,13 @@ class NewTokens:
         check_dtype("positions", self.positions, (torch.int64, torch.int32))
         check_shape("slot_mapping", self.slot_mapping, (batch,))
         check_dtype("slot_mapping", self.slot_mapping, (torch.int64,))
+        if (self.q_norm_weight is None) != (self.k_norm_weight is None):
+            raise ValueError("q_norm_weight and k_norm_weight come together (Qwen3's q/k-norm) or not at all")
+        if self.q_norm_weight is not None:
+            for name in ("q_norm_weight", "k_norm_weight"):
+                t = getattr(self, name)
+                check_shape(name, t, (head_dim,))
+                check_dtype(name, t, (self.k.dtype,))
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -397,18 +419,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         done_stride = ws_done.stride(0)
     block_g = max(MIN_DOT, triton.next_power_of_2(group))
     new = new_tokens or NewTokens(q, q, seq_lens, q, q, seq_lens)  # unused without ROPE
+    qk_norm = new.q_norm_weight is not None
     new_strides = ((new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
                     new.sin.stride(0)) if new_tokens else (0,) * 6)
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, ws_out, ws_max, ws_sum, ws_done,
         new.k, new.v, new.positions, new.cos, new.sin, new.slot_mapping,
+        new.q_norm_weight if qk_norm else q, new.k_norm_weight if qk_norm else q, new.norm_eps,
         scale * LOG2E, group, block_size, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         *po_strides, *pm_strides, done_stride, *new_strides,
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
-        ROPE=new_tokens is not None, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
+        ROPE=new_tokens is not None, QK_NORM=qk_norm, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
         UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )

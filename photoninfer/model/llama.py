@@ -37,9 +37,9 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # Qwen3 normalizes each head before rotating it
-            q, k = self.q_norm(q), self.k_norm(k)
-        out = backend.forward(q, k, v, positions, rope, kv_cache, meta)  # rotates, writes K/V, attends
+        # Qwen3 normalizes each head before rotating it: the backend does it (decode kernels fuse it)
+        qk_norm = (self.q_norm, self.k_norm) if self.q_norm is not None else None
+        out = backend.forward(q, k, v, positions, rope, kv_cache, meta, qk_norm)  # rotates, writes K/V, attends
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

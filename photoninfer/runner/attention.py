@@ -106,8 +106,11 @@ class TorchPagedAttention:
         return meta
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rope,
-                kv_cache: torch.Tensor, meta: TorchAttentionMetadata) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
+                kv_cache: torch.Tensor, meta: TorchAttentionMetadata, qk_norm=None) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]. `qk_norm`: (q_norm, k_norm) RMSNorm modules applied
+        to each head before the rotation (Qwen3), or None."""
+        if qk_norm is not None:
+            q, k = qk_norm[0](q), qk_norm[1](k)
         q, k = rope(positions, q, k)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
@@ -208,11 +211,12 @@ class TritonPagedAttention:
         static batch carries the graph's context limit there, so one grid serves every replay)."""
         return batch
 
-    def forward(self, q, k, v, positions, rope, kv_cache, batch: ForwardBatch):
+    def forward(self, q, k, v, positions, rope, kv_cache, batch: ForwardBatch, qk_norm=None):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if batch.is_decode_only:  # the decode kernel rotates q, k and writes K/V itself
-            new_tokens = self._attention.NewTokens(k, v, positions, rope.cos, rope.sin, batch.slot_mapping)
+        if batch.is_decode_only:  # the decode kernel normalizes (Qwen3) and rotates q, k and writes K/V itself
+            norms = () if qk_norm is None else (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps)
+            new_tokens = self._attention.NewTokens(k, v, positions, rope.cos, rope.sin, batch.slot_mapping, *norms)
             num_kv_heads = k_cache.shape[2]
             cap = self.decode_partitions(q.shape[0], num_kv_heads)
             splits = self._attention.decode_splits(batch.max_seq_len, max_num_partitions=cap)
@@ -221,6 +225,8 @@ class TritonPagedAttention:
                 max_num_partitions=cap, new_tokens=new_tokens,
                 workspace=self.decode_workspace(q, num_kv_heads, splits) if splits > 1 else None)
         else:
+            if qk_norm is not None:
+                q, k = qk_norm[0](q), qk_norm[1](k)
             self._rope.rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache,
                                          batch.slot_mapping)
             self._attention.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,

@@ -145,6 +145,19 @@ def test_decode_tiles_follow_how_full_the_batch_keeps_the_gpu():
 def test_decode_with_new_tokens_does_the_rope_kernels_work(dtype, cache_dtype, hint, cap, device):
     """Unrotated q, k, v given to the decode kernel: the same output and cache as rope_and_cache_kv followed
     by the decode kernel, whichever program's span holds the new token; a padding row writes nothing."""
+    check_new_tokens(dtype, cache_dtype, hint, cap, device, qk_norm=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hint,cap", [(128, None), (128, 1)], ids=["split", "direct"])
+def test_decode_with_new_tokens_does_the_qk_norm_too(dtype, hint, cap, device):
+    """Qwen3: unnormalized q and k, and their RMSNorm weights, given to the decode kernel: the same output and
+    cache as the per-head RMSNorm kernel, rope_and_cache_kv and the decode kernel one after the other."""
+    check_new_tokens(dtype, None, hint, cap, device, qk_norm=True)
+
+
+def check_new_tokens(dtype, cache_dtype, hint, cap, device, qk_norm):
+    from photoninfer.kernels.rmsnorm import rms_norm
     from photoninfer.kernels.rope import rope_and_cache_kv
     from photoninfer.model.layers import RotaryEmbedding
 
@@ -164,7 +177,10 @@ def test_decode_with_new_tokens_does_the_rope_kernels_work(dtype, cache_dtype, h
     slots[-1] = -1
     positions = last + 3  # any position: the kernel must take it from `positions`
 
+    norm_weights = [(1 + 0.3 * torch.randn(head_dim, generator=gen)).to(dtype).to(device) for _ in range(2)]
     ref_q, ref_k = q.clone(), k.clone()
+    if qk_norm:
+        ref_q, ref_k = (rms_norm(t, w, 1e-6) for t, w in ((ref_q, norm_weights[0]), (ref_k, norm_weights[1])))
     ref_k_cache, ref_v_cache = batch.k_cache.clone(), batch.v_cache.clone()
     rope_and_cache_kv(ref_q, ref_k, v, positions, rope.cos, rope.sin, ref_k_cache, ref_v_cache, slots)
     expected = poisoned((rows, q_heads, head_dim), dtype, device)
@@ -174,6 +190,8 @@ def test_decode_with_new_tokens_does_the_rope_kernels_work(dtype, cache_dtype, h
     q_before = q.clone()
     out = poisoned((rows, q_heads, head_dim), dtype, device)
     new = paged_attention.NewTokens(k, v, positions, rope.cos, rope.sin, slots)
+    if qk_norm:
+        new = paged_attention.NewTokens(k, v, positions, rope.cos, rope.sin, slots, *norm_weights, 1e-6)
     paged_decode_attention(q, batch.k_cache, batch.v_cache, tables, lens, batch.scale, out, hint, new_tokens=new,
                            **options)
     assert torch.equal(q, q_before)  # q is rotated in registers only
