@@ -28,7 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from photoninfer.kernels import activation, argmax, gemv, paged_attention, rmsnorm, rope  # noqa: E402
+from photoninfer.kernels import activation, argmax, gemv, norm_linear, paged_attention, rmsnorm, rope  # noqa: E402
 
 TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
                  torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
@@ -97,7 +97,8 @@ def record_launches() -> list:
     kernels = [(rmsnorm, "_rms_norm_kernel"), (activation, "_silu_and_mul_kernel"),
                (rope, "_rope_and_cache_kv_kernel"), (paged_attention, "_paged_decode_kernel"),
                (paged_attention, "_paged_prefill_kernel"), (gemv, "_gemv_kernel"), (gemv, "_gemv_reduce_kernel"),
-               (argmax, "_chunk_argmax_kernel"), (argmax, "_pick_chunk_kernel")]
+               (argmax, "_chunk_argmax_kernel"), (argmax, "_pick_chunk_kernel"),
+               (norm_linear, "_norm_linear_kernel")]
     originals = [(module, name, getattr(module, name)) for module, name in kernels]
     for module, name, fn in originals:
         setattr(module, name, Recorder(fn, launches))
@@ -121,7 +122,9 @@ def record_launches() -> list:
                 for cache in [e(100, 16, hkv, head_dim)] + fp8:  # the model dtype, and kv_cache_dtype="fp8"
                     rope.rope_and_cache_kv(q, k, v, positions, rotary, rotary, cache, cache, slots)
                     for hint in (200, 4096):  # one partition (direct) and split-K + merge
-                        for new in (None, paged_attention.NewTokens(k, v, positions, rotary, rotary, slots)):
+                        qk_norm = paged_attention.NewTokens(k, v, positions, rotary, rotary, slots, e(head_dim),
+                                                            e(head_dim), 1e-6)  # Qwen3
+                        for new in (None, paged_attention.NewTokens(k, v, positions, rotary, rotary, slots), qk_norm):
                             paged_attention.paged_decode_attention(q, cache, cache, tables, lens, 0.125,
                                                                    e(16, hq, head_dim), hint, new_tokens=new)
                     qsl = torch.empty(17, dtype=torch.int32)
@@ -134,6 +137,12 @@ def record_launches() -> list:
             for cfg in (gemv.GemvConfig(split_k=1), gemv.default_config(3072, hidden),
                         gemv.GemvConfig(block_n=128, block_k=256, split_k=4, num_stages=3)):
                 gemv.small_m_linear(x, weight, config=cfg)
+            for dtype in (torch.bfloat16, torch.float16):  # decode-sized norm + linear: q/k/v, gate/up, LM head
+                e = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
+                x = e(m, hidden)
+                norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(3072, hidden), residual=e(m, hidden))
+                norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(2 * ffn, hidden), residual=e(m, hidden), gated=True)
+                norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(128256, hidden))
     finally:
         for module, name, fn in originals:
             setattr(module, name, fn)

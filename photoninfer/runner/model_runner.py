@@ -67,8 +67,8 @@ class ModelRunner:
     # Triton compiles a kernel again for each new combination of its integer arguments being 1, a multiple of
     # 16 or neither (tokens, sequences, longest chunk, ...): these batches cover the combinations steps meet
     # (scripts/late_compiles.py lists any kernel that still compiles after start-up).
-    WARM_UP_CHUNKS = ([37], [16], [17, 16, 1], [16, 16], [1, 1, 1], [1] * 16, [100] * 16, [16] * 16, [3] * 16,
-                      [5, 1, 1])
+    WARM_UP_CHUNKS = ([37], [16], [17, 16, 1], [16, 16], [1], [1, 1, 1], [1] * 16, [100] * 16, [16] * 16,
+                      [3] * 16, [5, 1, 1])
 
     @torch.inference_mode()
     def _warm_up(self, max_tokens: int) -> None:
@@ -86,8 +86,13 @@ class ModelRunner:
                                                query_start.tolist(), q_lens, tables)
             batch.positions = torch.cat([torch.arange(n, device=self.device) for n in q_lens])
             batch.input_ids = torch.zeros(total, dtype=torch.long, device=self.device)
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, self.model.attention.prepare(batch))
-            self.sampler.argmax(self.model.raw_logits(hidden[query_start[1:] - 1]))
+            meta = self.model.attention.prepare(batch)
+            if max(q_lens) == 1:  # decode-shaped: the logits as a decode step computes them (launch())
+                logits = self.model.all_logits(batch.input_ids, batch.positions, self.kv_caches, meta)
+            else:
+                hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
+                logits = self.model.raw_logits(hidden[query_start[1:] - 1])
+            self.sampler.argmax(logits)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         logger.info("warmed up the kernels in %.1f s", time.perf_counter() - start)
