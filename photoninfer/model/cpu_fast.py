@@ -1,6 +1,6 @@
 """The decoder forward of the CPU fast path: the model of llama.py in fewer, larger torch ops.
 
-Used when the CPU runs packed 4-bit weights (dtype auto or bfloat16, config.packs_weights); dtype float32
+Used when the CPU runs packed weights (dtype auto or bfloat16, config.packs_weights; quant/packed.py); dtype float32
 keeps the reference forward of llama.py, which this one is tested against. On a small model most of a decode
 step is per-op overhead, so:
   * what every layer shares is computed once per step (the rotary cos/sin of the step's positions);
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from photoninfer.model import native_decode
-from photoninfer.quant.int4 import DENSE_MIN_ROWS, Int4Linear
+from photoninfer.quant.packed import DENSE_MIN_ROWS, PackedLinear
 from photoninfer.runner.attention import write_kv
 
 MATMUL_DTYPE = torch.bfloat16  # of the matmuls' inputs and outputs, except in steps of the native kernel
@@ -73,7 +73,9 @@ def fast_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_cac
                        model.attention, meta, dense)
         residual = residual + x
         x = _mlp(layer.mlp, _norm(layer.post_attention_layernorm, residual, act), dense)
-    return model.norm.normalize(residual + x)  # the reference norm: the LM head's input as in float32
+    # the reference norm: the LM head's input as in float32; in the model dtype (a bf16 model's native-kernel
+    # steps run float32)
+    return model.norm.normalize(residual + x).to(model.norm.weight.dtype)
 
 
 def _norm(norm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -84,7 +86,7 @@ def _reorder_dense_weights(model) -> None:
     """Give each packed layer `onednn_weight`: its dense bf16 copy in oneDNN's layout (a plain attribute, not
     saved with the weights: the layout belongs to this machine's oneDNN). Sets model.runs_native: all packed
     layers run the native kernel for few rows (float32 steps)."""
-    packed = [module for module in model.modules() if isinstance(module, Int4Linear)]
+    packed = [module for module in model.modules() if isinstance(module, PackedLinear)]
     if torch.backends.mkldnn.is_available():
         for module in packed:
             module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(module.dense, 16)
@@ -95,15 +97,15 @@ def _reorder_dense_weights(model) -> None:
 def _matmul(linear, x: torch.Tensor, dense: bool) -> torch.Tensor:
     """x's dtype in and out (bf16, or float32 in steps of the native kernel); `dense` (bf16): a packed layer
     multiplies by its dense copy. A layer that is not packed (e.g. a K-quant q/k/v mix) runs in its own dtype."""
-    if dense and isinstance(linear, Int4Linear):
+    if dense and isinstance(linear, PackedLinear):
         onednn_weight = getattr(linear, "onednn_weight", None)
         if onednn_weight is not None:  # computes exactly F.linear(x, linear.dense, linear.bias)
             return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, linear.bias, "none", [], "")
         return F.linear(x, linear.dense, linear.bias)
-    if isinstance(linear, Int4Linear) and linear.runs_native and x.dtype == torch.float32:
+    if isinstance(linear, PackedLinear) and linear.runs_native and x.dtype == torch.float32:
         return linear.exact(x)  # (a step of the native kernel)
-    if isinstance(linear, Int4Linear) or linear.weight.dtype == x.dtype:
-        return linear(x)  # (not dense: fewer than DENSE_MIN_ROWS rows, so Int4Linear runs a 4-bit kernel)
+    if isinstance(linear, PackedLinear) or linear.weight.dtype == x.dtype:
+        return linear(x)  # (not dense: fewer than DENSE_MIN_ROWS rows, so a packed layer runs its kernel)
     return linear(x.to(linear.weight.dtype)).to(x.dtype)
 
 

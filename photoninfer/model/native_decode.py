@@ -1,8 +1,8 @@
 """Decode steps of the CPU fast path as one native call per decoder layer (quant/cpu_layer.c).
 
 A small model's decode step on the CPU is mostly the dispatch of ~20 torch ops a layer; where every linear
-layer runs our native 4-bit kernel (model.runs_native), the layer's norms, RoPE, K/V write, attention over the
-paged cache, SiLU·mul and residual adds run inside the same C call, in float32, as cpu_fast.py's torch forward
+layer runs one of our native packed kernels (model.runs_native; formats may differ from layer to layer), the
+layer's norms, RoPE, K/V write, attention over the paged cache, SiLU·mul and residual adds run inside the same C call, in float32, as cpu_fast.py's torch forward
 does them (the tests compare the two). Llama-shaped models only (no q/k norm, no biases, a float32 KV cache);
 `supported` says whether a model qualifies, else cpu_fast's torch forward runs.
 """
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from photoninfer.quant import native
-from photoninfer.quant.int4 import Int4Linear
+from photoninfer.quant.packed import PackedLinear
 
 MAX_ROWS = 64  # decode steps of up to this many sequences run natively
 
@@ -32,7 +32,8 @@ def _layer_fits(layer) -> bool:
     attn, mlp = layer.self_attn, layer.mlp
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    return (attn.q_norm is None and attn.head_dim % 16 == 0 and mlp.intermediate_size % 16 == 0 and all(isinstance(m, Int4Linear) and m.runs_native and m.bias is None for m in linears)
+    return (attn.q_norm is None and attn.head_dim % 16 == 0 and mlp.intermediate_size % 16 == 0
+            and all(isinstance(m, PackedLinear) and m.runs_native and m.bias is None for m in linears)
             and all(w.dtype == torch.float32 and w.is_contiguous() for w in norms))
 
 
@@ -58,8 +59,10 @@ def forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: 
     residual = model.embed_tokens(input_ids).float().contiguous()
     x = torch.zeros_like(residual)
     for layer in _layer_structs(model, kv_caches):
-        if lib.native_decode_layer(step, layer, residual.data_ptr(), x.data_ptr()):
-            raise MemoryError("native decode layer: out of memory")
+        rc = lib.native_decode_layer(step, layer, residual.data_ptr(), x.data_ptr())
+        if rc:
+            raise MemoryError("native decode layer: out of memory") if rc == -1 else RuntimeError(
+                f"native decode layer failed ({rc}: a weight format it does not know)")
     return model.norm.normalize(residual + x)
 
 
@@ -76,6 +79,10 @@ def _layer_struct(layer, kv_cache: torch.Tensor):
     attn, mlp = layer.self_attn, layer.mlp
     return native.Layer(in_norm=layer.input_layernorm.weight.data_ptr(),
                         post_norm=layer.post_attention_layernorm.weight.data_ptr(),
-                        qkv=attn.qkv_proj.panels.data_ptr(), o=attn.o_proj.panels.data_ptr(),
-                        gate_up=mlp.gate_up_proj.panels.data_ptr(), down=mlp.down_proj.panels.data_ptr(),
+                        qkv=_linear(attn.qkv_proj), o=_linear(attn.o_proj), gate_up=_linear(mlp.gate_up_proj),
+                        down=_linear(mlp.down_proj),
                         k_cache=kv_cache[0].data_ptr(), v_cache=kv_cache[1].data_ptr())
+
+
+def _linear(module: PackedLinear):
+    return native.Linear(panels=module.panels.data_ptr(), format=module.native_format.code)

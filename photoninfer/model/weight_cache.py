@@ -21,7 +21,7 @@ from photoninfer.config import ModelConfig, cache_dir
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # bump when the cached layout or the packing of any format changes
+FORMAT_VERSION = 4  # bump when the cached layout or the packing of any format changes
 MAX_ENTRIES = 4
 _HEADER_BYTES = 1 << 20
 

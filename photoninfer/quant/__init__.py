@@ -2,9 +2,13 @@
 
 Every class is built like `layers.Linear(in_features, out_features, bias)`, fills its parameters through their
 `weight_loader(param, tensor, shard)` and packs them in `process_weights_after_loading()`; its reference is
-the dense `layers.Linear` on the dequantized weight. Today: GGUF 4-bit (Q4_0, Q4_1, Q4_K) runs packed on the
-CPU (Int4Linear: our native float32 kernel for Q4_0/Q4_1 where it builds, else torch's with bf16 matmul inputs);
-every other type is dequantized into a dense Linear of the model dtype.
+the dense `layers.Linear` on the dequantized weight. Today, on the CPU fast path:
+  * GGUF 4-bit (Q4_0, Q4_1, Q4_K): Int4Linear (our native float32 kernel where it builds, else torch's int4
+    kernel with bf16 matmul inputs);
+  * Q8_0, Q5_K, Q6_K, and fused layers mixing any of those six types (Q4_K_M's q/k/v): Int8Linear (our native
+    float32 kernel over int8 codes), where the native kernel builds;
+every other layer (Q2_K, Q3_K, Q5_0, Q5_1, F16, ...; Int8Linear's types without the native kernel) is
+dequantized into a dense Linear of the model dtype.
 """
 
 from __future__ import annotations
@@ -16,15 +20,22 @@ import torch
 from torch import nn
 
 from photoninfer.model.layers import Linear
-from photoninfer.quant.gguf_blocks import INT4_TYPES
-from photoninfer.quant.int4 import Int4Linear, int4_kernel_fits
+from photoninfer.quant import native
+from photoninfer.quant.gguf_blocks import INT4_TYPES, PACKED_TYPES
+from photoninfer.quant.int4 import Int4Linear
+from photoninfer.quant.int8 import Int8Linear
+from photoninfer.quant.packed import packed_kernel_fits
 
 
 def linear_class(part_types: list[Optional[str]], in_features: int, out_features: int, pack: bool) -> type:
     """The Linear class for a layer whose checkpoint parts (fused q/k/v or gate/up) have these GGML types;
     `pack`: the CPU fast path is on (config.packs_weights)."""
-    if pack and part_types and all(t in INT4_TYPES for t in part_types) and int4_kernel_fits(in_features, out_features):
+    if not (pack and part_types and packed_kernel_fits(in_features, out_features)):
+        return Linear
+    if all(t in INT4_TYPES for t in part_types):
         return Int4Linear
+    if all(t in PACKED_TYPES for t in part_types) and native.kernel() is not None:
+        return Int8Linear
     return Linear
 
 

@@ -1,5 +1,5 @@
 /* One decoder layer of a decode step in one call (the CPU fast path's `native_decode`), for M sequences that
- * each compute one token, with every linear layer in q4_kernels.c's panels:
+ * each compute one token, with every linear layer in one of our packed formats (packed_matmul.c):
  *   residual += x;  h = rmsnorm(residual) * w_in;  qkv = h @ Wqkv^T;  rotate q, k (rope, halves);
  *   write k, v into the paged cache at the token's slot;  a = attention of q over the sequence's blocks;
  *   x = a @ Wo^T;  residual += x;  h = rmsnorm(residual) * w_post;  gu = h @ Wgu^T;  x = (silu(g) * u) @ Wd^T
@@ -12,13 +12,24 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int nthreads);
+int packed_matmul(int format, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y,
+                  int nthreads);
+
+struct linear {
+    const uint8_t *panels;
+    int64_t format; /* packed_matmul's */
+};
 
 struct layer {
     const float *in_norm, *post_norm; /* [hidden] */
-    const uint8_t *qkv, *o, *gate_up, *down;
+    struct linear qkv, o, gate_up, down;
     float *k_cache, *v_cache; /* [blocks, block_size, kv_heads, head_dim] */
 };
+
+static inline int matmul(const struct linear *w, const float *x, int64_t M, int64_t K, int64_t N, float *y,
+                         int nthreads) {
+    return packed_matmul((int)w->format, x, M, K, w->panels, N, y, nthreads);
+}
 
 struct step {
     int64_t rows, hidden, heads, kv_heads, head_dim, inter, block_size, block_shift, max_blocks;
@@ -160,17 +171,18 @@ static void attend(const struct step *s, const struct layer *l, const float *q, 
     }
 }
 
-/* Returns 0, or -1 when out of memory. */
+/* Returns 0, -1 when out of memory, -2 for an unknown weight format. */
 int native_decode_layer(const struct step *s, const struct layer *l, float *residual, float *x) {
     const int64_t M = s->rows, H = s->hidden, D = s->head_dim, F = s->inter;
     const int64_t q_size = s->heads * D, kv_size = s->kv_heads * D, qkv_size = q_size + 2 * kv_size;
     float *h = s->work, *qkv = h + M * H, *a = qkv + M * qkv_size, *gu = a + M * q_size, *act = gu + 2 * M * F;
+    int rc;
 
     for (int64_t r = 0; r < M; r++) {
         for (int64_t i = 0; i < H; i++) residual[r * H + i] += x[r * H + i];
         rms_norm(residual + r * H, l->in_norm, H, s->eps, h + r * H);
     }
-    if (q4_matmul(h, M, H, l->qkv, qkv_size, qkv, s->nthreads)) return -1;
+    if ((rc = matmul(&l->qkv, h, M, H, qkv_size, qkv, s->nthreads))) return rc;
     for (int64_t r = 0; r < M; r++) {
         float *q = qkv + r * qkv_size, *k = q + q_size, *v = k + kv_size;
         rope(q, s->heads + s->kv_heads, D, s->cos + r * (D / 2), s->sin + r * (D / 2)); /* q and k: adjacent */
@@ -194,12 +206,12 @@ int native_decode_layer(const struct step *s, const struct layer *l, float *resi
         free(scores);
     }
     if (failed) return -1;
-    if (q4_matmul(a, M, q_size, l->o, H, x, s->nthreads)) return -1;
+    if ((rc = matmul(&l->o, a, M, q_size, H, x, s->nthreads))) return rc;
     for (int64_t r = 0; r < M; r++) {
         for (int64_t i = 0; i < H; i++) residual[r * H + i] += x[r * H + i];
         rms_norm(residual + r * H, l->post_norm, H, s->eps, h + r * H);
     }
-    if (q4_matmul(h, M, H, l->gate_up, 2 * F, gu, s->nthreads)) return -1;
+    if ((rc = matmul(&l->gate_up, h, M, H, 2 * F, gu, s->nthreads))) return rc;
     for (int64_t r = 0; r < M; r++) silu_mul(gu + r * 2 * F, gu + r * 2 * F + F, act + r * F, F);
-    return q4_matmul(act, M, F, l->down, H, x, s->nthreads);
+    return matmul(&l->down, act, M, F, H, x, s->nthreads);
 }

@@ -1,4 +1,4 @@
-"""A GGUF tensor kept in its quantized blocks, and the decoders that turn 4-bit blocks into (codes, scales, biases).
+"""A GGUF tensor kept in its quantized blocks, and the decoders that turn them into (codes, scales, biases).
 
 The loader yields a `GGUFBlocks` for every quantized GGUF tensor instead of dequantizing it, so a quantized
 Linear can keep the weight packed; a dense Linear calls `.dequantize()`. Rows are the HF output rows, each row a
@@ -9,11 +9,17 @@ The 4-bit formats all decode to one affine form per group of 32 inputs: w = scal
   Q4_0: w = d * (q - 8)            -> scale d,        bias -8 d
   Q4_1: w = d * q + m              -> scale d,        bias m
   Q4_K: w = d * sc * q - dmin * mn -> scale d * sc,   bias -dmin * mn   (8 groups of 32 per 256-block)
+The others that run packed decode to int8 codes, a float32 scale per group and, for Q5_K, a bias:
+  Q8_0: w = d * q,  q in -128..127                 (groups of 32)
+  Q6_K: w = d * sc * q,  q in -32..31              (16 groups of 16 per 256-block; sc int8)
+  Q5_K: w = d * sc * q - dmin * mn,  q in 0..31    (as Q4_K, with a fifth bit per code)
+Every decoder computes scale and bias in float32 exactly as the `gguf` package's dequantize does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -43,6 +49,8 @@ class GGUFBlocks:
 
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+INT8_TYPES = ("Q8_0", "Q5_K", "Q6_K")
+PACKED_TYPES = INT4_TYPES + INT8_TYPES  # the types a packed Linear loads (int4.py, int8.py)
 
 
 def decode_int4(blocks: GGUFBlocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,3 +101,46 @@ def _q4_k_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sc = np.concatenate([lo[0] & 63, (lo[2] & 0x0F) | ((lo[0] >> 6) << 4)], axis=-1)
     mn = np.concatenate([lo[1] & 63, (lo[2] >> 4) | ((lo[1] >> 6) << 4)], axis=-1)
     return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def decode_int8(blocks: GGUFBlocks) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Any of PACKED_TYPES -> (codes int8 [rows, cols], scales float32 [rows, cols / group], biases like scales or
+    None where the type has none), group = 16 (Q6_K) or 32, w = scale * q (+ bias) per group."""
+    if blocks.type_name in INT4_TYPES:
+        codes, scales, biases = decode_int4(blocks)
+        return codes.view(torch.int8), scales, biases  # codes 0..15
+    rows, cols = blocks.shape
+    decode = {"Q8_0": _decode_q8_0, "Q5_K": _decode_q5_k, "Q6_K": _decode_q6_k}[blocks.type_name]
+    codes, scales, biases = decode(blocks.data.numpy().reshape(rows, -1))
+    groups = scales.size // rows
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(rows, groups))
+    return (torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int8).reshape(rows, cols)), as_tensor(scales),
+            None if biases is None else as_tensor(biases))
+
+
+def _decode_q8_0(raw: np.ndarray):
+    blocks = raw.reshape(raw.shape[0], -1, 34)  # d (f16), 32 int8 codes
+    return blocks[..., 2:].view(np.int8), _f16(blocks[..., 0:2]), None
+
+
+def _decode_q6_k(raw: np.ndarray):
+    # 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales, d (f16)
+    blocks = raw.reshape(raw.shape[0], -1, 210)
+    lead = blocks.shape[:-1]
+    low = blocks[..., :128].reshape(*lead, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    high = blocks[..., 128:192].reshape(*lead, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+    codes = ((low & 0x0F).reshape(*lead, 256) | ((high & 3).reshape(*lead, 256) << 4)).astype(np.int8) - 32
+    scales = _f16(blocks[..., 208:210])[..., None] * blocks[..., 192:208].view(np.int8).astype(np.float32)
+    return codes, scales, None
+
+
+def _decode_q5_k(raw: np.ndarray):
+    # d (f16), dmin (f16), 12 bytes of 6-bit (scale, min) pairs, 32 bytes of fifth bits, 128 bytes of nibbles
+    blocks = raw.reshape(raw.shape[0], -1, 176)
+    lead = blocks.shape[:-1]
+    d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+    sc, mn = _q4_k_scales_mins(blocks[..., 4:16].astype(np.uint8))
+    low = blocks[..., 48:].reshape(*lead, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    high = blocks[..., 16:48].reshape(*lead, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
+    codes = (low & 0x0F).reshape(*lead, 256) | ((high & 1).reshape(*lead, 256) << 4)
+    return codes, d[..., None] * sc, -(dmin[..., None] * mn)

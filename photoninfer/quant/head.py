@@ -17,7 +17,7 @@ from torch import nn
 
 from photoninfer.quant import native
 from photoninfer.quant.gguf_blocks import GROUP_SIZE
-from photoninfer.quant.int4 import DENSE_MIN_ROWS, int4_kernel_fits
+from photoninfer.quant.packed import DENSE_MIN_ROWS, packed_kernel_fits
 
 
 class RefinedHead(nn.Module):
@@ -27,7 +27,7 @@ class RefinedHead(nn.Module):
         super().__init__()
         vocab, hidden = weight.shape
         self.refine = min(refine, vocab)
-        self.packs = int4_kernel_fits(hidden, vocab)
+        self.packs = packed_kernel_fits(hidden, vocab)
         self.register_buffer("weight", weight)
         self.register_buffer("weight_bf16", torch.empty(vocab, hidden, dtype=torch.bfloat16))
         if self.packs:

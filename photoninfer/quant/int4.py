@@ -1,9 +1,10 @@
 """Int4Linear: GGUF Q4_0 / Q4_1 / Q4_K weights executed packed on the CPU.
 
-Where our native kernel is available (quant/native.py: built with the system C compiler, AVX-512) and the
-weights' scales and biases are float16 values (Q4_0, Q4_1: all of them), a layer runs it for fewer than
-DENSE_MIN_ROWS rows: float32 activations, exact weights, float32 sums, so it matches the float32
-reference to ~1e-6 and is faster than torch's kernel below. Otherwise (Q4_K, no compiler, no AVX-512):
+Where our native kernel is available (quant/native.py: built with the system C compiler, AVX-512), a layer
+runs it for fewer than DENSE_MIN_ROWS rows (packed.py): float32 activations, exact weights, float32 sums, so it
+matches the float32 reference to ~1e-6 and is faster than torch's kernel below. Its panels hold the scales and
+biases as float16 where they all are float16 values (Q4_0, Q4_1), else as float32 (Q4_K: d * sc does not fit
+float16). Otherwise (no compiler, no AVX-512):
 
 Each group of 32 inputs of an output row holds 4-bit codes q and w = scale * q + bias (see gguf_blocks).
 torch's CPU kernel `_weight_int4pack_mm_for_cpu` computes with w = (q - 8) * scale + zero, so zero = bias +
@@ -25,14 +26,7 @@ from torch import nn
 from photoninfer.errors import ModelLoadError
 from photoninfer.quant import native
 from photoninfer.quant.gguf_blocks import GROUP_SIZE, INT4_TYPES, GGUFBlocks, decode_int4
-
-ACTIVATION_DTYPE = torch.bfloat16
-DENSE_MIN_ROWS = 8  # from here on the dense bf16 matmul is faster (measured on 2 AVX-512/AMX cores)
-
-
-def int4_kernel_fits(in_features: int, out_features: int) -> bool:
-    """The CPU packing kernel wants whole groups of inputs and output rows in multiples of 16."""
-    return in_features % GROUP_SIZE == 0 and out_features % 16 == 0
+from photoninfer.quant.packed import ACTIVATION_DTYPE, DENSE_MIN_ROWS, PackedLinear, packed_kernel_fits
 
 
 def bf16_scales_and_zeros(scales: torch.Tensor, biases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,12 +38,12 @@ def bf16_scales_and_zeros(scales: torch.Tensor, biases: torch.Tensor) -> tuple[t
     return scales.to(ACTIVATION_DTYPE), (biases + 8 * scales).to(ACTIVATION_DTYPE)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(PackedLinear):
     """Loads GGUF 4-bit blocks (fused layers: one row range per part) and runs them packed."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
-        if not int4_kernel_fits(in_features, out_features):
+        if not packed_kernel_fits(in_features, out_features):
             raise ModelLoadError(f"Int4Linear needs in_features % {GROUP_SIZE} == 0 and out_features % 16 == 0, "
                                  f"got {in_features} -> {out_features}")
         self.in_features, self.out_features = in_features, out_features
@@ -60,10 +54,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("_scales", torch.empty(out_features, groups, dtype=torch.float32), persistent=False)
         self.register_buffer("_biases", torch.empty(out_features, groups, dtype=torch.float32), persistent=False)
         self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=ACTIVATION_DTYPE))
-        self.register_buffer("dense", torch.empty(out_features, in_features, dtype=ACTIVATION_DTYPE))
-        # the native kernel's weight (native.pack_panels), empty where torch's kernel runs instead
-        self.register_buffer("panels", torch.empty(0, dtype=torch.uint8))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=ACTIVATION_DTYPE), requires_grad=False) if bias else None
+        self._register_packed(out_features, in_features, bias)  # panels stay empty where torch's kernel runs
 
     def load_blocks(self, param: nn.Parameter, blocks, shard=None) -> None:
         """weight_loader for `weight`: decode GGUF 4-bit blocks into rows `shard`."""
@@ -80,12 +71,16 @@ class Int4Linear(nn.Module):
         self._biases[rows] = biases
 
     def process_weights_after_loading(self) -> None:
-        """Pack the codes for the native kernel (float16 scales and biases) or else for torch's kernel
-        (scales/zeros [groups, out, 2] bf16); keep the dense bf16 copy for many rows."""
+        """Pack the codes for the native kernel (float16 scales and biases where they fit, else float32) or
+        else for torch's kernel (scales/zeros [groups, out, 2] bf16); keep the dense bf16 copy for many rows."""
         codes, scales, biases = self.weight.data, self._scales, self._biases
         self._scales = self._biases = None  # the loading buffers are not needed any more
-        if native.kernel() is not None and _float16_exact(scales) and _float16_exact(biases):
-            self.panels = native.pack_panels(codes.numpy(), scales.half().numpy(), biases.half().numpy())
+        if native.kernel() is not None:
+            if _float16_exact(scales) and _float16_exact(biases):
+                self._set_panels(native.pack_panels(codes.numpy(), scales.half().numpy(), biases.half().numpy()),
+                                 native.Q4_F16)
+            else:
+                self._set_panels(native.pack_panels(codes.numpy(), scales.numpy(), biases.numpy()), native.Q4_F32)
             self.dense = (codes.float() * scales.repeat_interleave(GROUP_SIZE, 1)
                           + biases.repeat_interleave(GROUP_SIZE, 1)).to(ACTIVATION_DTYPE)
             self.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
@@ -96,17 +91,6 @@ class Int4Linear(nn.Module):
         self.dense = dense_weight(codes, self.scales_and_zeros)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         self.weight = nn.Parameter(packed, requires_grad=False)
-
-    @property
-    def runs_native(self) -> bool:
-        """Whether few rows run our native float32 kernel (else torch's bf16 one)."""
-        return self.panels.numel() > 0
-
-    def exact(self, x: torch.Tensor) -> torch.Tensor:
-        """x float32 [T, in_features] -> float32 [T, out_features] through the native kernel, for any T
-        (runs_native only): exact weights, float32 sums."""
-        y = native.kernel().matmul(x, self.panels)
-        return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in_features] -> [T, out_features] in x's dtype: float32 through the native kernel for fewer

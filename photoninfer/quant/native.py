@@ -1,6 +1,7 @@
 """Our native CPU kernels: built with the system C compiler on first use, cached, loaded with ctypes.
-q4_kernels.c: the 4-bit matmul (float32, GGUF Q4_0/Q4_1 weights in panels); cpu_layer.c: a whole decoder layer
-of a decode step on top of it (used by model/cpu_fast.py).
+q4_kernels.c: the 4-bit matmul (float32, GGUF Q4_0/Q4_1/Q4_K weights in panels); int8_kernels.c: the same over
+int8 codes (Q8_0, Q5_K, Q6_K, mixed K-quant layers); packed_matmul.c: one entry point for every FORMATS entry;
+cpu_layer.c: a whole decoder layer of a decode step on top of them (used by model/cpu_fast.py).
 
 The shared library is cached under the PhotonInfer cache dir (native/), keyed by a hash of the sources, the
 flags and the compiler's version, so it is built once per machine (a few seconds). No compiler, a failed build or a CPU that
@@ -21,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -30,8 +32,9 @@ from photoninfer.config import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("q4_kernels.c", "cpu_layer.c")]
-PANEL, RECORD = 16, 320  # rows of a panel, bytes of a panel's group of 32 inputs (q4_kernels.c)
+SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+           for name in ("q4_kernels.c", "int8_kernels.c", "packed_matmul.c", "cpu_layer.c")]
+PANEL = 16  # rows of a panel (every format)
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"]
 LIBS = ["-lm"]
 DISABLE_ENV = "PHOTONINFER_NATIVE"  # "0" turns the native kernel off (torch's path is used)
@@ -40,10 +43,39 @@ _kernel: Optional["Q4Kernel"] = None
 _tried = False
 
 
+@dataclass(frozen=True)
+class Format:
+    """A packed weight layout: its number in packed_matmul.c, the inputs of one record and a record's bytes (a
+    record: those inputs of a panel's 16 rows)."""
+
+    code: int
+    group: int
+    record: int
+
+
+Q4_F16 = Format(0, 32, 320)  # 4-bit codes, float16 d and m (q4_kernels.c)
+Q4_F32 = Format(1, 32, 384)  # 4-bit codes, float32 d and m
+FORMATS = {f.code: f for f in (Q4_F16, Q4_F32, *(Format(2 + 2 * (group == 16) + biased, group, 16 * group + 64 * (1 + biased))
+                                                for group in (32, 16) for biased in (0, 1)))}
+
+
+def int8_format(group: int, biased: bool) -> Format:
+    """The int8_kernels.c layout for groups of `group` (16 or 32) inputs, with or without biases."""
+    if group not in (16, 32):
+        raise ValueError(f"int8 panels have groups of 16 or 32 inputs, got {group}")
+    return FORMATS[2 + 2 * (group == 16) + int(biased)]
+
+
+class Linear(ctypes.Structure):
+    """cpu_layer.c's `struct linear`: a packed weight and its format number."""
+    _fields_ = [("panels", ctypes.c_void_p), ("format", ctypes.c_int64)]
+
+
 class Layer(ctypes.Structure):
     """cpu_layer.c's `struct layer`: one decoder layer's weights and KV cache."""
-    _fields_ = [(name, ctypes.c_void_p) for name in
-                ("in_norm", "post_norm", "qkv", "o", "gate_up", "down", "k_cache", "v_cache")]
+    _fields_ = ([(name, ctypes.c_void_p) for name in ("in_norm", "post_norm")]
+                + [(name, Linear) for name in ("qkv", "o", "gate_up", "down")]
+                + [(name, ctypes.c_void_p) for name in ("k_cache", "v_cache")])
 
 
 class Step(ctypes.Structure):
@@ -65,42 +97,73 @@ class Q4Kernel:
         lib.native_decode_layer.argtypes = [ctypes.POINTER(Step), ctypes.POINTER(Layer), ctypes.c_void_p,
                                             ctypes.c_void_p]
         lib.native_decode_layer.restype = ctypes.c_int
-        lib.q4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                  ctypes.c_void_p, ctypes.c_int]
-        lib.q4_matmul.restype = ctypes.c_int
+        lib.packed_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+        lib.packed_matmul.restype = ctypes.c_int
         lib.q4_simd.restype = ctypes.c_int
         self.simd = lib.q4_simd()
 
-    def matmul(self, x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
-        """x: float32 [M, K]; panels: uint8 [N / 16, K / 32 * 320] from pack_panels -> float32 [M, N]."""
-        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] % 32:
-            raise ValueError(f"q4_matmul wants float32 [M, K] with K % 32 == 0, got {x.dtype} {tuple(x.shape)}")
+    def matmul(self, x: torch.Tensor, panels: torch.Tensor, fmt: Format = Q4_F16) -> torch.Tensor:
+        """x: float32 [M, K]; panels: uint8 [N / 16, K / fmt.group * fmt.record] in format `fmt` (pack_panels,
+        pack_int8_panels) -> float32 [M, N]."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] % fmt.group:
+            raise ValueError(f"packed matmul wants float32 [M, K] with K % {fmt.group} == 0, "
+                             f"got {x.dtype} {tuple(x.shape)}")
         rows, cols = x.shape
-        if (panels.dtype != torch.uint8 or panels.dim() != 2 or panels.shape[1] != cols // 32 * RECORD
-                or not panels.is_contiguous()):
-            raise ValueError(f"panels must be contiguous uint8 [N / {PANEL}, {cols // 32 * RECORD}], "
+        width = cols // fmt.group * fmt.record
+        if panels.dtype != torch.uint8 or panels.dim() != 2 or panels.shape[1] != width or not panels.is_contiguous():
+            raise ValueError(f"panels must be contiguous uint8 [N / {PANEL}, {width}], "
                              f"got {panels.dtype} {tuple(panels.shape)}")
         x = x.contiguous()
         y = torch.empty(rows, panels.shape[0] * PANEL, dtype=torch.float32)
-        if self.lib.q4_matmul(x.data_ptr(), rows, cols, panels.data_ptr(), y.shape[1], y.data_ptr(),
-                              torch.get_num_threads()):
-            raise MemoryError("q4_matmul: out of memory")
+        rc = self.lib.packed_matmul(fmt.code, x.data_ptr(), rows, cols, panels.data_ptr(), y.shape[1], y.data_ptr(),
+                                    torch.get_num_threads())
+        if rc == -2:
+            raise ValueError(f"unknown packed format {fmt}")
+        if rc:
+            raise MemoryError("packed matmul: out of memory")
         return y
 
 
 def pack_panels(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> torch.Tensor:
-    """The kernel's weight layout (see q4_kernels.c), uint8 [rows / 16, cols / 32 * 320], from codes
-    [rows, cols] in 0..15 and float16 d, m [rows, cols / 32] (w = d * q + m)."""
+    """q4_kernels.c's weight layout, uint8 [rows / 16, cols / 32 * record], from codes [rows, cols] in 0..15
+    and d, m [rows, cols / 32] (w = d * q + m): float16 d, m give format Q4_F16, float32 ones Q4_F32."""
     rows, cols = codes.shape
     if rows % PANEL or cols % 32:
         raise ValueError(f"pack_panels needs rows % {PANEL} == 0 and cols % 32 == 0, got {rows} x {cols}")
+    d, m = np.asarray(d), np.asarray(m)
+    if d.dtype != m.dtype or d.dtype not in (np.float16, np.float32):
+        raise ValueError(f"pack_panels wants d and m both float16 or both float32, got {d.dtype} and {m.dtype}")
     panels, blocks = rows // PANEL, cols // 32
     q = codes.astype(np.uint32).reshape(panels, PANEL, blocks, 4, 8)  # [panel, row, block, chunk, nibble]
     lanes = (q << (4 * np.arange(8, dtype=np.uint32))).sum(-1, dtype=np.uint32)  # [panel, row, block, chunk]
     code_bytes = np.ascontiguousarray(lanes.transpose(0, 2, 3, 1)).view(np.uint8).reshape(panels, blocks, 256)
-    scales = [np.ascontiguousarray(np.asarray(a, dtype=np.float16).reshape(panels, PANEL, blocks).transpose(0, 2, 1))
-              .view(np.uint8).reshape(panels, blocks, 32) for a in (d, m)]
-    return torch.from_numpy(np.concatenate([code_bytes, *scales], axis=-1).reshape(panels, blocks * RECORD))
+    return torch.from_numpy(np.concatenate([code_bytes, _per_row(d, panels, blocks), _per_row(m, panels, blocks)],
+                                           axis=-1).reshape(panels, -1))
+
+
+def pack_int8_panels(codes: np.ndarray, scales: np.ndarray, biases: Optional[np.ndarray]) -> tuple[torch.Tensor, Format]:
+    """int8_kernels.c's weight layout and its format, from int8 codes [rows, cols] and float32 scales (and
+    biases, or None) [rows, cols / group] (w = scale * q + bias), group = 16 or 32."""
+    rows, cols = codes.shape
+    group = cols // scales.shape[1] if scales.ndim == 2 and scales.shape[1] else 0
+    if rows % PANEL or scales.shape[0] != rows or group * scales.shape[1] != cols:
+        raise ValueError(f"pack_int8_panels needs rows % {PANEL} == 0 and [rows, cols / group] scales, "
+                         f"got codes {codes.shape} and scales {scales.shape}")
+    fmt = int8_format(group, biases is not None)
+    panels, groups = rows // PANEL, cols // group
+    q = np.asarray(codes, dtype=np.int8).reshape(panels, PANEL, groups, group)
+    code_bytes = np.ascontiguousarray(q.transpose(0, 2, 3, 1)).view(np.uint8).reshape(panels, groups, PANEL * group)
+    parts = [code_bytes, _per_row(np.asarray(scales, dtype=np.float32), panels, groups)]
+    if biases is not None:
+        parts.append(_per_row(np.asarray(biases, dtype=np.float32), panels, groups))
+    return torch.from_numpy(np.concatenate(parts, axis=-1).reshape(panels, -1)), fmt
+
+
+def _per_row(values: np.ndarray, panels: int, groups: int) -> np.ndarray:
+    """[rows, groups] -> the bytes of each record's 16 values: [panels, groups, 16 * itemsize]."""
+    per_record = np.ascontiguousarray(values.reshape(panels, PANEL, groups).transpose(0, 2, 1))
+    return per_record.view(np.uint8).reshape(panels, groups, -1)
 
 
 def kernel() -> Optional[Q4Kernel]:

@@ -1,11 +1,13 @@
 /* y[M, N] = x[M, K] @ W^T in float32, W a GGUF 4-bit weight with w = d * q + m per group of 32 inputs
- * (Q4_1; Q4_0 has m = -8 d), d and m float16, q in 0..15, repacked at load time into panels of 16 rows.
+ * (Q4_1; Q4_0 has m = -8 d; Q4_K has d = d * sc, m = -dmin * mn), q in 0..15, repacked at load time into
+ * panels of 16 rows. d and m are float16 (Q4_0, Q4_1) or float32 (Q4_K: products float16 cannot hold).
  *
- * Layout (native.pack_panels): W is N / 16 panels; a panel is K / 32 block records of 320 bytes:
+ * Layout (native.pack_panels): W is N / 16 panels; a panel is K / 32 block records of 320 bytes (float16
+ * d and m) or 384 bytes (float32):
  *   bytes   0..255  codes: 4 chunks of 64 bytes; in chunk j, the 32-bit lane r holds 8 nibbles, nibble t
  *                   (bits 4t..4t+3) the code of panel row r at the block's input 8 j + t;
- *   bytes 256..287  d of the 16 rows (float16);  bytes 288..319  m of the 16 rows (float16).
- * So one 16-lane vector holds one value per output row: no horizontal sums; 0.625 byte per weight.
+ *   then d of the 16 rows, then m of the 16 rows (float16: 32 bytes each; float32: 64 bytes each).
+ * So one 16-lane vector holds one value per output row: no horizontal sums; 0.625 (0.75) byte per weight.
  *
  * Per block and row: sum_k w_k x_k = d * sum_k q_k x_k + m * sum_k x_k, the block sums of x computed once
  * per call. The products q * x are exact, so the result is F.linear(x, dequantize(W)) up to the order and
@@ -19,7 +21,7 @@
 
 #define GROUP 32
 #define PANEL 16
-#define RECORD 320
+#define RECORD 320 /* bytes of a block record with float16 d, m; 384 with float32 */
 #define MAX_MT 8 /* rows of x per pass over a panel */
 
 /* fp16 bits -> float (exact), portable */
@@ -53,14 +55,15 @@ int q4_simd(void) { return 512; }
 /* One panel times MT rows of x (x: row stride ldx; sums: block sums, row stride blocks) -> y (row stride ldy) */
 static inline __attribute__((always_inline)) void panel(const float *x, int64_t ldx, const float *sums,
                                                         const uint8_t *w, int64_t blocks, float *y, int64_t ldy,
-                                                        const int MT) {
+                                                        const int MT, const int F32) {
+    const int R = F32 ? 384 : RECORD;
     const int CHAINS = MT == 1 ? 4 : MT <= 4 ? 2 : 1; /* independent sums: enough FMAs in flight */
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 acc[MT];
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *rec = w + b * RECORD;
-        for (int l = 0; l < RECORD; l += 64) _mm_prefetch((const char *)(rec + PREFETCH_BLOCKS * RECORD + l), _MM_HINT_T0);
+        const uint8_t *rec = w + b * R;
+        for (int l = 0; l < R; l += 64) _mm_prefetch((const char *)(rec + PREFETCH_BLOCKS * R + l), _MM_HINT_T0);
         __m512 part[MT][CHAINS];
         for (int i = 0; i < MT; i++)
             for (int c = 0; c < CHAINS; c++) part[i][c] = _mm512_setzero_ps();
@@ -77,8 +80,10 @@ static inline __attribute__((always_inline)) void panel(const float *x, int64_t 
                 }
             }
         }
-        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 256)));
-        __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 288)));
+        const __m512 d = F32 ? _mm512_loadu_ps((const float *)(rec + 256))
+                             : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 256)));
+        const __m512 m = F32 ? _mm512_loadu_ps((const float *)(rec + 320))
+                             : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 288)));
         for (int i = 0; i < MT; i++) {
             __m512 s = part[i][0];
             for (int c = 1; c < CHAINS; c++) s = _mm512_add_ps(s, part[i][c]);
@@ -89,13 +94,16 @@ static inline __attribute__((always_inline)) void panel(const float *x, int64_t 
     for (int i = 0; i < MT; i++) _mm512_storeu_ps(y + i * ldy, acc[i]);
 }
 
-#define PANEL_CASE(MT) \
-    case MT: panel(x, ldx, sums, w, blocks, y, ldy, MT); break;
+#define PANEL_CASE(MT, F32) \
+    case MT: panel(x, ldx, sums, w, blocks, y, ldy, MT, F32); break;
+#define SCALES_CASE(F32) \
+    switch (mt) { PANEL_CASE(1, F32) PANEL_CASE(2, F32) PANEL_CASE(3, F32) PANEL_CASE(4, F32) PANEL_CASE(5, F32) \
+                  PANEL_CASE(6, F32) PANEL_CASE(7, F32) PANEL_CASE(8, F32) }
 
 static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t blocks,
-                       float *y, int64_t ldy) {
-    switch (mt) { PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) PANEL_CASE(6)
-                  PANEL_CASE(7) PANEL_CASE(8) }
+                       int f32, float *y, int64_t ldy) {
+    if (f32) SCALES_CASE(1)
+    else SCALES_CASE(0)
 }
 
 #else /* scalar fallback: the same sums */
@@ -103,22 +111,31 @@ static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, c
 int q4_simd(void) { return 0; }
 
 static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t blocks,
-                       float *y, int64_t ldy) {
+                       int f32, float *y, int64_t ldy) {
+    const int R = f32 ? 384 : RECORD;
     for (int i = 0; i < mt; i++)
         for (int r = 0; r < PANEL; r++) {
             float acc = 0.0f;
             for (int64_t b = 0; b < blocks; b++) {
-                const uint8_t *rec = w + b * RECORD;
+                const uint8_t *rec = w + b * R;
                 float part = 0.0f;
                 for (int j = 0; j < 4; j++) {
                     uint32_t lane;
                     memcpy(&lane, rec + 64 * j + 4 * r, 4);
                     for (int t = 0; t < 8; t++) part += (float)((lane >> (4 * t)) & 15) * x[i * ldx + b * GROUP + 8 * j + t];
                 }
-                uint16_t d, m;
-                memcpy(&d, rec + 256 + 2 * r, 2);
-                memcpy(&m, rec + 288 + 2 * r, 2);
-                acc += half_to_float(d) * part + half_to_float(m) * sums[i * blocks + b];
+                float d, m;
+                if (f32) {
+                    memcpy(&d, rec + 256 + 4 * r, 4);
+                    memcpy(&m, rec + 320 + 4 * r, 4);
+                } else {
+                    uint16_t hd, hm;
+                    memcpy(&hd, rec + 256 + 2 * r, 2);
+                    memcpy(&hm, rec + 288 + 2 * r, 2);
+                    d = half_to_float(hd);
+                    m = half_to_float(hm);
+                }
+                acc += d * part + m * sums[i * blocks + b];
             }
             y[i * ldy + r] = acc;
         }
@@ -126,10 +143,10 @@ static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, c
 
 #endif
 
-/* x: float32 [M, K] contiguous; w: N / 16 panels (layout above); y: float32 [M, N]. K % 32 == 0, N % 16 == 0.
- * Returns 0, or -1 when out of memory. */
-int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int nthreads) {
-    const int64_t blocks = K / GROUP, panels = N / PANEL;
+/* x: float32 [M, K] contiguous; w: N / 16 panels (layout above; f32: float32 d and m); y: float32 [M, N].
+ * K % 32 == 0, N % 16 == 0. Returns 0, or -1 when out of memory. */
+int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int f32, float *y, int nthreads) {
+    const int64_t blocks = K / GROUP, panels = N / PANEL, R = f32 ? 384 : RECORD;
     float *sums = malloc(sizeof(float) * (M * blocks + 1));
     if (!sums) return -1;
     for (int64_t i = 0; i < M * blocks; i++) {
@@ -141,7 +158,7 @@ int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
     for (int64_t p = 0; p < panels; p++)
         for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
             int mt = M - m0 < MAX_MT ? (int)(M - m0) : MAX_MT;
-            panel_rows(x + m0 * K, K, sums + m0 * blocks, mt, w + p * blocks * RECORD, blocks, y + m0 * N + p * PANEL,
+            panel_rows(x + m0 * K, K, sums + m0 * blocks, mt, w + p * blocks * R, blocks, f32, y + m0 * N + p * PANEL,
                        N);
         }
     free(sums);
