@@ -108,15 +108,19 @@ def test_fused_layer_runs_native_below_dense_rows(kernel, qtype):
     assert not torch.equal(many[:1], layer(x[:1]))
 
 
-def test_q4_k_keeps_torchs_kernel(kernel):
-    """Q4_K's scales are products that float16 cannot hold: the layer packs for torch's kernel."""
+def test_q4_k_runs_native_with_float32_scales(kernel):
+    """Q4_K's scales are products that float16 cannot hold: its panels keep them in float32."""
     rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, (32, 1, 144), dtype=np.uint8)  # one 256-input super-block a row
-    raw[..., 0:4] = rng.uniform(0.002, 0.02, (32, 1, 2)).astype(np.float16).view(np.uint8)  # d, dmin
-    layer = Int4Linear(256, 32)
-    layer.weight.weight_loader(layer.weight, GGUFBlocks("Q4_K", (32, 256), torch.from_numpy(raw.reshape(32, -1))), None)
+    raw = rng.integers(0, 256, (32, 2, 144), dtype=np.uint8)  # two 256-input super-blocks a row
+    raw[..., 0:4] = rng.uniform(0.002, 0.02, (32, 2, 2)).astype(np.float16).view(np.uint8)  # d, dmin
+    blocks = GGUFBlocks("Q4_K", (32, 512), torch.from_numpy(raw.reshape(32, -1)))
+    layer = Int4Linear(512, 32)
+    layer.weight.weight_loader(layer.weight, blocks, None)
     layer.process_weights_after_loading()
-    assert not layer.runs_native and layer.weight.numel() > 0
+    assert layer.runs_native and layer.native_format == native.Q4_F32 and layer.weight.numel() == 0
+    x = torch.randn(DENSE_MIN_ROWS - 1, 512, generator=torch.Generator().manual_seed(3))
+    for m in (1, 3, DENSE_MIN_ROWS - 1):
+        assert_float32_close(layer(x[:m]), x[:m], blocks.dequantize())
 
 
 def test_scalar_build_matches_the_reference(tmp_path, monkeypatch):

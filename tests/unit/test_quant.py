@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import gguf
 import numpy as np
@@ -26,7 +27,7 @@ CPU = torch.device("cpu")
 
 # Byte offsets of the float16 super-block scales (d, dmin) inside one block of each K-quant.
 _F16_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
-               Q.Q4_0: (0,), Q.Q4_1: (0, 2)}
+               Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q8_0: (0,)}
 
 
 def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -115,8 +116,16 @@ def test_int4_linear_refuses_other_types_and_wrong_shapes():
 
 
 def test_linear_class_per_layer():
+    from photoninfer.quant import native
+    from photoninfer.quant.int8 import Int8Linear
+
     assert linear_class(["Q4_1"] * 3, 256, 128, pack=True) is Int4Linear
-    assert linear_class(["Q4_K", "Q4_K", "Q6_K"], 256, 128, pack=True) is Linear  # Q4_K_M's mixed q/k/v
+    assert linear_class(["Q4_K"] * 3, 256, 128, pack=True) is Int4Linear
+    int8 = Int8Linear if native.kernel() is not None else Linear  # (only on the native kernel)
+    assert linear_class(["Q4_K", "Q4_K", "Q6_K"], 256, 128, pack=True) is int8  # Q4_K_M's mixed q/k/v
+    assert linear_class(["Q8_0"], 256, 128, pack=True) is linear_class(["Q5_K", "Q6_K"], 256, 128, pack=True) is int8
+    assert linear_class(["Q6_K", "Q3_K"], 256, 128, pack=True) is Linear  # Q3_K has no packed form
+    assert linear_class(["Q2_K"], 256, 128, pack=True) is linear_class(["F16"], 256, 128, pack=True) is Linear
     assert linear_class(["Q4_1"], 256, 128, pack=False) is Linear  # dtype float32: the exact reference path
     assert linear_class(["Q4_1"], 256, 40, pack=True) is Linear  # the kernel packs rows in 16s
     assert linear_class([None], 256, 128, pack=True) is Linear  # safetensors
@@ -134,8 +143,9 @@ def test_packing_follows_the_dtype_name():
 HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 256, 256, 4, 2, 49152
 
 
-def write_quantized_gguf(path, weight_type: Q, layers: int = 2) -> str:
-    """A tiny llama GGUF whose projection weights are random blocks of `weight_type`."""
+def write_quantized_gguf(path, weight_type: Q, layers: int = 2, part_types: Optional[dict[str, Q]] = None) -> str:
+    """A tiny llama GGUF whose projection weights are random blocks of `weight_type`, or of
+    part_types[part] for the parts it names (e.g. {"attn_v": Q.Q6_K}, as Q4_K_M files mix them)."""
     rng = np.random.default_rng(1)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(layers)
@@ -155,8 +165,9 @@ def write_quantized_gguf(path, weight_type: Q, layers: int = 2) -> str:
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(HIDDEN, np.float32))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(HIDDEN, np.float32))
         for j, (part, (rows, cols)) in enumerate(shapes.items()):
-            writer.add_tensor(f"blk.{i}.{part}.weight", random_blocks(weight_type, rows, cols, seed=10 * i + j),
-                              raw_dtype=weight_type)
+            qtype = (part_types or {}).get(part, weight_type)
+            writer.add_tensor(f"blk.{i}.{part}.weight", random_blocks(qtype, rows, cols, seed=10 * i + j),
+                              raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
