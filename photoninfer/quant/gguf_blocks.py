@@ -9,8 +9,10 @@ The 4-bit formats all decode to one affine form per group of 32 inputs: w = scal
   Q4_0: w = d * (q - 8)            -> scale d,        bias -8 d
   Q4_1: w = d * q + m              -> scale d,        bias m
   Q4_K: w = d * sc * q - dmin * mn -> scale d * sc,   bias -dmin * mn   (8 groups of 32 per 256-block)
-The others that run packed decode to int8 codes, a float32 scale per group and, for Q5_K, a bias:
+The others that run packed decode to int8 codes, a float32 scale per group and, for Q5_1 and Q5_K, a bias:
   Q8_0: w = d * q,  q in -128..127                 (groups of 32)
+  Q5_0: w = d * q,  q in -16..15                   (groups of 32; the fifth bits in a 32-bit word)
+  Q5_1: w = d * q + m,  q in 0..31                 (groups of 32)
   Q6_K: w = d * sc * q,  q in -32..31              (16 groups of 16 per 256-block; sc int8)
   Q5_K: w = d * sc * q - dmin * mn,  q in 0..31    (as Q4_K, with a fifth bit per code)
 Every decoder computes scale and bias in float32 exactly as the `gguf` package's dequantize does.
@@ -49,7 +51,7 @@ class GGUFBlocks:
 
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
-INT8_TYPES = ("Q8_0", "Q5_K", "Q6_K")
+INT8_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
 PACKED_TYPES = INT4_TYPES + INT8_TYPES  # the types a packed Linear loads (int4.py, int8.py)
 
 
@@ -110,7 +112,8 @@ def decode_int8(blocks: GGUFBlocks) -> tuple[torch.Tensor, torch.Tensor, Optiona
         codes, scales, biases = decode_int4(blocks)
         return codes.view(torch.int8), scales, biases  # codes 0..15
     rows, cols = blocks.shape
-    decode = {"Q8_0": _decode_q8_0, "Q5_K": _decode_q5_k, "Q6_K": _decode_q6_k}[blocks.type_name]
+    decode = {"Q8_0": _decode_q8_0, "Q5_0": _decode_q5_0, "Q5_1": _decode_q5_1, "Q5_K": _decode_q5_k,
+              "Q6_K": _decode_q6_k}[blocks.type_name]
     codes, scales, biases = decode(blocks.data.numpy().reshape(rows, -1))
     groups = scales.size // rows
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(rows, groups))
@@ -121,6 +124,24 @@ def decode_int8(blocks: GGUFBlocks) -> tuple[torch.Tensor, torch.Tensor, Optiona
 def _decode_q8_0(raw: np.ndarray):
     blocks = raw.reshape(raw.shape[0], -1, 34)  # d (f16), 32 int8 codes
     return blocks[..., 2:].view(np.int8), _f16(blocks[..., 0:2]), None
+
+
+def _five_bits_32(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """[..., 4] bytes of fifth bits (a little-endian word, bit i for element i) and [..., 16] bytes of nibbles ->
+    [..., 32] codes 0..31."""
+    word = np.ascontiguousarray(qh).view("<u4")  # [..., 1]
+    fifth = ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return _nibbles_32(qs) | (fifth << 4)
+
+
+def _decode_q5_0(raw: np.ndarray):
+    blocks = raw.reshape(raw.shape[0], -1, 22)  # d (f16), 4 bytes of fifth bits, 16 bytes of nibbles
+    return _five_bits_32(blocks[..., 2:6], blocks[..., 6:]).astype(np.int8) - 16, _f16(blocks[..., 0:2]), None
+
+
+def _decode_q5_1(raw: np.ndarray):
+    blocks = raw.reshape(raw.shape[0], -1, 24)  # d (f16), m (f16), 4 bytes of fifth bits, 16 bytes of nibbles
+    return _five_bits_32(blocks[..., 4:8], blocks[..., 8:]), _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
 
 
 def _decode_q6_k(raw: np.ndarray):

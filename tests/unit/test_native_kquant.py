@@ -1,4 +1,4 @@
-"""GGUF Q8_0 / Q5_K / Q6_K / Q4_K layers packed for our native kernels (quant/int8_kernels.c, q4_kernels.c)
+"""GGUF Q8_0 / Q5_0 / Q5_1 / Q5_K / Q6_K / Q4_K layers packed for our native kernels (quant/int8_kernels.c, q4_kernels.c)
 against the float32 reference F.linear(x, blocks.dequantize()), the `gguf` package's dequantize: the decoders
 exactly, the layers at odd shapes and many row counts, fused layers that mix K-quants, the scalar builds, bad
 input, and tiny GGUF models whose fast path agrees with the float32 model (hidden states and greedy tokens)."""
@@ -25,15 +25,16 @@ from photoninfer.quant.packed import DENSE_MIN_ROWS, PackedLinear
 
 ROWS = (1, 3, 16, 70)  # rows of x: one, a few, a full pass of 8 twice, and a remainder
 KQUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+SIMPLE = (Q.Q8_0, Q.Q5_0, Q.Q5_1)  # blocks of 32, which the gguf package quantizes
 
 
 def gguf_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> GGUFBlocks:
-    """Q8_0 quantized by the gguf package from Gaussian weights; K-quants as random bytes with finite float16
-    d and dmin (the gguf package cannot quantize them)."""
-    if qtype != Q.Q8_0:
+    """SIMPLE types quantized by the gguf package from Gaussian weights; K-quants as random bytes with finite
+    float16 d and dmin (the gguf package cannot quantize them)."""
+    if qtype not in SIMPLE:
         return blocks_of(qtype, rows, cols, seed)
     weight = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32) * 0.05
-    return GGUFBlocks("Q8_0", (rows, cols), torch.from_numpy(gguf.quants.quantize(weight, Q.Q8_0)))
+    return GGUFBlocks(qtype.name, (rows, cols), torch.from_numpy(gguf.quants.quantize(weight, qtype)))
 
 
 def packed_layer(parts: list[GGUFBlocks]) -> PackedLinear:
@@ -57,29 +58,31 @@ def kernel():
     return k
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, *KQUANTS, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [*SIMPLE, *KQUANTS, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
 def test_int8_decode_is_exactly_the_gguf_dequantization(qtype):
     blocks = gguf_blocks(qtype, 32, 512, seed=1)
     codes, scales, biases = decode_int8(blocks)
     group = 512 // scales.shape[1]
     assert codes.dtype == torch.int8 and group == (16 if qtype == Q.Q6_K else 32)
-    low, high = {Q.Q8_0: (-128, 127), Q.Q6_K: (-32, 31), Q.Q5_K: (0, 31)}.get(qtype, (0, 15))
+    low, high = {Q.Q8_0: (-128, 127), Q.Q6_K: (-32, 31), Q.Q5_0: (-16, 15), Q.Q5_1: (0, 31),
+                 Q.Q5_K: (0, 31)}.get(qtype, (0, 15))
     assert low <= int(codes.min()) < int(codes.max()) <= high
     decoded = codes.float() * scales.repeat_interleave(group, 1)
     if biases is not None:
         decoded = decoded + biases.repeat_interleave(group, 1)
     assert torch.equal(decoded, blocks.dequantize())
-    assert (biases is None) == (qtype in (Q.Q8_0, Q.Q6_K))
+    assert (biases is None) == (qtype in (Q.Q8_0, Q.Q5_0, Q.Q6_K))
 
 
-FORMATS = {Q.Q8_0: native.int8_format(32, False), Q.Q6_K: native.int8_format(16, False),
+FORMATS = {Q.Q8_0: native.int8_format(32, False), Q.Q5_0: native.int8_format(32, False),
+           Q.Q5_1: native.int8_format(32, True), Q.Q6_K: native.int8_format(16, False),
            Q.Q5_K: native.int8_format(32, True), Q.Q4_K: native.Q4_F32}
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, *KQUANTS], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [*SIMPLE, *KQUANTS], ids=lambda t: t.name)
 @pytest.mark.parametrize("rows, blocks_per_row", [(16, 1), (48, 3), (208, 6)])
 def test_layer_matches_the_float32_reference(kernel, qtype, rows, blocks_per_row):
-    cols = blocks_per_row * (32 if qtype == Q.Q8_0 else 256)
+    cols = blocks_per_row * (32 if qtype in SIMPLE else 256)
     blocks = gguf_blocks(qtype, rows, cols, seed=rows + cols)
     layer = packed_layer([blocks])
     assert type(layer) is (Int4Linear if qtype == Q.Q4_K else Int8Linear)
@@ -95,6 +98,7 @@ def test_layer_matches_the_float32_reference(kernel, qtype, rows, blocks_per_row
     ((Q.Q8_0, Q.Q5_K), native.int8_format(32, True)),
     ((Q.Q6_K, Q.Q8_0), native.int8_format(16, False)),
     ((Q.Q4_1, Q.Q6_K), native.int8_format(16, True)),
+    ((Q.Q5_0, Q.Q5_0, Q.Q8_0), native.int8_format(32, False)),  # a small model's Q6_K file (see below)
 ])
 def test_fused_layer_mixing_types_runs_int8(kernel, types, fmt):
     parts = [gguf_blocks(t, rows, 512, seed) for seed, (t, rows) in enumerate(zip(types, (64, 32, 32)))]
@@ -122,7 +126,7 @@ def test_scalar_build_matches_the_reference(tmp_path, monkeypatch):
     scalar = native.Q4Kernel(ctypes.CDLL(path))
     assert scalar.simd == 0
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(5))
-    cases = [[gguf_blocks(t, 32, 512, seed=3)] for t in (Q.Q8_0, *KQUANTS)]
+    cases = [[gguf_blocks(t, 32, 512, seed=3)] for t in (*SIMPLE, *KQUANTS)]
     cases.append([gguf_blocks(Q.Q4_K, 32, 512, seed=4), gguf_blocks(Q.Q6_K, 16, 512, seed=5)])  # groups of 16, biases
     formats = set()
     for parts in cases:
@@ -161,8 +165,14 @@ def test_bad_input_gives_clear_errors(kernel):
         native.pack_panels(np.zeros((16, 32), np.uint8), np.ones((16, 1), np.float16), np.ones((16, 1), np.float32))
 
 
-MODELS = {"Q8_0": (Q.Q8_0, None), "Q6_K": (Q.Q6_K, None), "Q5_K": (Q.Q5_K, None), "Q4_K": (Q.Q4_K, None),
-          "Q4_K_M-like": (Q.Q4_K, {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K})}
+# llama.cpp writes K-quant types only for inputs that are a multiple of 256; others fall back (Q4_K -> Q5_0,
+# Q5_K -> Q5_1, Q6_K -> Q8_0): SmolLM2's (hidden 576) Q4_K_M file is mostly Q5_0, with ffn_down in Q4_K/Q6_K.
+# name: (type of the projections, types of some parts, the classes they load into)
+MODELS = {"Q8_0": (Q.Q8_0, None, {Int8Linear}), "Q6_K": (Q.Q6_K, None, {Int8Linear}),
+          "Q5_K": (Q.Q5_K, None, {Int8Linear}), "Q5_1": (Q.Q5_1, None, {Int8Linear}),
+          "Q4_K": (Q.Q4_K, None, {Int4Linear}),
+          "Q4_K_M-like": (Q.Q4_K, {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K}, {Int4Linear, Int8Linear}),
+          "small-model Q4_K_M": (Q.Q5_0, {"attn_v": Q.Q8_0, "ffn_down": Q.Q6_K}, {Int8Linear})}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -179,7 +189,7 @@ def test_gguf_model_runs_packed_and_agrees_with_float32(kernel, name, tmp_path, 
     from photoninfer.runner.attention import TorchPagedAttention
 
     monkeypatch.setenv("PHOTONINFER_CACHE", str(tmp_path / "cache"))
-    qtype, part_types = MODELS[name]
+    qtype, part_types, classes = MODELS[name]
     path = write_quantized_gguf(tmp_path / "model.gguf", qtype, part_types=part_types)
     checkpoint = load_checkpoint(path)
     cpu = torch.device("cpu")
@@ -187,8 +197,7 @@ def test_gguf_model_runs_packed_and_agrees_with_float32(kernel, name, tmp_path, 
     linears = [m for layer in packed.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                       layer.mlp.gate_up_proj, layer.mlp.down_proj)]
     assert all(isinstance(m, PackedLinear) and m.runs_native for m in linears)
-    assert {type(m) for m in linears} == ({Int4Linear} if name == "Q4_K" else
-                                          {Int4Linear, Int8Linear} if part_types else {Int8Linear})
+    assert {type(m) for m in linears} == classes
     for model in (reference, packed):
         model.attention = TorchPagedAttention(model.config.head_dim**-0.5, BLOCK)
     calls = []

@@ -27,7 +27,7 @@ CPU = torch.device("cpu")
 
 # Byte offsets of the float16 super-block scales (d, dmin) inside one block of each K-quant.
 _F16_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
-               Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q8_0: (0,)}
+               Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,)}
 
 
 def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
