@@ -1,6 +1,7 @@
 """CPU figures of issue 9 for the bundled SmolLM2 GGUF (until `photoninfer bench` covers the CPU):
 single-stream and 16-concurrent greedy decode tok/s, 100-token prompt latency, and start-up, per dtype,
-beside HF transformers float32. Usage: python scripts/cpu_bench.py [--dtypes auto,float32] [--hf]"""
+beside HF transformers float32. Usage: python scripts/cpu_bench.py [--dtypes auto,float32] [--hf] [--model X.gguf]
+(--model: another GGUF, e.g. one written by scripts/requantize_gguf.py; --hf always runs the bundled one)"""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import time
 NEW_TOKENS = 64
 
 
-def bench_photoninfer(dtype: str, threads) -> dict:
+def bench_photoninfer(dtype: str, threads, model=None) -> dict:
     from photoninfer import LLM, SamplingParams
 
-    llm = LLM(dtype=dtype, device="cpu", threads=threads)
+    llm = LLM(model, dtype=dtype, device="cpu", threads=threads)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     prompt = [{"role": "user", "content": "What is the capital of France? Explain in detail."}]
     llm.chat([prompt], params)  # warm-up
@@ -71,8 +72,8 @@ def bench_hf(threads) -> dict:
     return {"single_tok_s": single, "concurrent16_tok_s": concurrent, "ttft_100_ms": 1000 * min(times)}
 
 
-def startup_seconds(dtype: str) -> float:
-    code = f"from photoninfer import LLM; LLM(dtype={dtype!r}, device='cpu')"
+def startup_seconds(dtype: str, model=None) -> float:
+    code = f"from photoninfer import LLM; LLM({model!r}, dtype={dtype!r}, device='cpu')"
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return time.perf_counter() - t
@@ -83,12 +84,13 @@ def main() -> None:
     parser.add_argument("--dtypes", default="auto,float32")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--hf", action="store_true", help="also run HF transformers float32")
+    parser.add_argument("--model", default=None, help="a GGUF (default: the bundled SmolLM2 Q4_1)")
     args = parser.parse_args()
-    report = {"cpu": _cpu_model(), "load_average_before": os.getloadavg()}
+    report = {"cpu": _cpu_model(), "model": args.model or "bundled", "load_average_before": os.getloadavg()}
     for dtype in args.dtypes.split(","):
-        startup_seconds(dtype)  # fills the caches
-        report[f"photoninfer_{dtype}"] = {**bench_photoninfer(dtype, args.threads),
-                                          "second_start_s": startup_seconds(dtype)}
+        startup_seconds(dtype, args.model)  # fills the caches
+        report[f"photoninfer_{dtype}"] = {**bench_photoninfer(dtype, args.threads, args.model),
+                                          "second_start_s": startup_seconds(dtype, args.model)}
     if args.hf:
         report["hf_transformers_float32"] = bench_hf(args.threads)
     report["load_average_after"] = os.getloadavg()

@@ -1,13 +1,15 @@
 """Write a copy of a GGUF (default: the bundled SmolLM2 Q4_1) with its decoder projections re-quantized to
 another GGML type, to benchmark and test the packed formats on a real model's shapes and weights:
 
-    python scripts/requantize_gguf.py OUT.gguf --type Q8_0|Q6_K|Q5_K|Q4_K|Q4_K_M [--model IN.gguf]
+    python scripts/requantize_gguf.py OUT.gguf --type Q8_0|Q5_0|Q5_1|Q6_K|Q5_K|Q4_K|Q4_K_M [--model IN.gguf]
 
 The weights are the source's dequantized ones (so a Q4_1 source gives a Q6_K file no better than Q4_1: fine for
-speed, and each file is its own float32 reference). Q8_0 is the `gguf` package's quantizer; the K-quants
-(which it cannot quantize) are simple round-to-nearest quantizers written here, checked against its
+speed, and each file is its own float32 reference). Q8_0, Q5_0, Q5_1 are the `gguf` package's quantizers; the
+K-quants (which it cannot quantize) are simple round-to-nearest quantizers written here, checked against its
 dequantize. Q4_K_M: Q4_K with attn_v and ffn_down in Q6_K (llama.cpp's Q4_K_M does that for half of them).
-Everything else (embeddings, norms, metadata, tokenizer) is copied unchanged.
+As llama.cpp does, a K-quant tensor whose inputs are not a multiple of 256 (SmolLM2: hidden 576) falls back
+to Q5_0 (for Q4_K), Q5_1 (Q5_K) or Q8_0 (Q6_K). Everything else (embeddings, norms, metadata, tokenizer) is
+copied unchanged.
 """
 
 from __future__ import annotations
@@ -74,20 +76,22 @@ def quantize_k(w: np.ndarray, bits: int) -> np.ndarray:
 def quantize(w: np.ndarray, type_name: str) -> np.ndarray:
     import gguf
 
-    if type_name == "Q8_0":
-        return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    if type_name in ("Q8_0", "Q5_0", "Q5_1"):
+        return gguf.quants.quantize(w, gguf.GGMLQuantizationType[type_name])
     if type_name == "Q6_K":
         return quantize_q6_k(w)
     return quantize_k(w, {"Q4_K": 4, "Q5_K": 5}[type_name])
 
 
-def target_type(tensor_name: str, mode: str) -> str | None:
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's, for inputs not a multiple of 256
+
+
+def target_type(tensor_name: str, cols: int, mode: str) -> str | None:
     part = tensor_name.split(".")[-2] if tensor_name.startswith("blk.") else None
     if part not in PROJECTIONS:
         return None
-    if mode == "Q4_K_M":
-        return "Q6_K" if part in ("attn_v", "ffn_down") else "Q4_K"
-    return mode
+    qtype = ("Q6_K" if part in ("attn_v", "ffn_down") else "Q4_K") if mode == "Q4_K_M" else mode
+    return FALLBACK[qtype] if qtype in FALLBACK and cols % 256 else qtype
 
 
 def requantize(src: str, out: str, mode: str) -> None:
@@ -102,9 +106,9 @@ def requantize(src: str, out: str, mode: str) -> None:
             continue
         sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
-    worst = {}
+    worst, counts = {}, {}
     for t in reader.tensors:
-        qtype = target_type(t.name, mode)
+        qtype = target_type(t.name, int(t.shape[0]), mode)  # GGUF shapes list the inputs first
         if qtype is None:
             writer.add_tensor(t.name, np.array(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type)
             continue
@@ -113,13 +117,14 @@ def requantize(src: str, out: str, mode: str) -> None:
         back = dequantize(blocks, gguf.GGMLQuantizationType[qtype])
         error = float(np.abs(back - weight).max() / np.abs(weight).max())
         worst[qtype] = max(worst.get(qtype, 0.0), error)
+        counts[qtype] = counts.get(qtype, 0) + 1
         writer.add_tensor(t.name, blocks, raw_dtype=gguf.GGMLQuantizationType[qtype])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     for qtype, error in worst.items():
-        print(f"{qtype}: max |requantized - source| / max |source| over tensors: {error:.4f}")
+        print(f"{qtype}: {counts[qtype]} tensors, max |requantized - source| / max |source|: {error:.4f}")
 
 
 def main() -> None:
@@ -127,7 +132,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out")
-    parser.add_argument("--type", required=True, choices=("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_K_M"))
+    parser.add_argument("--type", required=True, choices=("Q8_0", "Q5_0", "Q5_1", "Q6_K", "Q5_K", "Q4_K", "Q4_K_M"))
     parser.add_argument("--model", default=None, help="source GGUF (default: the bundled SmolLM2 Q4_1)")
     args = parser.parse_args()
     requantize(args.model or default_model_path(), args.out, args.type)
