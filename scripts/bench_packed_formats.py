@@ -4,8 +4,9 @@ best of --repeat.
 
     python scripts/bench_packed_formats.py [--rows 1,16] [--threads 1] [--json out.json]
 
-Formats (native.FORMATS) and the GGUF types that use them: q4_f16 (Q4_0, Q4_1), q4_f32 (Q4_K), i8_g32 (Q8_0,
-Q5_0), i8_g32_bias (Q5_1, Q5_K), i8_g16 (Q6_K), i8_g16_bias (fused layers mixing K-quants). "layer set": the
+Formats (native.FORMATS) and the GGUF types that use them: q4_f16 (Q4_0, Q4_1), q4_f32 (Q4_K), q5_f16 (Q5_0,
+Q5_1), q5_f32 (Q5_K), i8_g32 (Q8_0), i8_g16 (Q6_K), i8_g16_bias (fused layers mixing Q6_K with 4/5-bit types);
+i8_g32_bias has no GGUF type of its own (a fused Q8_0 + Q5_1 layer). "layer set": the
 sum over the four shapes x 30 layers, each shape's weights hot in the cache; "model pass": one pass over 30
 distinct copies of the layer set, read from memory as a real decode token does (the figure that counts).
 """
@@ -29,7 +30,7 @@ from photoninfer.quant import native  # noqa: E402
 SHAPES = {"o 576x576": (576, 576), "qkv 960x576": (576, 960), "gate_up 3072x576": (576, 3072),
           "down 576x1536": (1536, 576)}  # name: (in, out)
 LAYERS = 30
-FORMATS = {"q4_f16": native.Q4_F16, "q4_f32": native.Q4_F32,
+FORMATS = {"q4_f16": native.Q4_F16, "q4_f32": native.Q4_F32, "q5_f16": native.Q5_F16, "q5_f32": native.Q5_F32,
            "i8_g32": native.int8_format(32, False), "i8_g32_bias": native.int8_format(32, True),
            "i8_g16": native.int8_format(16, False), "i8_g16_bias": native.int8_format(16, True)}
 
@@ -40,11 +41,12 @@ def packed(fmt: native.Format, k: int, n: int, seed: int):
     groups = k // fmt.group
     scales = (rng.random((n, groups)) * 0.01 + 0.001).astype(np.float32)
     biases = (-8 * scales + rng.normal(0, 1e-3, scales.shape)).astype(np.float32)
-    if fmt in (native.Q4_F16, native.Q4_F32):
-        codes = rng.integers(0, 16, (n, k))
-        if fmt == native.Q4_F16:
+    if fmt in (native.Q4_F16, native.Q4_F32, native.Q5_F16, native.Q5_F32):
+        bits = 5 if fmt in (native.Q5_F16, native.Q5_F32) else 4
+        codes = rng.integers(0, 1 << bits, (n, k))
+        if fmt in (native.Q4_F16, native.Q5_F16):
             scales, biases = scales.astype(np.float16), biases.astype(np.float16)
-        panels = native.pack_panels(codes, scales, biases)
+        panels = native.pack_panels(codes, scales, biases, bits)
     else:
         codes = rng.integers(-32, 32, (n, k)).astype(np.int8)
         biased = fmt.record > 16 * fmt.group + 64

@@ -9,9 +9,9 @@ The 4-bit formats all decode to one affine form per group of 32 inputs: w = scal
   Q4_0: w = d * (q - 8)            -> scale d,        bias -8 d
   Q4_1: w = d * q + m              -> scale d,        bias m
   Q4_K: w = d * sc * q - dmin * mn -> scale d * sc,   bias -dmin * mn   (8 groups of 32 per 256-block)
-The others that run packed decode to int8 codes, a float32 scale per group and, for Q5_1 and Q5_K, a bias:
+The others that run packed decode to int8 codes, a float32 scale per group and, but for Q8_0 and Q6_K, a bias:
   Q8_0: w = d * q,  q in -128..127                 (groups of 32)
-  Q5_0: w = d * q,  q in -16..15                   (groups of 32; the fifth bits in a 32-bit word)
+  Q5_0: w = d * (q - 16) -> scale d, bias -16 d, q in 0..31   (groups of 32; the fifth bits in a 32-bit word)
   Q5_1: w = d * q + m,  q in 0..31                 (groups of 32)
   Q6_K: w = d * sc * q,  q in -32..31              (16 groups of 16 per 256-block; sc int8)
   Q5_K: w = d * sc * q - dmin * mn,  q in 0..31    (as Q4_K, with a fifth bit per code)
@@ -136,7 +136,8 @@ def _five_bits_32(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
 
 def _decode_q5_0(raw: np.ndarray):
     blocks = raw.reshape(raw.shape[0], -1, 22)  # d (f16), 4 bytes of fifth bits, 16 bytes of nibbles
-    return _five_bits_32(blocks[..., 2:6], blocks[..., 6:]).astype(np.int8) - 16, _f16(blocks[..., 0:2]), None
+    d = _f16(blocks[..., 0:2])
+    return _five_bits_32(blocks[..., 2:6], blocks[..., 6:]), d, -16.0 * d
 
 
 def _decode_q5_1(raw: np.ndarray):

@@ -26,7 +26,7 @@ from torch import nn
 from photoninfer.errors import ModelLoadError
 from photoninfer.quant import native
 from photoninfer.quant.gguf_blocks import GROUP_SIZE, INT4_TYPES, GGUFBlocks, decode_int4
-from photoninfer.quant.packed import ACTIVATION_DTYPE, DENSE_MIN_ROWS, PackedLinear, packed_kernel_fits
+from photoninfer.quant.packed import ACTIVATION_DTYPE, DENSE_MIN_ROWS, PackedLinear, float16_exact, packed_kernel_fits
 
 
 def bf16_scales_and_zeros(scales: torch.Tensor, biases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +76,7 @@ class Int4Linear(PackedLinear):
         codes, scales, biases = self.weight.data, self._scales, self._biases
         self._scales = self._biases = None  # the loading buffers are not needed any more
         if native.kernel() is not None:
-            if _float16_exact(scales) and _float16_exact(biases):
+            if float16_exact(scales) and float16_exact(biases):
                 self._set_panels(native.pack_panels(codes.numpy(), scales.half().numpy(), biases.half().numpy()),
                                  native.Q4_F16)
             else:
@@ -106,9 +106,6 @@ class Int4Linear(PackedLinear):
             y = y + self.bias
         return y.to(x.dtype)
 
-
-def _float16_exact(t: torch.Tensor) -> bool:
-    return bool(torch.equal(t.half().float(), t))
 
 
 def dense_weight(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,17 @@
-"""Int8Linear: GGUF Q8_0 / Q5_K / Q6_K weights, and fused layers mixing K-quants, executed packed on the CPU.
+"""Int8Linear: GGUF Q8_0 / Q5_0 / Q5_1 / Q5_K / Q6_K weights, and fused layers mixing those with 4-bit types
+(Q4_K_M's q/k/v), executed packed on the CPU.
 
-Each of those types is int8 codes with a float32 scale (and, for Q5_K, a bias) per group of inputs (see
-gguf_blocks), so one native kernel (int8_kernels.c) runs them all with the weights exactly: float32
-activations and sums, equal to F.linear(x, blocks.dequantize()) up to the order of float32 sums. A layer's
-group is 32 inputs where every part has groups of 32 (Q8_0, Q5_K) and 16 otherwise (Q6_K, or a q/k/v fusing
-Q4_K parts with a Q6_K one, as Q4_K_M files do: 32-groups split in two), with biases where any part has them.
-Bytes per weight: 1.125 (Q8_0), 1.25 (Q6_K, Q5_K), 1.5 (mixed groups of 16 with biases); a GGUF holds
-1.06 / 0.82 / 0.69. Only built where the native kernel runs (quant.linear_class); else such layers are dense.
+Each of those types is small integer codes with a float32 scale (and a bias) per group of inputs (see
+gguf_blocks), so our native kernels run them with the weights exactly: float32 activations and sums, equal to
+F.linear(x, blocks.dequantize()) up to the order of float32 sums. The layer picks the most compact layout its
+codes allow:
+  * 5-bit panels (q4_kernels.c with a fifth-bit plane) where every code is in 0..31 with groups of 32
+    (Q5_0, Q5_1, Q5_K, and mixes with Q4_*): 0.75 byte per weight with float16 scales (Q5_0, Q5_1), 0.875
+    with float32 ones (Q5_K); a GGUF holds 0.69;
+  * else int8 panels (int8_kernels.c), groups of 32 where every part has them (Q8_0: 1.125 byte per weight,
+    GGUF 1.06) and of 16 otherwise (Q6_K: 1.25, GGUF 0.82; a Q6_K part fused with Q4_K ones: 1.5, with
+    biases).
+Only built where the native kernel runs (quant.linear_class); else such layers are dequantized to dense ones.
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ from torch import nn
 from photoninfer.errors import ModelLoadError
 from photoninfer.quant import native
 from photoninfer.quant.gguf_blocks import PACKED_TYPES, GGUFBlocks, decode_int8
-from photoninfer.quant.packed import ACTIVATION_DTYPE, PackedLinear, packed_kernel_fits
+from photoninfer.quant.packed import ACTIVATION_DTYPE, PackedLinear, float16_exact, packed_kernel_fits
 
 FINE_GROUP = 16  # the loading buffers hold one scale and bias per 16 inputs (the finest group of any type)
 
 
 class Int8Linear(PackedLinear):
-    """Loads GGUF blocks of PACKED_TYPES (fused layers: one row range per part) and runs them as int8 codes."""
+    """Loads GGUF blocks of PACKED_TYPES (fused layers: one row range per part); runs them as 5-bit or int8 panels."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -60,8 +65,8 @@ class Int8Linear(PackedLinear):
         self._groups.add(group)
 
     def process_weights_after_loading(self) -> None:
-        """Pack the codes into the native kernel's panels (groups of 32 where every part allows, else 16) and
-        keep the dense bf16 copy for many rows."""
+        """Pack the codes into 5-bit panels where they fit, else int8 panels (groups of 32 where every part
+        allows, else 16); keep the dense bf16 copy for many rows."""
         if native.kernel() is None:
             raise ModelLoadError("Int8Linear needs PhotonInfer's native kernel, which is unavailable here")
         codes, scales, biases = self.weight.data, self._scales, self._biases
@@ -69,8 +74,14 @@ class Int8Linear(PackedLinear):
         self.dense = (codes.float() * scales.repeat_interleave(FINE_GROUP, 1)
                       + biases.repeat_interleave(FINE_GROUP, 1)).to(ACTIVATION_DTYPE)
         if self._groups == {32}:  # every pair of 16-groups shares its scale and bias
-            scales, biases = scales[:, ::2], biases[:, ::2]
-        panels, fmt = native.pack_int8_panels(codes.numpy(), scales.contiguous().numpy(),
-                                              biases.contiguous().numpy() if self._biased else None)
-        self._set_panels(panels, fmt)
+            scales, biases = scales[:, ::2].contiguous(), biases[:, ::2].contiguous()
+        if self._groups == {32} and int(codes.min()) >= 0 and int(codes.max()) <= 31:
+            if float16_exact(scales) and float16_exact(biases):
+                scales, biases = scales.half(), biases.half()
+            self._set_panels(native.pack_panels(codes.numpy(), scales.numpy(), biases.numpy(), bits=5),
+                             native.nibble_format(scales.numpy().dtype, 5))
+        else:
+            self._set_panels(*native.pack_int8_panels(codes.numpy(), scales.contiguous().numpy(),
+                                                      biases.contiguous().numpy() if self._biased else None))
         self.weight = nn.Parameter(torch.empty(0, dtype=torch.int8), requires_grad=False)
+

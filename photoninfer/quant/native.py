@@ -55,8 +55,11 @@ class Format:
 
 Q4_F16 = Format(0, 32, 320)  # 4-bit codes, float16 d and m (q4_kernels.c)
 Q4_F32 = Format(1, 32, 384)  # 4-bit codes, float32 d and m
-FORMATS = {f.code: f for f in (Q4_F16, Q4_F32, *(Format(2 + 2 * (group == 16) + biased, group, 16 * group + 64 * (1 + biased))
-                                                for group in (32, 16) for biased in (0, 1)))}
+Q5_F16 = Format(6, 32, 384)  # 5-bit codes (a fifth-bit plane beside the nibbles), float16 d and m
+Q5_F32 = Format(7, 32, 448)  # 5-bit codes, float32 d and m
+FORMATS = {f.code: f for f in (Q4_F16, Q4_F32, Q5_F16, Q5_F32,
+                               *(Format(2 + 2 * (group == 16) + biased, group, 16 * group + 64 * (1 + biased))
+                                 for group in (32, 16) for biased in (0, 1)))}  # int8 codes (int8_kernels.c)
 
 
 def int8_format(group: int, biased: bool) -> Format:
@@ -125,24 +128,36 @@ class Q4Kernel:
         return y
 
 
-def pack_panels(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> torch.Tensor:
-    """q4_kernels.c's weight layout, uint8 [rows / 16, cols / 32 * record], from codes [rows, cols] in 0..15
-    and d, m [rows, cols / 32] (w = d * q + m): float16 d, m give format Q4_F16, float32 ones Q4_F32."""
+def nibble_format(scale_dtype, bits: int) -> Format:
+    """q4_kernels.c's format for codes of `bits` (4 or 5) bits and float16 or float32 d and m."""
+    float32 = np.dtype(scale_dtype) == np.float32
+    return {(4, False): Q4_F16, (4, True): Q4_F32, (5, False): Q5_F16, (5, True): Q5_F32}[bits, float32]
+
+
+def pack_panels(codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int = 4) -> torch.Tensor:
+    """q4_kernels.c's weight layout, uint8 [rows / 16, cols / 32 * record], from codes [rows, cols] in
+    0..2^bits - 1 (bits 4 or 5) and d, m [rows, cols / 32] (w = d * q + m), float16 or float32: format
+    nibble_format(d.dtype, bits)."""
     rows, cols = codes.shape
-    if rows % PANEL or cols % 32:
-        raise ValueError(f"pack_panels needs rows % {PANEL} == 0 and cols % 32 == 0, got {rows} x {cols}")
+    if rows % PANEL or cols % 32 or bits not in (4, 5):
+        raise ValueError(f"pack_panels needs rows % {PANEL} == 0, cols % 32 == 0 and 4 or 5 bits, "
+                         f"got {rows} x {cols}, {bits} bits")
     d, m = np.asarray(d), np.asarray(m)
     if d.dtype != m.dtype or d.dtype not in (np.float16, np.float32):
         raise ValueError(f"pack_panels wants d and m both float16 or both float32, got {d.dtype} and {m.dtype}")
     panels, blocks = rows // PANEL, cols // 32
     q = codes.astype(np.uint32).reshape(panels, PANEL, blocks, 4, 8)  # [panel, row, block, chunk, nibble]
-    lanes = (q << (4 * np.arange(8, dtype=np.uint32))).sum(-1, dtype=np.uint32)  # [panel, row, block, chunk]
-    code_bytes = np.ascontiguousarray(lanes.transpose(0, 2, 3, 1)).view(np.uint8).reshape(panels, blocks, 256)
-    return torch.from_numpy(np.concatenate([code_bytes, _per_row(d, panels, blocks), _per_row(m, panels, blocks)],
-                                           axis=-1).reshape(panels, -1))
+    lanes = ((q & 15) << (4 * np.arange(8, dtype=np.uint32))).sum(-1, dtype=np.uint32)  # [panel, row, block, chunk]
+    parts = [np.ascontiguousarray(lanes.transpose(0, 2, 3, 1)).view(np.uint8).reshape(panels, blocks, 256)]
+    if bits == 5:  # one 32-bit lane of fifth bits per row, bit k for input k
+        fifth = ((q.reshape(panels, PANEL, blocks, 32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
+        parts.append(_per_row(fifth.sum(-1, dtype=np.uint32).reshape(rows, blocks), panels, blocks))
+    parts += [_per_row(d, panels, blocks), _per_row(m, panels, blocks)]
+    return torch.from_numpy(np.concatenate(parts, axis=-1).reshape(panels, -1))
 
 
-def pack_int8_panels(codes: np.ndarray, scales: np.ndarray, biases: Optional[np.ndarray]) -> tuple[torch.Tensor, Format]:
+def pack_int8_panels(codes: np.ndarray, scales: np.ndarray,
+                     biases: Optional[np.ndarray]) -> tuple[torch.Tensor, Format]:
     """int8_kernels.c's weight layout and its format, from int8 codes [rows, cols] and float32 scales (and
     biases, or None) [rows, cols / group] (w = scale * q + bias), group = 16 or 32."""
     rows, cols = codes.shape

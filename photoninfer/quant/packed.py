@@ -27,13 +27,19 @@ def packed_kernel_fits(in_features: int, out_features: int) -> bool:
     return in_features % 32 == 0 and out_features % 16 == 0
 
 
+def float16_exact(t: torch.Tensor) -> bool:
+    """Whether every value of float32 `t` is a float16 value (then panels can hold it in half the bytes)."""
+    return bool(torch.equal(t.half().float(), t))
+
+
 class PackedLinear(nn.Module):
     def _register_packed(self, out_features: int, in_features: int, bias: bool) -> None:
         """The buffers every packed layer has (filled by process_weights_after_loading)."""
         self.register_buffer("panels", torch.empty(0, dtype=torch.uint8))
         self.register_buffer("panel_format", torch.tensor(-1))
         self.register_buffer("dense", torch.empty(out_features, in_features, dtype=ACTIVATION_DTYPE))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=ACTIVATION_DTYPE), requires_grad=False) if bias else None
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=ACTIVATION_DTYPE), requires_grad=False) if bias
+                     else None)
 
     def _set_panels(self, panels: torch.Tensor, fmt: native.Format) -> None:
         self.panels, self.panel_format = panels, torch.tensor(fmt.code)

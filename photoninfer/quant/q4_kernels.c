@@ -1,13 +1,15 @@
-/* y[M, N] = x[M, K] @ W^T in float32, W a GGUF 4-bit weight with w = d * q + m per group of 32 inputs
- * (Q4_1; Q4_0 has m = -8 d; Q4_K has d = d * sc, m = -dmin * mn), q in 0..15, repacked at load time into
- * panels of 16 rows. d and m are float16 (Q4_0, Q4_1) or float32 (Q4_K: products float16 cannot hold).
+/* y[M, N] = x[M, K] @ W^T in float32, W a GGUF 4-bit or 5-bit weight with w = d * q + m per group of 32
+ * inputs (Q4_1, Q5_1; Q4_0 has m = -8 d, Q5_0 m = -16 d; Q4_K, Q5_K have d = d * sc, m = -dmin * mn), q in
+ * 0..15 (0..31), repacked at load time into panels of 16 rows. d and m are float16 (Q4_0, Q4_1, Q5_0, Q5_1)
+ * or float32 (the K-quants: products float16 cannot hold).
  *
- * Layout (native.pack_panels): W is N / 16 panels; a panel is K / 32 block records of 320 bytes (float16
- * d and m) or 384 bytes (float32):
- *   bytes   0..255  codes: 4 chunks of 64 bytes; in chunk j, the 32-bit lane r holds 8 nibbles, nibble t
- *                   (bits 4t..4t+3) the code of panel row r at the block's input 8 j + t;
+ * Layout (native.pack_panels): W is N / 16 panels; a panel is K / 32 block records:
+ *   bytes   0..255  low 4 bits of the codes: 4 chunks of 64 bytes; in chunk j, the 32-bit lane r holds 8
+ *                   nibbles, nibble t (bits 4t..4t+3) the code of panel row r at the block's input 8 j + t;
+ *   5-bit codes only: 64 bytes, the 32-bit lane r holding the fifth bits of row r (bit k: input k);
  *   then d of the 16 rows, then m of the 16 rows (float16: 32 bytes each; float32: 64 bytes each).
- * So one 16-lane vector holds one value per output row: no horizontal sums; 0.625 (0.75) byte per weight.
+ * So one 16-lane vector holds one value per output row: no horizontal sums. Bytes per weight: 0.625 (4-bit,
+ * float16), 0.75 (4-bit, float32; 5-bit, float16), 0.875 (5-bit, float32).
  *
  * Per block and row: sum_k w_k x_k = d * sum_k q_k x_k + m * sum_k x_k, the block sums of x computed once
  * per call. The products q * x are exact, so the result is F.linear(x, dequantize(W)) up to the order and
@@ -21,7 +23,8 @@
 
 #define GROUP 32
 #define PANEL 16
-#define RECORD 320 /* bytes of a block record with float16 d, m; 384 with float32 */
+
+static inline int record_bytes(int f32, int five) { return 256 + (five ? 64 : 0) + (f32 ? 128 : 64); }
 #define MAX_MT 8 /* rows of x per pass over a panel */
 
 /* fp16 bits -> float (exact), portable */
@@ -55,10 +58,12 @@ int q4_simd(void) { return 512; }
 /* One panel times MT rows of x (x: row stride ldx; sums: block sums, row stride blocks) -> y (row stride ldy) */
 static inline __attribute__((always_inline)) void panel(const float *x, int64_t ldx, const float *sums,
                                                         const uint8_t *w, int64_t blocks, float *y, int64_t ldy,
-                                                        const int MT, const int F32) {
-    const int R = F32 ? 384 : RECORD;
+                                                        const int MT, const int F32, const int FIVE) {
+    const int R = record_bytes(F32, FIVE), S = FIVE ? 320 : 256; /* S: where d starts */
     const int CHAINS = MT == 1 ? 4 : MT <= 4 ? 2 : 1; /* independent sums: enough FMAs in flight */
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 iota16 = _mm512_add_ps(iota, _mm512_set1_ps(16.0f));
+    const __m512i low4 = _mm512_set1_epi32(15);
     __m512 acc[MT];
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
@@ -67,12 +72,21 @@ static inline __attribute__((always_inline)) void panel(const float *x, int64_t 
         __m512 part[MT][CHAINS];
         for (int i = 0; i < MT; i++)
             for (int c = 0; c < CHAINS; c++) part[i][c] = _mm512_setzero_ps();
+        const __m512i h = FIVE ? _mm512_loadu_si512(rec + 256) : _mm512_setzero_si512();
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) {
             __m512i v = _mm512_loadu_si512(rec + 64 * j);
 #pragma GCC unroll 8
             for (int t = 0; t < 8; t++) {
-                __m512 q = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * t), iota); /* low 4 bits index */
+                __m512 q;
+                if (FIVE) { /* the fifth bit of input k moved to bit 4 of the index: 32-entry table */
+                    const int k = 8 * j + t;
+                    const __m512i high = k >= 4 ? _mm512_srli_epi32(h, k - 4) : _mm512_slli_epi32(h, 4 - k);
+                    const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 4 * t), high, low4, 0xE4);
+                    q = _mm512_permutex2var_ps(iota, idx, iota16); /* (idx & 15) | (high & 16) indexes 0..31 */
+                } else {
+                    q = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * t), iota); /* low 4 bits index */
+                }
 #pragma GCC unroll 8
                 for (int i = 0; i < MT; i++) {
                     const int c = (j * 8 + t) % CHAINS;
@@ -80,10 +94,10 @@ static inline __attribute__((always_inline)) void panel(const float *x, int64_t 
                 }
             }
         }
-        const __m512 d = F32 ? _mm512_loadu_ps((const float *)(rec + 256))
-                             : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 256)));
-        const __m512 m = F32 ? _mm512_loadu_ps((const float *)(rec + 320))
-                             : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 288)));
+        const __m512 d = F32 ? _mm512_loadu_ps((const float *)(rec + S))
+                             : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + S)));
+        const __m512 m = F32 ? _mm512_loadu_ps((const float *)(rec + S + 64))
+                             : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + S + 32)));
         for (int i = 0; i < MT; i++) {
             __m512 s = part[i][0];
             for (int c = 1; c < CHAINS; c++) s = _mm512_add_ps(s, part[i][c]);
@@ -94,16 +108,18 @@ static inline __attribute__((always_inline)) void panel(const float *x, int64_t 
     for (int i = 0; i < MT; i++) _mm512_storeu_ps(y + i * ldy, acc[i]);
 }
 
-#define PANEL_CASE(MT, F32) \
-    case MT: panel(x, ldx, sums, w, blocks, y, ldy, MT, F32); break;
-#define SCALES_CASE(F32) \
-    switch (mt) { PANEL_CASE(1, F32) PANEL_CASE(2, F32) PANEL_CASE(3, F32) PANEL_CASE(4, F32) PANEL_CASE(5, F32) \
-                  PANEL_CASE(6, F32) PANEL_CASE(7, F32) PANEL_CASE(8, F32) }
+#define PANEL_CASE(MT, F32, FIVE) \
+    case MT: panel(x, ldx, sums, w, blocks, y, ldy, MT, F32, FIVE); break;
+#define FORMAT_CASE(F32, FIVE) \
+    switch (mt) { PANEL_CASE(1, F32, FIVE) PANEL_CASE(2, F32, FIVE) PANEL_CASE(3, F32, FIVE) PANEL_CASE(4, F32, FIVE) \
+                  PANEL_CASE(5, F32, FIVE) PANEL_CASE(6, F32, FIVE) PANEL_CASE(7, F32, FIVE) PANEL_CASE(8, F32, FIVE) }
 
 static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t blocks,
-                       int f32, float *y, int64_t ldy) {
-    if (f32) SCALES_CASE(1)
-    else SCALES_CASE(0)
+                       int f32, int five, float *y, int64_t ldy) {
+    if (!f32 && !five) FORMAT_CASE(0, 0)
+    else if (!five) FORMAT_CASE(1, 0)
+    else if (!f32) FORMAT_CASE(0, 1)
+    else FORMAT_CASE(1, 1)
 }
 
 #else /* scalar fallback: the same sums */
@@ -111,27 +127,33 @@ static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, c
 int q4_simd(void) { return 0; }
 
 static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t blocks,
-                       int f32, float *y, int64_t ldy) {
-    const int R = f32 ? 384 : RECORD;
+                       int f32, int five, float *y, int64_t ldy) {
+    const int R = record_bytes(f32, five), S = five ? 320 : 256;
     for (int i = 0; i < mt; i++)
         for (int r = 0; r < PANEL; r++) {
             float acc = 0.0f;
             for (int64_t b = 0; b < blocks; b++) {
                 const uint8_t *rec = w + b * R;
                 float part = 0.0f;
+                uint32_t high = 0;
+                if (five) memcpy(&high, rec + 256 + 4 * r, 4);
                 for (int j = 0; j < 4; j++) {
                     uint32_t lane;
                     memcpy(&lane, rec + 64 * j + 4 * r, 4);
-                    for (int t = 0; t < 8; t++) part += (float)((lane >> (4 * t)) & 15) * x[i * ldx + b * GROUP + 8 * j + t];
+                    for (int t = 0; t < 8; t++) {
+                        const int k = 8 * j + t;
+                        const uint32_t code = ((lane >> (4 * t)) & 15) | (((high >> k) & 1) << 4);
+                        part += (float)code * x[i * ldx + b * GROUP + k];
+                    }
                 }
                 float d, m;
                 if (f32) {
-                    memcpy(&d, rec + 256 + 4 * r, 4);
-                    memcpy(&m, rec + 320 + 4 * r, 4);
+                    memcpy(&d, rec + S + 4 * r, 4);
+                    memcpy(&m, rec + S + 64 + 4 * r, 4);
                 } else {
                     uint16_t hd, hm;
-                    memcpy(&hd, rec + 256 + 2 * r, 2);
-                    memcpy(&hm, rec + 288 + 2 * r, 2);
+                    memcpy(&hd, rec + S + 2 * r, 2);
+                    memcpy(&hm, rec + S + 32 + 2 * r, 2);
                     d = half_to_float(hd);
                     m = half_to_float(hm);
                 }
@@ -143,10 +165,11 @@ static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, c
 
 #endif
 
-/* x: float32 [M, K] contiguous; w: N / 16 panels (layout above; f32: float32 d and m); y: float32 [M, N].
- * K % 32 == 0, N % 16 == 0. Returns 0, or -1 when out of memory. */
-int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int f32, float *y, int nthreads) {
-    const int64_t blocks = K / GROUP, panels = N / PANEL, R = f32 ? 384 : RECORD;
+/* x: float32 [M, K] contiguous; w: N / 16 panels (layout above; f32: float32 d and m; five: 5-bit codes);
+ * y: float32 [M, N]. K % 32 == 0, N % 16 == 0. Returns 0, or -1 when out of memory. */
+int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int f32, int five, float *y,
+              int nthreads) {
+    const int64_t blocks = K / GROUP, panels = N / PANEL, R = record_bytes(f32, five);
     float *sums = malloc(sizeof(float) * (M * blocks + 1));
     if (!sums) return -1;
     for (int64_t i = 0; i < M * blocks; i++) {
@@ -158,8 +181,8 @@ int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
     for (int64_t p = 0; p < panels; p++)
         for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
             int mt = M - m0 < MAX_MT ? (int)(M - m0) : MAX_MT;
-            panel_rows(x + m0 * K, K, sums + m0 * blocks, mt, w + p * blocks * R, blocks, f32, y + m0 * N + p * PANEL,
-                       N);
+            panel_rows(x + m0 * K, K, sums + m0 * blocks, mt, w + p * blocks * R, blocks, f32, five,
+                       y + m0 * N + p * PANEL, N);
         }
     free(sums);
     return 0;

@@ -1,7 +1,8 @@
-"""GGUF Q8_0 / Q5_0 / Q5_1 / Q5_K / Q6_K / Q4_K layers packed for our native kernels (quant/int8_kernels.c, q4_kernels.c)
-against the float32 reference F.linear(x, blocks.dequantize()), the `gguf` package's dequantize: the decoders
-exactly, the layers at odd shapes and many row counts, fused layers that mix K-quants, the scalar builds, bad
-input, and tiny GGUF models whose fast path agrees with the float32 model (hidden states and greedy tokens)."""
+"""GGUF Q8_0 / Q5_0 / Q5_1 / Q5_K / Q6_K / Q4_K layers packed for our native kernels (quant/int8_kernels.c,
+q4_kernels.c: 4- and 5-bit panels) against the float32 reference F.linear(x, blocks.dequantize()), the `gguf`
+package's dequantize: the decoders exactly, the layers at odd shapes and many row counts, fused layers that
+mix types, the scalar builds in every format, bad input, and tiny GGUF models whose fast path agrees with the
+float32 model (hidden states and greedy tokens)."""
 
 from __future__ import annotations
 
@@ -64,19 +65,18 @@ def test_int8_decode_is_exactly_the_gguf_dequantization(qtype):
     codes, scales, biases = decode_int8(blocks)
     group = 512 // scales.shape[1]
     assert codes.dtype == torch.int8 and group == (16 if qtype == Q.Q6_K else 32)
-    low, high = {Q.Q8_0: (-128, 127), Q.Q6_K: (-32, 31), Q.Q5_0: (-16, 15), Q.Q5_1: (0, 31),
+    low, high = {Q.Q8_0: (-128, 127), Q.Q6_K: (-32, 31), Q.Q5_0: (0, 31), Q.Q5_1: (0, 31),
                  Q.Q5_K: (0, 31)}.get(qtype, (0, 15))
     assert low <= int(codes.min()) < int(codes.max()) <= high
     decoded = codes.float() * scales.repeat_interleave(group, 1)
     if biases is not None:
         decoded = decoded + biases.repeat_interleave(group, 1)
     assert torch.equal(decoded, blocks.dequantize())
-    assert (biases is None) == (qtype in (Q.Q8_0, Q.Q5_0, Q.Q6_K))
+    assert (biases is None) == (qtype in (Q.Q8_0, Q.Q6_K))
 
 
-FORMATS = {Q.Q8_0: native.int8_format(32, False), Q.Q5_0: native.int8_format(32, False),
-           Q.Q5_1: native.int8_format(32, True), Q.Q6_K: native.int8_format(16, False),
-           Q.Q5_K: native.int8_format(32, True), Q.Q4_K: native.Q4_F32}
+FORMATS = {Q.Q8_0: native.int8_format(32, False), Q.Q6_K: native.int8_format(16, False),
+           Q.Q5_0: native.Q5_F16, Q.Q5_1: native.Q5_F16, Q.Q5_K: native.Q5_F32, Q.Q4_K: native.Q4_F32}
 
 
 @pytest.mark.parametrize("qtype", [*SIMPLE, *KQUANTS], ids=lambda t: t.name)
@@ -98,9 +98,11 @@ def test_layer_matches_the_float32_reference(kernel, qtype, rows, blocks_per_row
     ((Q.Q8_0, Q.Q5_K), native.int8_format(32, True)),
     ((Q.Q6_K, Q.Q8_0), native.int8_format(16, False)),
     ((Q.Q4_1, Q.Q6_K), native.int8_format(16, True)),
-    ((Q.Q5_0, Q.Q5_0, Q.Q8_0), native.int8_format(32, False)),  # a small model's Q6_K file (see below)
+    ((Q.Q5_0, Q.Q5_0, Q.Q8_0), native.int8_format(32, True)),  # a small model's Q4_K_M file (see below)
+    ((Q.Q4_K, Q.Q5_K), native.Q5_F32),  # 4- and 5-bit codes: 5-bit panels
+    ((Q.Q4_1, Q.Q5_0, Q.Q5_1), native.Q5_F16),
 ])
-def test_fused_layer_mixing_types_runs_int8(kernel, types, fmt):
+def test_fused_layer_mixing_types_runs_packed(kernel, types, fmt):
     parts = [gguf_blocks(t, rows, 512, seed) for seed, (t, rows) in enumerate(zip(types, (64, 32, 32)))]
     layer = packed_layer(parts)
     assert type(layer) is Int8Linear and layer.native_format == fmt
@@ -126,15 +128,16 @@ def test_scalar_build_matches_the_reference(tmp_path, monkeypatch):
     scalar = native.Q4Kernel(ctypes.CDLL(path))
     assert scalar.simd == 0
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(5))
-    cases = [[gguf_blocks(t, 32, 512, seed=3)] for t in (*SIMPLE, *KQUANTS)]
+    cases = [[gguf_blocks(t, 32, 512, seed=3)] for t in (*SIMPLE, *KQUANTS, Q.Q4_1)]
     cases.append([gguf_blocks(Q.Q4_K, 32, 512, seed=4), gguf_blocks(Q.Q6_K, 16, 512, seed=5)])  # groups of 16, biases
+    cases.append([gguf_blocks(Q.Q8_0, 32, 512, seed=4), gguf_blocks(Q.Q5_1, 16, 512, seed=5)])  # groups of 32, biases
     formats = set()
     for parts in cases:
         layer = packed_layer(parts)
         formats.add(layer.native_format)
         assert_float32_close(scalar.matmul(x, layer.panels, layer.native_format), x,
                              torch.cat([p.dequantize() for p in parts]))
-    assert len(formats) == 5
+    assert formats == set(native.FORMATS.values())
 
 
 def test_bad_input_gives_clear_errors(kernel):
@@ -161,6 +164,8 @@ def test_bad_input_gives_clear_errors(kernel):
         native.pack_int8_panels(codes, np.ones((16, 3), np.float32), None)
     with pytest.raises(ValueError, match="groups of 16 or 32"):
         native.pack_int8_panels(codes, np.ones((16, 1), np.float32), None)  # one group of 64
+    with pytest.raises(ValueError, match="4 or 5 bits"):
+        native.pack_panels(np.zeros((16, 32), np.uint8), np.ones((16, 1), np.float16), np.ones((16, 1), np.float16), 6)
     with pytest.raises(ValueError, match="both float16 or both float32"):
         native.pack_panels(np.zeros((16, 32), np.uint8), np.ones((16, 1), np.float16), np.ones((16, 1), np.float32))
 
