@@ -131,6 +131,10 @@ def model_pass(kernel, rows: int, threads: int, repeat: int) -> dict:
     """The 120 matmuls of a decode token over 30 distinct copies of the weights (not in the cache), per format."""
     row = {"shape": "model pass (30 distinct layer sets)", "rows": rows, "threads": threads}
     xs = {k: torch.randn(rows, k) for k, _ in SHAPES.values()}
+    dense = [(xs[k], torch.randn(n, k)) for _ in range(LAYERS) for k, n in SHAPES.values()]
+    row["dense_f32_ms"] = best_ms(lambda: [F.linear(x, w) for x, w in dense], repeat, inner=1)
+    row["dense_f32_mb"] = sum(w.numel() * 4 for _, w in dense) / 1e6
+    del dense
     for fname, fmt in FORMATS.items():
         copies = [(xs[k], packed(fmt, k, n, seed=i)[0]) for i in range(LAYERS) for k, n in SHAPES.values()]
         row[f"{fname}_ms"] = best_ms(lambda: [kernel.matmul(x, p, fmt) for x, p in copies], repeat, inner=1)
