@@ -55,8 +55,8 @@ def packed(fmt: native.Format, k: int, n: int, seed: int):
         panels, got = native.pack_int8_panels(codes, scales, biases if biased else None)
         assert got == fmt
         biases = biases if biased else np.zeros_like(biases)
-    dense = (torch.from_numpy(codes.astype(np.float32)) * torch.from_numpy(scales.astype(np.float32)).repeat_interleave(fmt.group, 1)
-             + torch.from_numpy(biases.astype(np.float32)).repeat_interleave(fmt.group, 1))
+    per_input = [torch.from_numpy(a.astype(np.float32)).repeat_interleave(fmt.group, 1) for a in (scales, biases)]
+    dense = torch.from_numpy(codes.astype(np.float32)) * per_input[0] + per_input[1]
     return panels, dense
 
 
@@ -102,8 +102,8 @@ def main() -> None:
                 onednn = torch.ops.mkldnn._reorder_linear_weight(dense.bfloat16(), 16)
                 row = {"shape": name, "rows": rows, "threads": threads,
                        "dense_f32_ms": best_ms(lambda: F.linear(x, dense), args.repeat),
-                       "torch_int4_bf16_ms": best_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, int4, 32, sz),
-                                                     args.repeat),
+                       "torch_int4_bf16_ms": best_ms(
+                           lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, int4, 32, sz), args.repeat),
                        "dense_bf16_onednn_ms": best_ms(lambda: torch.ops.mkldnn._linear_pointwise(
                            xb, onednn, None, "none", [], ""), args.repeat)}
                 for fname, fmt in FORMATS.items():

@@ -2,9 +2,10 @@
 
 A small model's decode step on the CPU is mostly the dispatch of ~20 torch ops a layer; where every linear
 layer runs one of our native packed kernels (model.runs_native; formats may differ from layer to layer), the
-layer's norms, RoPE, K/V write, attention over the paged cache, SiLU·mul and residual adds run inside the same C call, in float32, as cpu_fast.py's torch forward
-does them (the tests compare the two). Llama-shaped models only (no q/k norm, no biases, a float32 KV cache);
-`supported` says whether a model qualifies, else cpu_fast's torch forward runs.
+layer's norms, RoPE, K/V write, attention over the paged cache, SiLU·mul and residual adds run inside the same
+C call, in float32, as cpu_fast.py's torch forward does them (the tests compare the two). Llama-shaped models
+only (no q/k norm, no biases, a float32 KV cache); `supported` says whether a model qualifies, else cpu_fast's
+torch forward runs.
 """
 
 from __future__ import annotations

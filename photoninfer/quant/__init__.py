@@ -3,12 +3,12 @@
 Every class is built like `layers.Linear(in_features, out_features, bias)`, fills its parameters through their
 `weight_loader(param, tensor, shard)` and packs them in `process_weights_after_loading()`; its reference is
 the dense `layers.Linear` on the dequantized weight. Today, on the CPU fast path:
-  * GGUF 4-bit (Q4_0, Q4_1, Q4_K): Int4Linear (our native float32 kernel where it builds, else torch's int4
-    kernel with bf16 matmul inputs);
-  * Q8_0, Q5_K, Q6_K, and fused layers mixing any of those six types (Q4_K_M's q/k/v): Int8Linear (our native
-    float32 kernel over int8 codes), where the native kernel builds;
-every other layer (Q2_K, Q3_K, Q5_0, Q5_1, F16, ...; Int8Linear's types without the native kernel) is
-dequantized into a dense Linear of the model dtype.
+  * GGUF 4-bit (Q4_0, Q4_1, Q4_K): Int4Linear (our native float32 kernel over 4-bit panels where it builds,
+    else torch's int4 kernel with bf16 matmul inputs);
+  * Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, and fused layers mixing any of those eight types (Q4_K_M's q/k/v):
+    Int8Linear (our native float32 kernel over 5-bit or int8 panels), where the native kernel builds;
+every other layer (Q2_K, Q3_K, F16, ...; Int8Linear's types without the native kernel) is dequantized into a
+dense Linear of the model dtype.
 """
 
 from __future__ import annotations

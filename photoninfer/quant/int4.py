@@ -107,7 +107,6 @@ class Int4Linear(PackedLinear):
         return y.to(x.dtype)
 
 
-
 def dense_weight(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """The weight the kernel computes with, (q - 8) * scale + zero from the bf16 scales and zeros, as a
     dense bf16 [out, in] matrix. codes: uint8 [out, in]; scales_and_zeros: [groups, out, 2]."""
