@@ -183,13 +183,14 @@ MODELS = {"Q8_0": (Q.Q8_0, None, {Int8Linear}), "Q6_K": (Q.Q6_K, None, {Int8Line
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gguf_model_runs_packed_and_agrees_with_float32(kernel, name, tmp_path, monkeypatch, smol_tokenizer_dir):
     """A tiny GGUF of these types: every projection packed for the native kernel, each decode step one native
-    call per layer; hidden states within float32 summation error of the float32 model's at every step, and
-    the same greedy tokens through the engine."""
+    call per layer; hidden states within float32 summation error of the float32 model's at every step (and the
+    same from the weight cache), and the same greedy tokens through the engine."""
     from test_cpu_fast import BLOCK, run_steps
 
     from photoninfer import LLM, SamplingParams
     from photoninfer.config import packs_weights
     from photoninfer.model import native_decode
+    from photoninfer.model.llama import CausalLM
     from photoninfer.model.loader import build_model, load_checkpoint
     from photoninfer.runner.attention import TorchPagedAttention
 
@@ -213,6 +214,13 @@ def test_gguf_model_runs_packed_and_agrees_with_float32(kernel, name, tmp_path, 
     for e, g in zip(expected, got):
         assert (g - e).abs().max() <= 1e-4 * e.abs().max()
     assert (got[-1] - expected[-2]).abs().max() > 0.1 * expected[-1].abs().max()
+    with monkeypatch.context() as patch:  # the finished weights mapped from the weight cache, formats and all
+        patch.setattr(CausalLM, "load_weights", lambda *args, **kwargs: pytest.fail("not from the weight cache"))
+        cached = build_model(load_checkpoint(path), cpu, torch.float32, pack=True)
+    cached.attention = packed.attention
+    assert [m.native_format for m in linears] == [m.native_format for layer in cached.layers for m in (
+        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    assert all(torch.equal(g, c) for g, c in zip(got, run_steps(cached, [5, 13, 1], decode_steps=3)))
     if not packs_weights("auto", cpu):
         return
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
