@@ -79,7 +79,9 @@ def fast_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_cac
 
 
 def _norm(norm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps).to(dtype)
+    # (a bf16 model's residual is float32 in steps of the native kernel: the weight follows it, as torch's
+    # fused rms_norm wants one dtype)
+    return F.rms_norm(x, norm.weight.shape, norm.weight.to(x.dtype), norm.eps).to(dtype)
 
 
 def _reorder_dense_weights(model) -> None:
