@@ -118,6 +118,20 @@ def test_fused_layer_mixing_types_runs_packed(kernel, types, fmt):
     assert not torch.equal(many[:1], layer.exact(x[:1]))
 
 
+def test_threads_give_the_same_result(kernel):
+    """Panels are split between threads, sums are not: 1 and 2 threads agree bit for bit in every format."""
+    layers = [packed_layer([gguf_blocks(t, 64, 512, seed=6)]) for t in (Q.Q8_0, Q.Q5_1, Q.Q5_K, Q.Q6_K)]
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [layer.exact(x) for layer in layers]
+        torch.set_num_threads(2)
+        assert all(torch.equal(layer.exact(x), y) for layer, y in zip(layers, one))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_scalar_build_matches_the_reference(tmp_path, monkeypatch):
     """The fallback for CPUs without AVX-512, built here with AVX-512 turned off, in every format."""
     monkeypatch.setenv("PHOTONINFER_CACHE", str(tmp_path))
