@@ -1,6 +1,9 @@
 """The CPU matmul kernels of the fast path on SmolLM2-135M's shapes: our native float32 Q4_1 kernel
 (photoninfer/quant/q4_kernels.c) vs torch's `_weight_int4pack_mm_for_cpu` (bf16) vs the dense bf16 oneDNN
-matmul, at a few row counts and thread counts. Random weights; times are per call, best of --repeat.
+matmul vs a dense float32 F.linear (dtype float32: what a CPU without native bf16 runs), at a few row counts
+and thread counts. Random weights; times are per call, best of --repeat.
+PHOTONINFER_NATIVE=avx2 times our AVX2 path on an AVX-512 CPU; add ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 to hold torch's kernels to AVX2 as well.
 
     python scripts/bench_cpu_kernels.py [--rows 1,4,16] [--threads 1,2] [--json out.json]
 
@@ -40,8 +43,17 @@ def random_layer(k: int, n: int, seed: int = 0):
     sz = torch.stack([torch.from_numpy(d.astype(np.float32)).t(), torch.from_numpy(m.astype(np.float32)).t()
                       + 8 * torch.from_numpy(d.astype(np.float32)).t()], -1).to(torch.bfloat16).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes).to(torch.int32), 1)
-    onednn = torch.ops.mkldnn._reorder_linear_weight(dense.to(torch.bfloat16), 16)
-    return blocks, dense, packed, sz, onednn
+    return blocks, dense, packed, sz, bf16_linear(dense.to(torch.bfloat16))
+
+
+def bf16_linear(weight: torch.Tensor):
+    """x -> x @ weight^T in bf16: oneDNN's own layout (as cpu_fast.py), or plain F.linear where oneDNN has no bf16
+    path (a CPU without AVX512-BF16/AVX-NE-CONVERT, or ONEDNN_MAX_CPU_ISA=AVX2)."""
+    try:
+        onednn = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+    except RuntimeError:
+        return lambda x: F.linear(x, weight)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], "")
 
 
 def best_us(fn, repeat: int) -> float:
@@ -66,14 +78,15 @@ def main() -> None:
     kernel = native.kernel()
     if kernel is None:
         sys.exit("the native kernel is unavailable here (see the warning above)")
+    print(f"native kernel: {kernel.simd}-bit vectors ({_cpu_name()}, torch {torch.__version__})")
     layers = {name: random_layer(k, n) for name, (k, n) in SHAPES.items()}
     results = []
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
         for rows in map(int, args.rows.split(",")):
-            total = {"native": 0.0, "int4": 0.0, "dense_bf16": 0.0}
+            total = {"native": 0.0, "int4": 0.0, "dense_bf16": 0.0, "dense_f32": 0.0}
             for name, (k, n) in SHAPES.items():
-                blocks, dense, packed, sz, onednn = layers[name]
+                blocks, dense, packed, sz, bf16 = layers[name]
                 x = torch.randn(rows, k)
                 xb = x.to(torch.bfloat16)
                 err = (kernel.matmul(x, blocks) - F.linear(x, dense)).abs().max().item()
@@ -81,21 +94,22 @@ def main() -> None:
                        "native_us": best_us(lambda: kernel.matmul(x, blocks), args.repeat),
                        "int4_us": best_us(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, sz).float(),
                                           args.repeat),
-                       "dense_bf16_us": best_us(lambda: torch.ops.mkldnn._linear_pointwise(xb, onednn, None, "none", [], "").float(),
-                                                args.repeat)}
+                       "dense_bf16_us": best_us(lambda: bf16(xb).float(), args.repeat),
+                       "dense_f32_us": best_us(lambda: F.linear(x, dense), args.repeat)}
                 results.append(row)
                 if name != "head":
                     for key in total:
                         total[key] += row[f"{key}_us"] * LAYERS / 1000
                 print(f"threads {threads} rows {rows:2d} {name:8s} {k}->{n:5d}: native {row['native_us']:8.1f} us  "
-                      f"int4 {row['int4_us']:8.1f} us  dense bf16 {row['dense_bf16_us']:8.1f} us  (err {err:.1e})")
+                      f"int4 {row['int4_us']:8.1f} us  dense bf16 {row['dense_bf16_us']:8.1f} us  "
+                      f"dense f32 {row['dense_f32_us']:8.1f} us  (err {err:.1e})")
             print(f"threads {threads} rows {rows:2d} 30 layers: native {total['native']:.2f} ms  int4 {total['int4']:.2f} ms"
-                  f"  dense bf16 {total['dense_bf16']:.2f} ms")
+                  f"  dense bf16 {total['dense_bf16']:.2f} ms  dense f32 {total['dense_f32']:.2f} ms")
     if args.model_pass:
         results += model_pass(kernel, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": _cpu_name(), "torch": torch.__version__, "results": results}, f, indent=1)
+            json.dump({"cpu": _cpu_name(), "torch": torch.__version__, "simd": kernel.simd, "results": results}, f, indent=1)
 
 
 def model_pass(kernel, args) -> list[dict]:
@@ -112,8 +126,8 @@ def model_pass(kernel, args) -> list[dict]:
                 "native": lambda: [kernel.matmul(xs[k], w[0]) for layer in copies for (k, _), w in layer],
                 "int4": lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(xb[k], w[2], 32, w[3])
                                  for layer in copies for (k, _), w in layer],
-                "dense_bf16": lambda: [torch.ops.mkldnn._linear_pointwise(xb[k], w[4], None, "none", [], "")
-                                       for layer in copies for (k, _), w in layer]}
+                "dense_bf16": lambda: [w[4](xb[k]) for layer in copies for (k, _), w in layer],
+                "dense_f32": lambda: [F.linear(xs[k], w[1]) for layer in copies for (k, _), w in layer]}
             row = {"model_pass": True, "rows": m, "threads": threads}
             for name, fn in paths.items():
                 fn()
@@ -125,7 +139,8 @@ def model_pass(kernel, args) -> list[dict]:
                 row[f"{name}_ms"] = best * 1000
             rows.append(row)
             print(f"threads {threads} rows {m:2d} model pass (30 distinct layer sets): native {row['native_ms']:.2f} ms  "
-                  f"int4 {row['int4_ms']:.2f} ms  dense bf16 {row['dense_bf16_ms']:.2f} ms")
+                  f"int4 {row['int4_ms']:.2f} ms  dense bf16 {row['dense_bf16_ms']:.2f} ms  "
+                  f"dense f32 {row['dense_f32_ms']:.2f} ms")
     return rows
 
 

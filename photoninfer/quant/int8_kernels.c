@@ -12,19 +12,20 @@
  *
  * Per group and row: sum_k w_k x_k = s * sum_k q_k x_k + b * sum_k x_k, the group sums of x computed once per
  * call. q * x is exact in float32, so the result is F.linear(x, dequantize(W)) up to the order and rounding of
- * float32 sums. AVX-512 path and a scalar path (built and tested; slower), as q4_kernels.c.
+ * float32 sums. AVX-512, AVX2 + FMA and scalar paths (built and tested; the scalar one slower), as q4_kernels.c.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define PANEL 16
-#define MAX_MT 8 /* rows of x per pass over a panel */
 
 static inline int64_t record_bytes(int group, int biased) { return PANEL * group + 64 + (biased ? 64 : 0); }
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+#define MAX_MT 8 /* rows of x per pass over a panel */
 
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048 /* ahead of the record being read (q4_kernels.c's distance) */
@@ -78,7 +79,68 @@ static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, c
     else FORMAT_CASE(32, 1)
 }
 
+#elif defined(__AVX2__) && defined(__FMA__) /* 8 lanes: as q4_kernels.c's AVX2 panel, two vectors per panel */
+#include <immintrin.h>
+
+#define MAX_MT 4 /* rows of x per pass; their totals kept in y, so the registers hold only a group's sums */
+
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 2048
+#endif
+
+static inline __attribute__((always_inline)) void panel(const float *x, int64_t ldx, const float *sums,
+                                                        const uint8_t *w, int64_t groups, float *y, int64_t ldy,
+                                                        const int MT, const int G, const int BIASED) {
+    const int CHAINS = MT == 1 ? 4 : MT == 2 ? 2 : 1; /* independent sums: enough FMAs in flight */
+    const int64_t R = record_bytes(G, BIASED);
+    for (int i = 0; i < MT; i++) {
+        _mm256_storeu_ps(y + i * ldy, _mm256_setzero_ps());
+        _mm256_storeu_ps(y + i * ldy + 8, _mm256_setzero_ps());
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *rec = w + g * R;
+        for (int l = 0; l < R; l += 64) _mm_prefetch((const char *)(rec + PREFETCH_BYTES + l), _MM_HINT_T0);
+        __m256 part[MT][CHAINS][2];
+        for (int i = 0; i < MT; i++)
+            for (int c = 0; c < CHAINS; c++) part[i][c][0] = part[i][c][1] = _mm256_setzero_ps();
+#pragma GCC unroll 32
+        for (int k = 0; k < G; k++)
+            for (int h = 0; h < 2; h++) { /* rows 8 h .. 8 h + 7: 8 code bytes */
+                const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(rec + 16 * k + 8 * h))));
+                for (int i = 0; i < MT; i++)
+                    part[i][k % CHAINS][h] = _mm256_fmadd_ps(q, _mm256_set1_ps(x[i * ldx + g * G + k]), part[i][k % CHAINS][h]);
+            }
+        for (int h = 0; h < 2; h++) {
+            const __m256 s = _mm256_loadu_ps((const float *)(rec + PANEL * G + 32 * h));
+            for (int i = 0; i < MT; i++) {
+                __m256 p = part[i][0][h];
+                for (int c = 1; c < CHAINS; c++) p = _mm256_add_ps(p, part[i][c][h]);
+                __m256 acc = _mm256_fmadd_ps(s, p, _mm256_loadu_ps(y + i * ldy + 8 * h));
+                if (BIASED)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps((const float *)(rec + PANEL * G + 64 + 32 * h)),
+                                          _mm256_set1_ps(sums[i * groups + g]), acc);
+                _mm256_storeu_ps(y + i * ldy + 8 * h, acc);
+            }
+        }
+    }
+}
+
+#define ROWS_CASE(MT, G, B) \
+    case MT: panel(x, ldx, sums, w, groups, y, ldy, MT, G, B); break;
+#define FORMAT_CASE(G, B) \
+    switch (mt) { ROWS_CASE(1, G, B) ROWS_CASE(2, G, B) ROWS_CASE(3, G, B) ROWS_CASE(4, G, B) }
+
+static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t groups,
+                       int group, int biased, float *y, int64_t ldy) {
+    if (group == 16 && !biased) FORMAT_CASE(16, 0)
+    else if (group == 16) FORMAT_CASE(16, 1)
+    else if (!biased) FORMAT_CASE(32, 0)
+    else FORMAT_CASE(32, 1)
+}
+
 #else /* scalar fallback: the same sums */
+
+#define MAX_MT 8
 
 static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t groups,
                        int group, int biased, float *y, int64_t ldy) {

@@ -4,9 +4,10 @@ int8 codes (Q8_0, Q5_K, Q6_K, mixed K-quant layers); packed_matmul.c: one entry 
 cpu_layer.c: a whole decoder layer of a decode step on top of them (used by model/cpu_fast.py).
 
 The shared library is cached under the PhotonInfer cache dir (native/), keyed by a hash of the sources, the
-flags and the compiler's version, so it is built once per machine (a few seconds). No compiler, a failed build or a CPU that
-is not x86-64 (or lacks AVX-512: the scalar path is slower than torch's kernel): `kernel()` returns None after
-one warning, and callers keep torch's path.
+flags and the compiler's version, so it is built once per machine (a few seconds). `-march=native` picks the
+kernels' AVX-512 path, else their AVX2+FMA path (q4_simd() says 512 or 256). No compiler, a failed build or a CPU
+that is not x86-64 (or lacks AVX2: the scalar path is slower than torch's kernel): `kernel()` returns None after
+one warning, and callers keep torch's path. ISA_FLAGS build the other paths on this CPU (tests, benchmarks).
 
 ctypes releases the GIL around the call; threads are OpenMP's, as many as torch uses. The library needs
 libgomp.so.1, which resolves to the copy torch has loaded already, so both share one thread pool.
@@ -37,7 +38,9 @@ SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
 PANEL = 16  # rows of a panel (every format)
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"]
 LIBS = ["-lm"]
-DISABLE_ENV = "PHOTONINFER_NATIVE"  # "0" turns the native kernel off (torch's path is used)
+DISABLE_ENV = "PHOTONINFER_NATIVE"  # "0" turns the native kernel off (torch's path is used); "avx2" builds it
+# without AVX-512 (what an AVX2 CPU runs, to measure it on an AVX-512 one)
+ISA_FLAGS = {"avx2": ["-mno-avx512f"], "scalar": ["-mno-avx2"]}  # after FLAGS: a path below this CPU's best
 
 _kernel: Optional["Q4Kernel"] = None
 _tried = False
@@ -191,18 +194,19 @@ def kernel() -> Optional[Q4Kernel]:
 
 
 def _load() -> Optional[Q4Kernel]:
-    if os.environ.get(DISABLE_ENV) == "0":
+    choice = os.environ.get(DISABLE_ENV, "")
+    if choice == "0":
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         logger.warning("native 4-bit kernel: %s is not x86-64; using torch's int4 kernel", platform.machine())
         return None
     try:
-        lib = Q4Kernel(ctypes.CDLL(build()))
+        lib = Q4Kernel(ctypes.CDLL(build(FLAGS + ISA_FLAGS.get(choice, []))))
     except (OSError, RuntimeError) as e:
         logger.warning("native 4-bit kernel unavailable (%s); using torch's int4 kernel", e)
         return None
     if not lib.simd:
-        logger.warning("native 4-bit kernel: this CPU has no AVX-512; using torch's int4 kernel")
+        logger.warning("native 4-bit kernel: this CPU has neither AVX-512 nor AVX2+FMA; using torch's int4 kernel")
         return None
     return lib
 

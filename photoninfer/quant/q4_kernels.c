@@ -13,8 +13,10 @@
  *
  * Per block and row: sum_k w_k x_k = d * sum_k q_k x_k + m * sum_k x_k, the block sums of x computed once
  * per call. The products q * x are exact, so the result is F.linear(x, dequantize(W)) up to the order and
- * rounding of float32 sums (~1e-6 relative). A code becomes a float by a permute from the table 0..15.
- * AVX-512 path, and a scalar path for other CPUs (built and tested, slower than torch's kernel).
+ * rounding of float32 sums (~1e-6 relative).
+ * Three paths, chosen at compile time (-march=native): AVX-512 (a code becomes a float by a permute from the
+ * table 0..15 or 0..31), AVX2 + FMA + F16C (two 8-lane vectors per panel row set; int -> float conversion), and
+ * a scalar one for other CPUs (built and tested, slower than torch's kernel). q4_simd() says which.
  * No torch headers: plain C, loaded with ctypes; threads from OpenMP (torch's own libgomp when loaded).
  */
 #include <stdint.h>
@@ -25,7 +27,6 @@
 #define PANEL 16
 
 static inline int record_bytes(int f32, int five) { return 256 + (five ? 64 : 0) + (f32 ? 128 : 64); }
-#define MAX_MT 8 /* rows of x per pass over a panel */
 
 /* fp16 bits -> float (exact), portable */
 static inline float half_to_float(uint16_t h) {
@@ -50,6 +51,9 @@ static inline float half_to_float(uint16_t h) {
 #include <immintrin.h>
 
 int q4_simd(void) { return 512; }
+
+#define MAX_MT 8 /* rows of x per pass over a panel */
+#define SCALED_X 0
 
 #ifndef PREFETCH_BLOCKS
 #define PREFETCH_BLOCKS 8 /* records ahead: the hardware prefetcher alone leaves a core waiting on memory */
@@ -122,9 +126,100 @@ static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, c
     else FORMAT_CASE(1, 1)
 }
 
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) /* AVX2 + FMA: most laptops, older AMD */
+#include <immintrin.h>
+
+int q4_simd(void) { return 256; }
+
+#define MAX_MT 4   /* rows of x per pass over a panel */
+#define SCALED_X 1 /* the panel reads x times 16^-t at input t of each 8 (see below) */
+
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 8
+#endif
+
+/* As the AVX-512 panel, 8 lanes wide: a panel's 16 rows are two vectors (h = 0: rows 0..7, h = 1: rows 8..15).
+ * A code becomes a float by int -> float conversion, not by a permute (an 8-entry table needs two and a blend:
+ * measured 2x slower), and without a shift: nibble t is masked in place, so the integer is q * 16^t, multiplied
+ * with x already scaled by 16^-t (q4_matmul's scaled copy; t = 7 is shifted down instead, as the top nibble
+ * would make the integer negative). A fifth bit is shifted to just above its nibble. Powers of two: the
+ * products are q * x exactly (but for |x| < 2^-102, whose scaled copy is subnormal: an error below 1e-36 a
+ * product). That leaves 3 ops per 8 codes (mask, convert, FMA), 1.5 with 4 rows of x. 4 rows at a time, their
+ * totals kept in y (updated once a block, in the L1 cache), so the 16 registers hold only the block's sums:
+ * 8 vectors whatever the rows (measured: totals in registers allow 2 rows, 20% slower at 3-4 rows; decoding a
+ * chunk of the panel once into float32 for a dense kernel over many rows was no faster). */
+static inline __attribute__((always_inline)) void panel(const float *x, int64_t ldx, const float *sums,
+                                                        const uint8_t *w, int64_t blocks, float *y, int64_t ldy,
+                                                        const int MT, const int F32, const int FIVE) {
+    const int R = record_bytes(F32, FIVE), S = FIVE ? 320 : 256; /* S: where d starts */
+    const int CHAINS = MT == 1 ? 4 : MT == 2 ? 2 : 1; /* independent sums: enough FMAs in flight */
+    for (int i = 0; i < MT; i++) {
+        _mm256_storeu_ps(y + i * ldy, _mm256_setzero_ps());
+        _mm256_storeu_ps(y + i * ldy + 8, _mm256_setzero_ps());
+    }
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *rec = w + b * R;
+        for (int l = 0; l < R; l += 64) _mm_prefetch((const char *)(rec + PREFETCH_BLOCKS * R + l), _MM_HINT_T0);
+        __m256 part[MT][CHAINS][2];
+        for (int i = 0; i < MT; i++)
+            for (int c = 0; c < CHAINS; c++) part[i][c][0] = part[i][c][1] = _mm256_setzero_ps();
+        const __m256i high[2] = {FIVE ? _mm256_loadu_si256((const __m256i *)(rec + 256)) : _mm256_setzero_si256(),
+                                 FIVE ? _mm256_loadu_si256((const __m256i *)(rec + 288)) : _mm256_setzero_si256()};
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) {
+            const __m256i v[2] = {_mm256_loadu_si256((const __m256i *)(rec + 64 * j)),
+                                  _mm256_loadu_si256((const __m256i *)(rec + 64 * j + 32))};
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++) {
+                const int c = (j * 8 + t) % CHAINS, k = 8 * j + t, top = t == 7 ? 4 : 4 * t + 4; /* fifth bit's place */
+                for (int h = 0; h < 2; h++) {
+                    __m256i n = t == 7 ? _mm256_srli_epi32(v[h], 28)
+                                       : _mm256_and_si256(v[h], _mm256_set1_epi32(15 << (4 * t)));
+                    if (FIVE) { /* bit k of high -> bit `top` */
+                        const __m256i moved = k >= top ? _mm256_srli_epi32(high[h], k - top)
+                                                       : _mm256_slli_epi32(high[h], top - k);
+                        n = _mm256_or_si256(n, _mm256_and_si256(moved, _mm256_set1_epi32(1 << top)));
+                    }
+                    const __m256 q = _mm256_cvtepi32_ps(n); /* q * 16^t (t < 7), q (t = 7) */
+                    for (int i = 0; i < MT; i++)
+                        part[i][c][h] = _mm256_fmadd_ps(q, _mm256_set1_ps(x[i * ldx + b * GROUP + k]), part[i][c][h]);
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 d = F32 ? _mm256_loadu_ps((const float *)(rec + S + 32 * h))
+                                 : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + S + 16 * h)));
+            const __m256 m = F32 ? _mm256_loadu_ps((const float *)(rec + S + 64 + 32 * h))
+                                 : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + S + 32 + 16 * h)));
+            for (int i = 0; i < MT; i++) {
+                __m256 s = part[i][0][h];
+                for (int c = 1; c < CHAINS; c++) s = _mm256_add_ps(s, part[i][c][h]);
+                const __m256 acc = _mm256_fmadd_ps(d, s, _mm256_loadu_ps(y + i * ldy + 8 * h));
+                _mm256_storeu_ps(y + i * ldy + 8 * h, _mm256_fmadd_ps(m, _mm256_set1_ps(sums[i * blocks + b]), acc));
+            }
+        }
+    }
+}
+
+#define PANEL_CASE(MT, F32, FIVE) \
+    case MT: panel(x, ldx, sums, w, blocks, y, ldy, MT, F32, FIVE); break;
+#define FORMAT_CASE(F32, FIVE) \
+    switch (mt) { PANEL_CASE(1, F32, FIVE) PANEL_CASE(2, F32, FIVE) PANEL_CASE(3, F32, FIVE) PANEL_CASE(4, F32, FIVE) }
+
+static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t blocks,
+                       int f32, int five, float *y, int64_t ldy) {
+    if (!f32 && !five) FORMAT_CASE(0, 0)
+    else if (!five) FORMAT_CASE(1, 0)
+    else if (!f32) FORMAT_CASE(0, 1)
+    else FORMAT_CASE(1, 1)
+}
+
 #else /* scalar fallback: the same sums */
 
 int q4_simd(void) { return 0; }
+
+#define MAX_MT 8
+#define SCALED_X 0
 
 static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t blocks,
                        int f32, int five, float *y, int64_t ldy) {
@@ -170,12 +265,18 @@ static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, c
 int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int f32, int five, float *y,
               int nthreads) {
     const int64_t blocks = K / GROUP, panels = N / PANEL, R = record_bytes(f32, five);
-    float *sums = malloc(sizeof(float) * (M * blocks + 1));
+    float *sums = malloc(sizeof(float) * (M * blocks + (SCALED_X ? M * K : 0) + 1));
     if (!sums) return -1;
     for (int64_t i = 0; i < M * blocks; i++) {
         float s = 0.0f;
         for (int k = 0; k < GROUP; k++) s += x[i * GROUP + k];
         sums[i] = s;
+    }
+    if (SCALED_X) { /* x * 16^-t at input t of each 8, but t = 7: the AVX2 panel's codes come as q * 16^t */
+        static const float scale[8] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f};
+        float *scaled = sums + M * blocks;
+        for (int64_t i = 0; i < M * K; i++) scaled[i] = x[i] * scale[i % 8];
+        x = scaled;
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int64_t p = 0; p < panels; p++)

@@ -51,12 +51,20 @@ def packed_layer(parts: list[GGUFBlocks]) -> PackedLinear:
     return layer
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    k = native.kernel()
-    if k is None:
-        pytest.skip("the native kernel is not available on this machine (no compiler or no AVX-512)")
-    return k
+@pytest.fixture(scope="module", params=["best", "avx2"])
+def kernel(request):
+    """The kernels as the engine loads them (native.kernel(), also inside the layers): this CPU's best path,
+    then the AVX2 one, built without AVX-512."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "_kernel", None)
+        mp.setattr(native, "_tried", False)
+        if request.param == "avx2":
+            mp.setenv(native.DISABLE_ENV, "avx2")
+        k = native.kernel()
+        if k is None:
+            pytest.skip("the native kernel is not available on this machine (no compiler or no AVX2)")
+        assert k.simd == 256 if request.param == "avx2" else k.simd in (256, 512)
+        yield k
 
 
 @pytest.mark.parametrize("qtype", [*SIMPLE, *KQUANTS, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
@@ -132,15 +140,17 @@ def test_threads_give_the_same_result(kernel):
         torch.set_num_threads(threads)
 
 
-def test_scalar_build_matches_the_reference(tmp_path, monkeypatch):
-    """The fallback for CPUs without AVX-512, built here with AVX-512 turned off, in every format."""
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_other_builds_match_the_reference(isa, tmp_path, monkeypatch):
+    """The paths for CPUs without AVX-512 (AVX2) and without AVX2 (scalar), built here with those turned off,
+    in every format."""
     monkeypatch.setenv("PHOTONINFER_CACHE", str(tmp_path))
     try:
-        path = native.build(native.FLAGS + ["-mno-avx512f"])
+        path = native.build(native.FLAGS + native.ISA_FLAGS[isa])
     except RuntimeError as e:
         pytest.skip(f"no C compiler here: {e}")
-    scalar = native.Q4Kernel(ctypes.CDLL(path))
-    assert scalar.simd == 0
+    lib = native.Q4Kernel(ctypes.CDLL(path))
+    assert lib.simd == {"scalar": 0, "avx2": 256}[isa]
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(5))
     cases = [[gguf_blocks(t, 32, 512, seed=3)] for t in (*SIMPLE, *KQUANTS, Q.Q4_1)]
     cases.append([gguf_blocks(Q.Q4_K, 32, 512, seed=4), gguf_blocks(Q.Q6_K, 16, 512, seed=5)])  # groups of 16, biases
@@ -149,7 +159,7 @@ def test_scalar_build_matches_the_reference(tmp_path, monkeypatch):
     for parts in cases:
         layer = packed_layer(parts)
         formats.add(layer.native_format)
-        assert_float32_close(scalar.matmul(x, layer.panels, layer.native_format), x,
+        assert_float32_close(lib.matmul(x, layer.panels, layer.native_format), x,
                              torch.cat([p.dequantize() for p in parts]))
     assert formats == set(native.FORMATS.values())
 
