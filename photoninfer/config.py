@@ -115,10 +115,25 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def packs_weights(dtype_name: str, device: torch.device) -> bool:
-    """Whether GGUF 4-bit layers run packed (photoninfer.quant, bf16 matmul inputs): on a CPU with native
+    """Whether GGUF 4-bit layers run packed (photoninfer.quant, the CPU fast path): on a CPU with native
     bf16 for dtype "auto" (float32 everywhere else: the quality of the float32 reference within 1% top-1)
-    and "bfloat16" (bf16 everywhere: faster, less exact). dtype "float32" is the exact reference path."""
-    return device.type == "cpu" and dtype_name in ("auto", "bfloat16", "bf16") and cpu_has_native_bf16()
+    and "bfloat16" (bf16 everywhere: faster, less exact); on other CPUs for "auto" where our native 4-bit
+    kernel runs (AVX2: every packed layer through it for every step, see cpu_dense_dtype). dtype "float32" is
+    the exact reference path."""
+    if device.type != "cpu" or dtype_name not in ("auto", "bfloat16", "bf16"):
+        return False
+    if cpu_has_native_bf16():
+        return True
+    from photoninfer.quant import native  # (it imports this module)
+
+    return dtype_name == "auto" and native.kernel() is not None
+
+
+def cpu_dense_dtype() -> torch.dtype:
+    """The dtype of the CPU fast path's dense weight copies (steps of many tokens, the LM head's many rows):
+    bf16 where the CPU computes it natively; else float32 (oneDNN has no bf16 there, and torch's emulated
+    bf16 matmul is ~4x slower than its float32 one)."""
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def physical_cpu_cores() -> int:

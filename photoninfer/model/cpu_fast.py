@@ -5,12 +5,13 @@ keeps the reference forward of llama.py, which this one is tested against. On a 
 step is per-op overhead, so:
   * what every layer shares is computed once per step (the rotary cos/sin of the step's positions);
   * where every packed layer runs our native float32 kernel (quant/native.py; model.runs_native), a step of up
-    to EXACT_MAX_ROWS tokens runs all its matmuls through it and stays float32 (exact weights), and a decode
-    step of up to native_decode.MAX_ROWS sequences is one native call per layer (native_decode.py) instead of
-    the torch ops below;
-  * otherwise the matmuls take and give bf16 (torch's packed kernels' fast dtype): norms hand them bf16
-    directly and SiLU·mul runs on their bf16 output; the residual stream, RoPE and attention stay in the model
-    dtype (float32 for auto);
+    to EXACT_MAX_ROWS tokens (any step on a CPU without native bf16: there the layers keep no dense copies)
+    runs all its matmuls through it and stays float32 (exact weights), and a decode step of up to
+    native_decode.MAX_ROWS sequences is one native call per layer (native_decode.py) instead of the torch ops
+    below;
+  * otherwise the matmuls take and give bf16 (torch's packed kernels' fast dtype; float32 on a CPU without
+    native bf16, config.cpu_dense_dtype): norms hand them bf16 directly and SiLU·mul runs on their bf16 output;
+    the residual stream, RoPE and attention stay in the model dtype (float32 for auto);
   * the norms are torch's fused rms_norm, and q and k rotate as one tensor (they are adjacent in qkv);
   * in those bf16 steps the packed layers run torch's 4-bit kernel only in decode steps of fewer than
     DENSE_MIN_ROWS rows; every other step (batched decode, any prompt) multiplies by their dense bf16 copies,
@@ -26,11 +27,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from photoninfer.config import cpu_dense_dtype
 from photoninfer.model import native_decode
 from photoninfer.quant.packed import DENSE_MIN_ROWS, PackedLinear
 from photoninfer.runner.attention import write_kv
 
-MATMUL_DTYPE = torch.bfloat16  # of the matmuls' inputs and outputs, except in steps of the native kernel
 # Steps of up to this many tokens run every packed matmul through the native float32 kernel (exact weights);
 # longer ones (long prompts, many prompts at once) through the dense bf16 copies (AMX: ~5x faster there).
 EXACT_MAX_ROWS = int(os.environ.get("PHOTONINFER_EXACT_MAX_ROWS", 512))
@@ -61,10 +62,11 @@ def fast_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_cac
         hidden = native_decode.forward(model, input_ids, positions, kv_caches, meta)
         if hidden is not None:
             return hidden
-    exact = model.runs_native and len(input_ids) <= EXACT_MAX_ROWS  # every matmul: the native float32 kernel
+    # every matmul through the native float32 kernel (any step where the CPU lacks native bf16: no dense copies)
+    exact = model.runs_native and (len(input_ids) <= EXACT_MAX_ROWS or model.dense_dtype == torch.float32)
     dense = not exact and not (meta.decode_only and len(input_ids) < DENSE_MIN_ROWS)
     rope = StepRope(model.rope, positions)
-    act = torch.float32 if exact else MATMUL_DTYPE  # the matmuls' inputs
+    act = torch.float32 if exact else model.dense_dtype  # the matmuls' inputs
     residual = None
     x = model.embed_tokens(input_ids)
     for layer, kv_cache in zip(model.layers, kv_caches):
@@ -85,21 +87,25 @@ def _norm(norm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _reorder_dense_weights(model) -> None:
-    """Give each packed layer `onednn_weight`: its dense bf16 copy in oneDNN's layout (a plain attribute, not
+    """Give each packed layer `onednn_weight`: its dense copy in oneDNN's layout (a plain attribute, not
     saved with the weights: the layout belongs to this machine's oneDNN). Sets model.runs_native: all packed
-    layers run the native kernel for few rows (float32 steps)."""
+    layers run the native kernel for few rows (float32 steps), and model.dense_dtype: the other steps' matmul
+    dtype."""
     packed = [module for module in model.modules() if isinstance(module, PackedLinear)]
     if torch.backends.mkldnn.is_available():
         for module in packed:
-            module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(module.dense, 16)
+            if module.dense.numel():
+                module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(module.dense, 16)
     model.runs_native = bool(packed) and all(module.runs_native for module in packed)
+    model.dense_dtype = cpu_dense_dtype()
     model.onednn_ready = True
 
 
 def _matmul(linear, x: torch.Tensor, dense: bool) -> torch.Tensor:
-    """x's dtype in and out (bf16, or float32 in steps of the native kernel); `dense` (bf16): a packed layer
-    multiplies by its dense copy. A layer that is not packed (e.g. a K-quant q/k/v mix) runs in its own dtype."""
-    if dense and isinstance(linear, PackedLinear):
+    """x's dtype in and out (model.dense_dtype, or float32 in steps of the native kernel); `dense`: a packed
+    layer multiplies by its dense copy if it has one (else it runs the native kernel). A layer that is not
+    packed (e.g. a K-quant q/k/v mix) runs in its own dtype."""
+    if dense and isinstance(linear, PackedLinear) and linear.dense.numel():
         onednn_weight = getattr(linear, "onednn_weight", None)
         if onednn_weight is not None:  # computes exactly F.linear(x, linear.dense, linear.bias)
             return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, linear.bias, "none", [], "")

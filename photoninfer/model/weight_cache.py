@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from photoninfer.config import ModelConfig, cache_dir
+from photoninfer.config import ModelConfig, cache_dir, cpu_dense_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ def save_header(path: str, config: ModelConfig, num_tensors: int, tensor_types: 
 def weights_file(path: str, dtype: torch.dtype, device: torch.device, pack: bool) -> str:
     from photoninfer.quant import native
 
-    # packed layers hold the native kernel's layout where it is available here, torch's where not
+    # packed layers hold the native kernel's layout where it is available here, torch's where not; on a CPU
+    # without native bf16 they keep no dense bf16 copies (config.cpu_dense_dtype)
     packing = ("-packed-native" if native.kernel() is not None else "-packed") if pack else ""
+    packing += "-dense-float32" if pack and cpu_dense_dtype() == torch.float32 else ""
     variant = f"{str(dtype).removeprefix('torch.')}-{device.type}{packing}"
     return os.path.join(entry_dir(path), f"weights-{variant}.pt")
 

@@ -72,7 +72,8 @@ class Int4Linear(PackedLinear):
 
     def process_weights_after_loading(self) -> None:
         """Pack the codes for the native kernel (float16 scales and biases where they fit, else float32) or
-        else for torch's kernel (scales/zeros [groups, out, 2] bf16); keep the dense bf16 copy for many rows."""
+        else for torch's kernel (scales/zeros [groups, out, 2] bf16); keep the dense copy for many rows
+        (PackedLinear._set_dense; torch's kernel runs packed only on CPUs with native bf16)."""
         codes, scales, biases = self.weight.data, self._scales, self._biases
         self._scales = self._biases = None  # the loading buffers are not needed any more
         if native.kernel() is not None:
@@ -81,8 +82,8 @@ class Int4Linear(PackedLinear):
                                  native.Q4_F16)
             else:
                 self._set_panels(native.pack_panels(codes.numpy(), scales.numpy(), biases.numpy()), native.Q4_F32)
-            self.dense = (codes.float() * scales.repeat_interleave(GROUP_SIZE, 1)
-                          + biases.repeat_interleave(GROUP_SIZE, 1)).to(ACTIVATION_DTYPE)
+            self._set_dense(lambda: codes.float() * scales.repeat_interleave(GROUP_SIZE, 1)
+                            + biases.repeat_interleave(GROUP_SIZE, 1))
             self.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
             self.scales_and_zeros = torch.empty(0, dtype=ACTIVATION_DTYPE)
             return
@@ -94,11 +95,12 @@ class Int4Linear(PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in_features] -> [T, out_features] in x's dtype: float32 through the native kernel for fewer
-        than DENSE_MIN_ROWS rows where it runs, else computed with bf16 activations."""
-        if self.runs_native and x.shape[0] < DENSE_MIN_ROWS:
+        than DENSE_MIN_ROWS rows where it runs (any rows without a dense copy); else torch's 4-bit kernel (bf16
+        activations) for few rows and the dense copy for many."""
+        if self.runs_native and (x.shape[0] < DENSE_MIN_ROWS or not self.dense.numel()):
             return self.exact(x.float()).to(x.dtype)
         if x.shape[0] >= DENSE_MIN_ROWS:
-            y = F.linear(x.to(ACTIVATION_DTYPE), self.dense)
+            y = F.linear(x.to(self.dense.dtype), self.dense)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(ACTIVATION_DTYPE), self.weight, GROUP_SIZE,
                                                            self.scales_and_zeros)

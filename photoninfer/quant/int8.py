@@ -22,7 +22,7 @@ from torch import nn
 from photoninfer.errors import ModelLoadError
 from photoninfer.quant import native
 from photoninfer.quant.gguf_blocks import PACKED_TYPES, GGUFBlocks, decode_int8
-from photoninfer.quant.packed import ACTIVATION_DTYPE, PackedLinear, float16_exact, packed_kernel_fits
+from photoninfer.quant.packed import PackedLinear, float16_exact, packed_kernel_fits
 
 FINE_GROUP = 16  # the loading buffers hold one scale and bias per 16 inputs (the finest group of any type)
 
@@ -66,13 +66,13 @@ class Int8Linear(PackedLinear):
 
     def process_weights_after_loading(self) -> None:
         """Pack the codes into 5-bit panels where they fit, else int8 panels (groups of 32 where every part
-        allows, else 16); keep the dense bf16 copy for many rows."""
+        allows, else 16); keep the dense copy for many rows (PackedLinear._set_dense)."""
         if native.kernel() is None:
             raise ModelLoadError("Int8Linear needs PhotonInfer's native kernel, which is unavailable here")
         codes, scales, biases = self.weight.data, self._scales, self._biases
         self._scales = self._biases = None  # the loading buffers are not needed any more
-        self.dense = (codes.float() * scales.repeat_interleave(FINE_GROUP, 1)
-                      + biases.repeat_interleave(FINE_GROUP, 1)).to(ACTIVATION_DTYPE)
+        self._set_dense(lambda: codes.float() * scales.repeat_interleave(FINE_GROUP, 1)
+                        + biases.repeat_interleave(FINE_GROUP, 1))
         if self._groups == {32}:  # every pair of 16-groups shares its scale and bias
             scales, biases = scales[:, ::2].contiguous(), biases[:, ::2].contiguous()
         if self._groups == {32} and int(codes.min()) >= 0 and int(codes.max()) <= 31:

@@ -4,7 +4,8 @@ A packed layer holds
   * `panels`: its weight in one of our native kernel's layouts (uint8; empty where the kernel does not run), and
     `panel_format`, that layout's number (native.FORMATS; a buffer, so the weight cache keeps it);
   * `dense`: the same weight as a dense bf16 matrix, for steps of many rows (a bf16 matmul costs about the same
-    for 1 or 16 rows, the packed kernel's time grows with them).
+    for 1 or 16 rows, the packed kernel's time grows with them); empty on a CPU without native bf16, where the
+    native kernel runs every row count (as fast as a float32 matmul from ~16 rows on; bf16 is emulated there).
 `exact(x)` runs the native kernel: float32 activations, the checkpoint's weights exactly, float32 sums, so it
 equals F.linear(x, blocks.dequantize()) up to the order of float32 sums. cpu_fast.py and native_decode.py use
 these attributes; `forward` is the layer on its own.
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from photoninfer.config import cpu_dense_dtype
 from photoninfer.quant import native
 
 ACTIVATION_DTYPE = torch.bfloat16  # of the dense copy's matmul
@@ -45,6 +47,12 @@ class PackedLinear(nn.Module):
         self.panels, self.panel_format = panels, torch.tensor(fmt.code)
         self.__dict__.pop("_native_format", None)
 
+    def _set_dense(self, weight) -> None:
+        """The dense copy of a layer that runs the native kernel: `weight()` (float32 [out, in]) in bf16 where the
+        CPU has native bf16, else none (config.cpu_dense_dtype)."""
+        bf16 = cpu_dense_dtype() == torch.bfloat16
+        self.dense = weight().to(ACTIVATION_DTYPE) if bf16 else torch.empty(0, dtype=torch.float32)
+
     @property
     def runs_native(self) -> bool:
         """Whether few rows run our native float32 kernel."""
@@ -65,7 +73,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in_features] -> [T, out_features] in x's dtype: the native kernel (float32) for fewer than
-        DENSE_MIN_ROWS rows, else the dense bf16 copy."""
-        if self.runs_native and x.shape[0] < DENSE_MIN_ROWS:
+        DENSE_MIN_ROWS rows (any rows without a dense copy), else the dense bf16 copy."""
+        if self.runs_native and (x.shape[0] < DENSE_MIN_ROWS or not self.dense.numel()):
             return self.exact(x.float()).to(x.dtype)
         return F.linear(x.to(ACTIVATION_DTYPE), self.dense, self.bias).to(x.dtype)

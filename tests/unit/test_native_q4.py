@@ -1,6 +1,7 @@
 """The native 4-bit kernel (quant/q4_kernels.c via quant/native.py) against the float32 reference
-F.linear(x, dequantize()): the AVX-512 build and the scalar one, Q4_0 and Q4_1, fused layers, many row counts;
-and the fallback to torch's kernel where the native one cannot be built."""
+F.linear(x, dequantize()): this CPU's build (AVX-512 or AVX2), the AVX2 one (PHOTONINFER_NATIVE=avx2: every test
+taking `kernel` runs with both) and the scalar one, Q4_0 and Q4_1, fused layers, many row counts; and the
+fallback to torch's kernel where the native one cannot be built."""
 
 from __future__ import annotations
 
@@ -47,12 +48,20 @@ def assert_float32_close(got: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     assert ((got - F.linear(x, weight.roll(1, 0))).abs() > 1e-3 * scale).any()
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    k = native.kernel()
-    if k is None:
-        pytest.skip("the native kernel is not available on this machine (no compiler or no AVX-512)")
-    return k
+@pytest.fixture(scope="module", params=["best", "avx2"])
+def kernel(request):
+    """The kernel as the engine loads it (native.kernel(), also inside the layers): this CPU's best path, then
+    the AVX2 one, built without AVX-512."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "_kernel", None)
+        mp.setattr(native, "_tried", False)
+        if request.param == "avx2":
+            mp.setenv(native.DISABLE_ENV, "avx2")
+        k = native.kernel()
+        if k is None:
+            pytest.skip("the native kernel is not available on this machine (no compiler or no AVX2)")
+        assert k.simd == 256 if request.param == "avx2" else k.simd in (256, 512)
+        yield k
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
@@ -62,9 +71,19 @@ def test_kernel_matches_the_float32_reference(kernel, qtype, shape):
     blocks = random_blocks(qtype, rows, cols, seed=rows + cols)
     panels, weight = panels_of(blocks), blocks.dequantize()
     gen = torch.Generator().manual_seed(0)
-    for m in (1, 2, 3, 7, 8, 9, 16, 17):
+    for m in (1, 2, 3, 7, 8, 9, 16, 17, 70):  # each rows-per-pass case, and more than one pass
         x = torch.randn(m, cols, generator=gen)
         assert_float32_close(kernel.matmul(x, panels), x, weight)
+
+
+def test_kernel_is_exact_over_a_wide_range_of_inputs(kernel):
+    """Inputs from 1e-30 to 1e30 (the AVX2 path scales x by powers of two up to 2^-24) and exact zeros."""
+    blocks = random_blocks(Q.Q4_0, 32, 256, seed=5)
+    gen = torch.Generator().manual_seed(1)
+    for m in (3, 9):
+        x = torch.randn(m, 256, generator=gen) * 10.0 ** (torch.rand(m, 256, generator=gen) * 60 - 30)
+        x[:, ::7] = 0.0
+        assert_float32_close(kernel.matmul(x, panels_of(blocks)), x, blocks.dequantize())
 
 
 def test_kernel_threads_give_the_same_result(kernel):
@@ -124,10 +143,10 @@ def test_q4_k_runs_native_with_float32_scales(kernel):
 
 
 def test_scalar_build_matches_the_reference(tmp_path, monkeypatch):
-    """The fallback for CPUs without AVX-512, built here with AVX-512 turned off."""
+    """The fallback for CPUs without AVX2, built here with AVX2 (and so AVX-512) turned off."""
     monkeypatch.setenv("PHOTONINFER_CACHE", str(tmp_path))
     try:
-        path = native.build(native.FLAGS + ["-mno-avx512f"])
+        path = native.build(native.FLAGS + native.ISA_FLAGS["scalar"])
     except RuntimeError as e:
         pytest.skip(f"no C compiler here: {e}")
     scalar = native.Q4Kernel(ctypes.CDLL(path))
@@ -248,3 +267,38 @@ def test_native_decode_layers_match_the_torch_fast_path(kernel, tmp_path, monkey
     for e, g in zip(expected[1:], got[1:]):
         assert (g - e).abs().max() <= 1e-4 * e.abs().max()
     assert (got[-1] - expected[-2]).abs().max() > 0.1 * expected[-1].abs().max()
+
+
+def test_without_native_bf16_the_fast_path_is_float32_throughout(kernel, tmp_path, monkeypatch):
+    """A CPU with AVX2 but no native bf16 (most laptops): dtype auto packs the Q4_0/Q4_1 layers for the native
+    kernel, which then runs every step (no dense bf16 copies: prompts of any length are float32-exact too), and
+    the LM head runs it for many rows as well (its dense copy is the float32 weight itself)."""
+    from test_cpu_fast import BLOCK, run_steps
+    from test_quant import write_quantized_gguf
+
+    from photoninfer import config
+    from photoninfer.model import cpu_fast
+    from photoninfer.model.loader import build_model, load_checkpoint
+    from photoninfer.runner.attention import TorchPagedAttention
+
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv("PHOTONINFER_CACHE", str(tmp_path / "cache"))
+    cpu = torch.device("cpu")
+    assert config.packs_weights("auto", cpu) and not config.packs_weights("bfloat16", cpu)
+    assert config.cpu_dense_dtype() == torch.float32
+    checkpoint = load_checkpoint(write_quantized_gguf(tmp_path / "model.gguf", Q.Q4_1))
+    models = [build_model(checkpoint, cpu, torch.float32, pack=pack) for pack in (False, True, True)]  # 3rd: cached
+    for packed in models[1:]:
+        layer = packed.layers[0].mlp.down_proj
+        assert layer.runs_native and not layer.dense.numel()
+        assert packed.lm_head.weight_dense.dtype == torch.float32 and packed.lm_head.panels.numel()
+    for model in models:
+        model.attention = TorchPagedAttention(model.config.head_dim**-0.5, BLOCK)
+    monkeypatch.setattr(cpu_fast, "EXACT_MAX_ROWS", 0)  # (with native bf16: prompts through the dense copies)
+    expected, got = (run_steps(model, [5, 13, 1], decode_steps=2) for model in models[:2])
+    assert models[1].dense_dtype == torch.float32
+    for e, g in zip(expected, got):
+        assert (g - e).abs().max() <= 1e-4 * e.abs().max()
+    hidden = torch.randn(DENSE_MIN_ROWS + 1, models[0].config.hidden_size, generator=torch.Generator().manual_seed(5))
+    logits = F.linear(hidden, models[2].lm_head.weight)  # tied: the float32 embedding
+    assert torch.equal(models[2].lm_head(hidden).argmax(-1), logits.argmax(-1))

@@ -19,7 +19,7 @@ from photoninfer.errors import ModelLoadError
 from photoninfer.model import weight_cache
 from photoninfer.model.layers import Linear
 from photoninfer.model.loader import build_model, load_checkpoint
-from photoninfer.quant import linear_class
+from photoninfer.quant import linear_class, native
 from photoninfer.quant.gguf_blocks import GGUFBlocks, decode_int4
 from photoninfer.quant.int4 import Int4Linear
 
@@ -132,7 +132,10 @@ def test_linear_class_per_layer():
 
 
 def test_packing_follows_the_dtype_name():
-    assert packs_weights("auto", CPU) == packs_weights("bfloat16", CPU) == cpu_has_native_bf16()
+    if cpu_has_native_bf16():
+        assert packs_weights("auto", CPU) and packs_weights("bfloat16", CPU)
+    else:  # auto packs where our native kernel runs (AVX2), bfloat16 never
+        assert packs_weights("auto", CPU) == (native.kernel() is not None) and not packs_weights("bfloat16", CPU)
     assert not packs_weights("float32", CPU) and not packs_weights("auto", torch.device("cuda"))
 
 
@@ -204,6 +207,31 @@ def test_q4_k_runs_packed_and_agrees_with_float32(tmp_path):
     expected = reference.layers[0].mlp.down_proj(x)
     got = packed.layers[0].mlp.down_proj(x)
     assert got.dtype == torch.float32 and (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+def test_q4_k_without_native_bf16_runs_every_step_native(tmp_path, monkeypatch):
+    """A CPU without native bf16 (packed where the native kernel builds): Q4_K layers run it for every step,
+    a prompt too (no dense copies), so the fast path agrees with float32 up to the order of float32 sums."""
+    from test_cpu_fast import BLOCK, run_steps
+
+    from photoninfer import config
+    from photoninfer.model import cpu_fast
+    from photoninfer.runner.attention import TorchPagedAttention
+
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: False)
+    if native.kernel() is None:
+        pytest.skip("the native kernel is not available here")
+    ckpt = load_checkpoint(write_quantized_gguf(tmp_path / "q4k.gguf", Q.Q4_K))
+    packed, reference = build_model(ckpt, CPU, torch.float32, pack=True), build_model(ckpt, CPU, torch.float32)
+    layer = packed.layers[0].mlp.down_proj
+    assert isinstance(layer, Int4Linear) and layer.runs_native and not layer.dense.numel()
+    for model in (packed, reference):
+        model.attention = TorchPagedAttention(model.config.head_dim**-0.5, BLOCK)
+    monkeypatch.setattr(cpu_fast, "EXACT_MAX_ROWS", 0)  # (with native bf16: the prompts through dense copies)
+    expected, got = run_steps(reference, [5, 13], decode_steps=2), run_steps(packed, [5, 13], decode_steps=2)
+    assert packed.dense_dtype == torch.float32 and packed.runs_native
+    for e, g in zip(expected, got):
+        assert g.dtype == torch.float32 and (g - e).abs().max() <= 1e-4 * e.abs().max()
 
 
 def test_weight_cache_is_used_on_a_second_load_and_invalidated_when_the_file_changes(tmp_path, monkeypatch):
