@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from photoninfer.bench.environment import cpu_model  # noqa: E402
 from photoninfer.quant import native  # noqa: E402
 
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576), "head": (576, 49152)}
@@ -78,7 +79,7 @@ def main() -> None:
     kernel = native.kernel()
     if kernel is None:
         sys.exit("the native kernel is unavailable here (see the warning above)")
-    print(f"native kernel: {kernel.simd}-bit vectors ({_cpu_name()}, torch {torch.__version__})")
+    print(f"native kernel: {kernel.simd}-bit vectors ({cpu_model()}, torch {torch.__version__})")
     layers = {name: random_layer(k, n) for name, (k, n) in SHAPES.items()}
     results = []
     for threads in map(int, args.threads.split(",")):
@@ -109,7 +110,7 @@ def main() -> None:
         results += model_pass(kernel, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": _cpu_name(), "torch": torch.__version__, "simd": kernel.simd, "results": results}, f, indent=1)
+            json.dump({"cpu": cpu_model(), "torch": torch.__version__, "simd": kernel.simd, "results": results}, f, indent=1)
 
 
 def model_pass(kernel, args) -> list[dict]:
@@ -142,14 +143,6 @@ def model_pass(kernel, args) -> list[dict]:
                   f"int4 {row['int4_ms']:.2f} ms  dense bf16 {row['dense_bf16_ms']:.2f} ms  "
                   f"dense f32 {row['dense_f32_ms']:.2f} ms")
     return rows
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from photoninfer.bench.environment import cpu_model  # noqa: E402
 from photoninfer.quant import native  # noqa: E402
 
 SHAPES = {"o 576x576": (576, 576), "qkv 960x576": (576, 960), "gate_up 3072x576": (576, 3072),
@@ -124,7 +125,7 @@ def main() -> None:
             results.append(model_pass(kernel, rows, threads, args.repeat))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": _cpu_name(), "torch": torch.__version__, "results": results}, f, indent=1)
+            json.dump({"cpu": cpu_model(), "torch": torch.__version__, "results": results}, f, indent=1)
 
 
 def model_pass(kernel, rows: int, threads: int, repeat: int) -> dict:
@@ -143,14 +144,6 @@ def model_pass(kernel, rows: int, threads: int, repeat: int) -> dict:
     print(f"t{threads} rows {rows:2d} model pass: " + "  ".join(
         f"{key[:-3]} {row[key]:.2f}ms ({row[key[:-3] + '_mb']:.0f} MB)" for key in row if key.endswith("_ms")))
     return row
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

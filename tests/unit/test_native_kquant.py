@@ -51,22 +51,6 @@ def packed_layer(parts: list[GGUFBlocks]) -> PackedLinear:
     return layer
 
 
-@pytest.fixture(scope="module", params=["best", "avx2"])
-def kernel(request):
-    """The kernels as the engine loads them (native.kernel(), also inside the layers): this CPU's best path,
-    then the AVX2 one, built without AVX-512."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(native, "_kernel", None)
-        mp.setattr(native, "_tried", False)
-        if request.param == "avx2":
-            mp.setenv(native.DISABLE_ENV, "avx2")
-        k = native.kernel()
-        if k is None:
-            pytest.skip("the native kernel is not available on this machine (no compiler or no AVX2)")
-        assert k.simd == 256 if request.param == "avx2" else k.simd in (256, 512)
-        yield k
-
-
 @pytest.mark.parametrize("qtype", [*SIMPLE, *KQUANTS, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
 def test_int8_decode_is_exactly_the_gguf_dequantization(qtype):
     blocks = gguf_blocks(qtype, 32, 512, seed=1)

@@ -48,22 +48,6 @@ def assert_float32_close(got: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     assert ((got - F.linear(x, weight.roll(1, 0))).abs() > 1e-3 * scale).any()
 
 
-@pytest.fixture(scope="module", params=["best", "avx2"])
-def kernel(request):
-    """The kernel as the engine loads it (native.kernel(), also inside the layers): this CPU's best path, then
-    the AVX2 one, built without AVX-512."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(native, "_kernel", None)
-        mp.setattr(native, "_tried", False)
-        if request.param == "avx2":
-            mp.setenv(native.DISABLE_ENV, "avx2")
-        k = native.kernel()
-        if k is None:
-            pytest.skip("the native kernel is not available on this machine (no compiler or no AVX2)")
-        assert k.simd == 256 if request.param == "avx2" else k.simd in (256, 512)
-        yield k
-
-
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
 @pytest.mark.parametrize("shape", [(16, 32), (48, 64), (960, 576), (64, 1536)])
 def test_kernel_matches_the_float32_reference(kernel, qtype, shape):
