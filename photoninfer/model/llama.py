@@ -65,19 +65,18 @@ class DecoderLayer(nn.Module):
         self.norm_linear = None  # kernels/norm_linear.py on CUDA (CausalLM.use_kernels)
 
     def forward(self, x, residual, positions, rope, kv_cache, backend, meta):
-        if self._fuses_norms(x):
+        if _fuses_norms(self.norm_linear, x):
             return self._forward_fused_norms(x, residual, positions, rope, kv_cache, backend, meta)
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = self._input_norm(x, residual)
         x = self.self_attn(x, positions, rope, kv_cache, backend, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def _fuses_norms(self, x) -> bool:
-        kernels = self.norm_linear
-        return kernels is not None and x.shape[0] <= kernels.MAX_M and x.dtype in kernels.DTYPES
+    def _input_norm(self, x, residual):
+        """(norm(x + residual), x + residual); the first layer has no residual yet: (norm(x), x)."""
+        if residual is None:
+            return self.input_layernorm(x), x
+        return self.input_layernorm(x, residual)
 
     def _forward_fused_norms(self, x, residual, positions, rope, kv_cache, backend, meta):
         """Decode-sized batches: the norms (and the residual adds before them) run inside the linear layer
@@ -90,12 +89,17 @@ class DecoderLayer(nn.Module):
             qkv, residual = fused(x, norm.weight, norm.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
                                   residual=residual)
         else:
-            x, residual = (norm(x), x) if residual is None else norm(x, residual)
+            x, residual = self._input_norm(x, residual)
             qkv = attn.qkv_proj(x)
         x = attn.attend(qkv, positions, rope, kv_cache, backend, meta)
         norm = self.post_attention_layernorm
         act, residual = fused(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, residual=residual, gated=True)
         return mlp.down_proj(act), residual
+
+
+def _fuses_norms(kernels, x) -> bool:
+    """Whether kernels/norm_linear.py (None where not in use) takes this batch: decode-sized, bf16/fp16."""
+    return kernels is not None and x.shape[0] <= kernels.MAX_M and x.dtype in kernels.DTYPES
 
 
 def _dense(*linears) -> bool:
@@ -119,6 +123,7 @@ class CausalLM(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.fast_path = False  # the CPU fast path's forward (cpu_fast.py), set by use_cpu_fast_path()
+        self.norm_linear = None  # kernels/norm_linear.py for the final norm + LM head (use_kernels)
 
     def use_kernels(self) -> None:
         """Fused Triton kernels for the norms and SiLU·mul (CUDA); the torch code stays their reference."""
@@ -132,6 +137,8 @@ class CausalLM(nn.Module):
                 module.act = silu_and_mul_kernel
             elif isinstance(module, DecoderLayer) and _dense(module.self_attn.qkv_proj, module.mlp.gate_up_proj):
                 module.norm_linear = norm_linear
+        if self.lm_head is None or _dense(self.lm_head):
+            self.norm_linear = norm_linear
 
     def use_cpu_fast_path(self) -> None:
         """Run the forward of cpu_fast.py (packed weights on the CPU, torch attention backend)."""
@@ -161,13 +168,14 @@ class CausalLM(nn.Module):
     def all_logits(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """raw_logits(forward(...)): every row's logits, as a decode step needs them. Decode-sized batches
         run the final norm inside the LM head (kernels/norm_linear.py)."""
-        kernels = self.layers[0].norm_linear if len(self.layers) else None
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if (self.fast_path or kernels is None or len(input_ids) > kernels.MAX_M or head.dtype not in kernels.DTYPES
-                or (self.lm_head is not None and not _dense(self.lm_head))):
+        if self.fast_path:
             return self.raw_logits(self.forward(input_ids, positions, kv_caches, meta))
         x, residual = self._decoder(input_ids, positions, kv_caches, meta)
-        logits, _ = kernels.fused_norm_linear(x, self.norm.weight, self.norm.eps, head, residual=residual)
+        if not _fuses_norms(self.norm_linear, x):
+            x, _ = self.norm(x, residual)
+            return self.raw_logits(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits, _ = self.norm_linear.fused_norm_linear(x, self.norm.weight, self.norm.eps, head, residual=residual)
         return logits
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -176,16 +176,16 @@ class ModelRunner:
         chunks, greedy_ids = {}, None
         if batch.graph_size is not None or batch.graph_tokens is not None:
             logits, greedy_ids = self.graphs.run(batch)
-        elif not prompt_logprobs and len(sampling_seqs) == batch.num_tokens == batch.num_seqs:
-            # a decode step (every row sampled), eagerly: the same ops as its graph
-            meta = self.model.attention.prepare(batch)
-            logits = self.model.all_logits(batch.input_ids, batch.positions, self.kv_caches, meta)
         else:
             meta = self.model.attention.prepare(batch)
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
-            if prompt_logprobs:
-                chunks = self._prompt_logprobs(sched, batch.query_start_host.tolist(), hidden, prompt_logprobs)
-            logits = self.model.raw_logits(hidden[batch.logits_indices]) if sampling_seqs else None
+            if not prompt_logprobs and len(sampling_seqs) == batch.num_tokens == batch.num_seqs:
+                # a decode step (every row sampled), eagerly: the same ops as its graph
+                logits = self.model.all_logits(batch.input_ids, batch.positions, self.kv_caches, meta)
+            else:
+                hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
+                if prompt_logprobs:
+                    chunks = self._prompt_logprobs(sched, batch.query_start_host.tolist(), hidden, prompt_logprobs)
+                logits = self.model.raw_logits(hidden[batch.logits_indices]) if sampling_seqs else None
         if not sampling_seqs:
             return StepHandle(sched, [], None, chunks)
         sampled = self.sampler.sample(logits, [rows[seq.seq_id] for seq in sampling_seqs], greedy_ids)

@@ -178,6 +178,7 @@ def test_decode_steps_run_the_final_norm_inside_the_lm_head(make_tiny_model, dev
     assert sum(heads) == 3  # three decode steps of both sequences (the first tokens come from the prefill)
     for layer in model.layers:
         layer.norm_linear = None
+    model.norm_linear = None
     separate = llm.generate(prompts, params)
     for a, b in zip(fused, separate):
         a, b = a.outputs[0], b.outputs[0]
