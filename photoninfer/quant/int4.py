@@ -25,7 +25,7 @@ from torch import nn
 
 from photoninfer.errors import ModelLoadError
 from photoninfer.quant import native
-from photoninfer.quant.gguf_blocks import GROUP_SIZE, INT4_TYPES, GGUFBlocks, decode_int4
+from photoninfer.quant.gguf_blocks import GROUP_SIZE, INT4_TYPES, decode_int4
 from photoninfer.quant.packed import ACTIVATION_DTYPE, DENSE_MIN_ROWS, PackedLinear, float16_exact, packed_kernel_fits
 
 
@@ -58,13 +58,7 @@ class Int4Linear(PackedLinear):
 
     def load_blocks(self, param: nn.Parameter, blocks, shard=None) -> None:
         """weight_loader for `weight`: decode GGUF 4-bit blocks into rows `shard`."""
-        rows = slice(None) if shard is None else shard
-        expected = tuple(param.data[rows].shape)
-        if not isinstance(blocks, GGUFBlocks) or blocks.type_name not in INT4_TYPES:
-            kind = blocks.type_name if isinstance(blocks, GGUFBlocks) else type(blocks).__name__
-            raise ModelLoadError(f"Int4Linear loads GGUF {'/'.join(INT4_TYPES)} blocks, got {kind}")
-        if tuple(blocks.shape) != expected:
-            raise ModelLoadError(f"tensor has shape {tuple(blocks.shape)}, expected {expected}")
+        rows = self._rows_to_load(param, blocks, shard, INT4_TYPES)
         codes, scales, biases = decode_int4(blocks)
         param.data[rows] = codes
         self._scales[rows] = scales

@@ -21,7 +21,7 @@ from torch import nn
 
 from photoninfer.errors import ModelLoadError
 from photoninfer.quant import native
-from photoninfer.quant.gguf_blocks import PACKED_TYPES, GGUFBlocks, decode_int8
+from photoninfer.quant.gguf_blocks import PACKED_TYPES, decode_int8
 from photoninfer.quant.packed import PackedLinear, float16_exact, packed_kernel_fits
 
 FINE_GROUP = 16  # the loading buffers hold one scale and bias per 16 inputs (the finest group of any type)
@@ -48,13 +48,7 @@ class Int8Linear(PackedLinear):
 
     def load_blocks(self, param: nn.Parameter, blocks, shard=None) -> None:
         """weight_loader for `weight`: decode GGUF blocks into rows `shard`."""
-        rows = slice(None) if shard is None else shard
-        expected = tuple(param.data[rows].shape)
-        if not isinstance(blocks, GGUFBlocks) or blocks.type_name not in PACKED_TYPES:
-            kind = blocks.type_name if isinstance(blocks, GGUFBlocks) else type(blocks).__name__
-            raise ModelLoadError(f"Int8Linear loads GGUF {'/'.join(PACKED_TYPES)} blocks, got {kind}")
-        if tuple(blocks.shape) != expected:
-            raise ModelLoadError(f"tensor has shape {tuple(blocks.shape)}, expected {expected}")
+        rows = self._rows_to_load(param, blocks, shard, PACKED_TYPES)
         codes, scales, biases = decode_int8(blocks)
         group = self.in_features // scales.shape[1]
         param.data[rows] = codes

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from photoninfer.config import cpu_dense_dtype
+from photoninfer.errors import ModelLoadError
 from photoninfer.quant import native
+from photoninfer.quant.gguf_blocks import GGUFBlocks
 
 ACTIVATION_DTYPE = torch.bfloat16  # of the dense copy's matmul
 DENSE_MIN_ROWS = 8  # from here on the dense bf16 matmul is faster (measured on 2 AVX-512/AMX cores)
@@ -42,6 +44,18 @@ class PackedLinear(nn.Module):
         self.register_buffer("dense", torch.empty(out_features, in_features, dtype=ACTIVATION_DTYPE))
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=ACTIVATION_DTYPE), requires_grad=False) if bias
                      else None)
+
+    def _rows_to_load(self, param: nn.Parameter, blocks, shard, types: tuple[str, ...]) -> slice:
+        """weight_loader's checks: GGUF blocks of one of `types`, shaped as rows `shard` of `param` (all rows
+        when None). Returns those rows."""
+        rows = slice(None) if shard is None else shard
+        expected = tuple(param.data[rows].shape)
+        if not isinstance(blocks, GGUFBlocks) or blocks.type_name not in types:
+            kind = blocks.type_name if isinstance(blocks, GGUFBlocks) else type(blocks).__name__
+            raise ModelLoadError(f"{type(self).__name__} loads GGUF {'/'.join(types)} blocks, got {kind}")
+        if tuple(blocks.shape) != expected:
+            raise ModelLoadError(f"tensor has shape {tuple(blocks.shape)}, expected {expected}")
+        return rows
 
     def _set_panels(self, panels: torch.Tensor, fmt: native.Format) -> None:
         self.panels, self.panel_format = panels, torch.tensor(fmt.code)

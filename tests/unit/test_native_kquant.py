@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
+from int4_layers import load_parts
 from test_native_q4 import assert_float32_close
 from test_quant import blocks_of, write_quantized_gguf
 
@@ -42,13 +43,7 @@ def packed_layer(parts: list[GGUFBlocks]) -> PackedLinear:
     """The class the loader picks for these parts, loaded into consecutive row slices (fused) and packed."""
     in_features, out_features = parts[0].shape[1], sum(p.shape[0] for p in parts)
     cls = linear_class([p.type_name for p in parts], in_features, out_features, pack=True)
-    layer = cls(in_features, out_features)
-    start = 0
-    for part in parts:
-        layer.weight.weight_loader(layer.weight, part, slice(start, start + part.shape[0]))
-        start += part.shape[0]
-    layer.process_weights_after_loading()
-    return layer
+    return load_parts(cls(in_features, out_features), parts)
 
 
 @pytest.mark.parametrize("qtype", [*SIMPLE, *KQUANTS, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
