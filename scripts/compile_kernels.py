@@ -99,9 +99,11 @@ def record_launches() -> list:
                (paged_attention, "_paged_prefill_kernel"), (gemv, "_gemv_kernel"), (gemv, "_gemv_reduce_kernel"),
                (argmax, "_chunk_argmax_kernel"), (argmax, "_pick_chunk_kernel"),
                (norm_linear, "_norm_linear_kernel")]
+    # on the GPU these launch with programmatic dependent launch (kernels/pdl.py): compile that variant
+    kernels += [(module, "use_pdl") for module in (rmsnorm, paged_attention, argmax, norm_linear)]
     originals = [(module, name, getattr(module, name)) for module, name in kernels]
     for module, name, fn in originals:
-        setattr(module, name, Recorder(fn, launches))
+        setattr(module, name, (lambda device: True) if name == "use_pdl" else Recorder(fn, launches))
     try:
         hidden, hq, hkv, d, ffn = 2048, 32, 8, 64, 8192
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -143,6 +145,11 @@ def record_launches() -> list:
                 norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(3072, hidden), residual=e(m, hidden))
                 norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(2 * ffn, hidden), residual=e(m, hidden), gated=True)
                 norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(128256, hidden))
+                prefetching = norm_linear.NormLinearConfig(block_n=32, block_k=128, prefetch=512)
+                norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(2 * ffn, hidden), residual=e(m, hidden),
+                                              gated=True, config=prefetching)
+                norm_linear.decode_linear(x, e(hidden, hidden))  # o
+                norm_linear.decode_linear(e(m, ffn), e(hidden, ffn), config=prefetching)  # down
     finally:
         for module, name, fn in originals:
             setattr(module, name, fn)

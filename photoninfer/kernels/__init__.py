@@ -6,7 +6,12 @@ imported by `import photoninfer`: the modules import triton at their top, so imp
 CUDA path (the CPU runtime works without triton installed).
 """
 
+import functools
 import os
+
+import torch
+
+PDL_ENV = "PHOTONINFER_PDL"  # "0" launches every kernel plainly (for comparison)
 
 
 def interpreting() -> bool:
@@ -17,3 +22,16 @@ def interpreting() -> bool:
     first (exact: a bf16 x bf16 product fits in float32, and tl.dot accumulates in float32 anyway).
     """
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` use programmatic dependent launch (kernels/pdl.py): Hopper or newer,
+    compiled (the interpreter has no grid dependencies), and not turned off by PHOTONINFER_PDL=0."""
+    if device.type != "cuda" or interpreting() or os.environ.get(PDL_ENV, "1") == "0":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]

@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from photoninfer.kernels import use_pdl
 from photoninfer.kernels._checks import check_dim, check_float, check_last_contiguous, check_shape
+from photoninfer.kernels.pdl import let_next_start, wait_for_previous
 
 CHUNK = 4096  # columns per first-stage program: Llama-3's vocabulary -> 32 programs per row
 BLOCK = 1024  # columns loaded at a time
@@ -28,7 +30,9 @@ BLOCK = 1024  # columns loaded at a time
 
 @triton.jit
 def _chunk_argmax_kernel(x_ptr, best_val_ptr, best_idx_ptr, vocab, x_stride, num_chunks,
-                         CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                         CHUNK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    let_next_start(PDL)
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -46,7 +50,9 @@ def _chunk_argmax_kernel(x_ptr, best_val_ptr, best_idx_ptr, vocab, x_stride, num
 
 
 @triton.jit
-def _pick_chunk_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr):
+def _pick_chunk_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    let_next_start(PDL)
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     mask = c < num_chunks
@@ -74,11 +80,13 @@ def argmax_rows(logits: torch.Tensor, out: Optional[torch.Tensor] = None) -> tor
     if rows == 0:
         return out
     num_chunks = triton.cdiv(vocab, CHUNK)
+    pdl = use_pdl(logits.device)
     best_val = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
     best_idx = torch.empty((rows, num_chunks), dtype=torch.int32, device=logits.device)
     block = min(BLOCK, triton.next_power_of_2(vocab))
     _chunk_argmax_kernel[(rows, num_chunks)](logits, best_val, best_idx, vocab, logits.stride(0), num_chunks,
-                                             CHUNK=CHUNK, BLOCK=block, num_warps=4)
+                                             CHUNK=CHUNK, BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl)
     _pick_chunk_kernel[(rows,)](best_val, best_idx, out, num_chunks,
-                                BLOCK_C=max(2, triton.next_power_of_2(num_chunks)), num_warps=1)
+                                BLOCK_C=max(2, triton.next_power_of_2(num_chunks)), PDL=pdl, num_warps=1,
+                                launch_pdl=pdl)
     return out

@@ -24,6 +24,7 @@ bf16/fp16 only: float32 keeps the separate kernels (tl.dot would round float32 o
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from photoninfer.kernels import interpreting
+from photoninfer.kernels import interpreting, use_pdl
+from photoninfer.kernels.pdl import let_next_start, prefetch_l2, wait_for_previous
 from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
 
 MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
@@ -41,6 +43,12 @@ MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
 # Llama 30.9 -> 26.7 / 32.1 -> 27.3 us; and so does the LM head after the final norm: 224 -> 176 / 196 -> 184 us.
 FUSE_QKV_MAX_K = 1024
 DTYPES = (torch.bfloat16, torch.float16)
+# decode steps run q/k/v (where not fused), o and down through decode_linear rather than cuBLAS
+DECODE_LINEARS = os.environ.get("PHOTONINFER_DECODE_LINEARS", "1") != "0"
+# weight columns per row prefetched into L2 before a PDL kernel waits for the one before (0: none)
+PREFETCH_COLUMNS = int(os.environ.get("PHOTONINFER_PDL_PREFETCH", 0))
+LINE_ELEMENTS = 64  # bf16/fp16 elements in a 128-byte line (the L2 prefetch's unit)
+LINE = tl.constexpr(LINE_ELEMENTS)
 
 
 @dataclass(frozen=True)
@@ -49,25 +57,33 @@ class NormLinearConfig:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 4
+    prefetch: int = 0  # weight columns per row fetched into L2 before waiting for the previous kernel (PDL)
 
 
-def default_config(n_out: int, k: int, gated: bool, m: int = 1) -> NormLinearConfig:
+def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = True) -> NormLinearConfig:
     """Tiles measured best on an H100 (scripts/bench_norm_linear.py, docs/benchmarks.md): narrow outputs
     (SmolLM2's q/k/v and gate/up) 16 columns a program so that the programs still cover the SMs; wider ones
     32, or 64 for up to 4 rows (less of the prologue's work per weight byte); 256-wide K steps, 128 for
-    gate/up (two weight tiles a step) beyond 4 rows."""
+    gate/up (two weight tiles a step) beyond 4 rows. Without the norm (decode_linear: o and down) 16 columns
+    up to 8k outputs: Llama-3.2-1B's 2048 then still make 128 programs."""
+    prefetch = PREFETCH_COLUMNS
+    if not norm:
+        block_n = 16 if n_out < 8192 else 64 if m <= 4 else 32
+        return NormLinearConfig(block_n=block_n, block_k=256, num_stages=4, prefetch=prefetch)
     block_n = 16 if n_out < 2048 else 64 if m <= 4 else 32
     if gated:
         block_n = min(block_n, 32)
-    return NormLinearConfig(block_n=block_n, block_k=128 if gated and m > 4 else 256, num_stages=3)
+    return NormLinearConfig(block_n=block_n, block_k=128 if gated and m > 4 else 256, num_stages=3,
+                            prefetch=prefetch)
 
 
 @triton.jit
 def _norm_linear_kernel(
     x_ptr, res_ptr, res_out_ptr, g_ptr, w_ptr, bias_ptr, y_ptr,
     M, N, K, eps, x_sm, r_sm, ro_sm, w_sn, y_sm, up_rows,
-    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = y_ptr.dtype.element_ty
@@ -75,28 +91,38 @@ def _norm_linear_kernel(
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rows_m < M
     n_mask = rows_n < N
-    first = (tl.zeros([BLOCK_M], tl.int32) + pid) == 0  # program 0 writes the residual sum
     w_rows = rows_n[:, None].to(tl.int64) * w_sn
+    let_next_start(PDL)
+    if PREFETCH > 0:  # the weights are no earlier kernel's output: start fetching them before the wait
+        _prefetch_weight_rows(w_ptr, rows_n, N, K, w_sn, PREFETCH)
+        if GATED:
+            _prefetch_weight_rows(w_ptr + up_rows * w_sn, rows_n, N, K, w_sn, PREFETCH)
+    wait_for_previous(PDL)
+    first = (tl.zeros([BLOCK_M], tl.int32) + pid) == 0  # program 0 writes the residual sum
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     sum_sq = tl.zeros([BLOCK_M], tl.float32)
     # x, residual and g are loaded one step ahead, by hand: Triton's pipeliner prefetches only loads that
     # feed tl.dot directly, and left these waiting on memory every step (2-3x the time of a plain GEMV)
     cols = tl.arange(0, BLOCK_K)
-    x_next, r_next, g_next = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, HAS_RESIDUAL)
+    x_next, r_next, g_next = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, NORM,
+                                          HAS_RESIDUAL)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         k_mask = cols < K
         x_mask = m_mask[:, None] & k_mask[None, :]
         h, r, g = x_next, r_next, g_next
         x_next, r_next, g_next = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols + BLOCK_K, m_mask, K, x_sm, r_sm,
-                                              HAS_RESIDUAL)
+                                              NORM, HAS_RESIDUAL)
         if HAS_RESIDUAL:  # the reference adds in the model dtype
             h = (h.to(tl.float32) + r.to(tl.float32)).to(dtype)
             tl.store(res_out_ptr + rows_m[:, None] * ro_sm + cols[None, :], h, mask=x_mask & first[:, None])
-        h32 = h.to(tl.float32)
-        sum_sq += tl.sum(h32 * h32, axis=1)
-        a = (h32 * g.to(tl.float32)[None, :]).to(dtype)
+        if NORM:
+            h32 = h.to(tl.float32)
+            sum_sq += tl.sum(h32 * h32, axis=1)
+            a = (h32 * g.to(tl.float32)[None, :]).to(dtype)
+        else:
+            a = h
         w_mask = n_mask[:, None] & k_mask[None, :]
         w = tl.load(w_ptr + w_rows + cols[None, :], mask=w_mask, other=0.0)
         if UPCAST:  # interpreter only: it would multiply bfloat16 bit patterns
@@ -109,7 +135,10 @@ def _norm_linear_kernel(
                 acc_up = tl.dot(a.to(tl.float32), tl.trans(u.to(tl.float32)), acc_up)
             else:
                 acc_up = tl.dot(a, tl.trans(u), acc_up)
-    rstd = tl.rsqrt(sum_sq / K + eps)
+    if NORM:
+        rstd = tl.rsqrt(sum_sq / K + eps)
+    else:
+        rstd = tl.full([BLOCK_M], 1.0, tl.float32)
     y = acc * rstd[:, None]
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -122,15 +151,30 @@ def _norm_linear_kernel(
 
 
 @triton.jit
-def _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, HAS_RESIDUAL: tl.constexpr):
-    """One BLOCK_K step of x, residual (x again when there is none: never used) and the norm weight."""
+def _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, NORM: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr):
+    """One BLOCK_K step of x, residual (x again when there is none: never used) and the norm weight (zeros,
+    never used, without NORM)."""
     k_mask = cols < K
     mask = m_mask[:, None] & k_mask[None, :]
     x = tl.load(x_ptr + rows_m[:, None] * x_sm + cols[None, :], mask=mask, other=0.0)
     r = x
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + rows_m[:, None] * r_sm + cols[None, :], mask=mask, other=0.0)
-    return x, r, tl.load(g_ptr + cols, mask=k_mask, other=0.0)
+    if NORM:
+        g = tl.load(g_ptr + cols, mask=k_mask, other=0.0)
+    else:
+        g = tl.zeros(cols.shape, g_ptr.dtype.element_ty)
+    return x, r, g
+
+
+@triton.jit
+def _prefetch_weight_rows(w_ptr, rows_n, N, K, w_sn, PREFETCH: tl.constexpr):
+    """L2 prefetch of the first PREFETCH columns of this program's weight rows, one address per 128-byte
+    line (out-of-range rows and columns clamped to valid ones)."""
+    lines = tl.minimum(tl.arange(0, PREFETCH // LINE) * LINE, K - 1)
+    rows = tl.minimum(rows_n, N - 1).to(tl.int64)
+    prefetch_l2(w_ptr + rows[:, None] * w_sn + lines[None, :])
 
 
 def fused_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
@@ -141,25 +185,42 @@ def fused_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, we
     and with `gated` y = silu(y[:, :I]) * y[:, I:] for weight [2I, K]. h is a new tensor when residual is
     given (x and residual are read by every program, so it cannot be written in place)."""
     _check(x, norm_weight, weight, bias, residual, gated)
+    h = torch.empty_like(x) if residual is not None else x
+    return _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config), h
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                  config: Optional[NormLinearConfig] = None) -> torch.Tensor:
+    """x @ weight^T (+ bias) for at most MAX_M rows: the same kernel without the norm, so that a decode
+    step's o and down projections are PDL kernels like their neighbours (cuBLAS's are not: each would make
+    the next kernel wait for a full drain and launch)."""
+    _check(x, None, weight, bias, None, False)
+    return _launch(x, None, 0.0, weight, bias, None, x, False, config)
+
+
+def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
     n_out = n // 2 if gated else n
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    h = torch.empty_like(x) if residual is not None else x
     if m == 0 or n_out == 0:
-        return y, h
-    config = config or default_config(n_out, k, gated, m)
+        return y
+    config = config or default_config(n_out, k, gated, m, norm=norm_weight is not None)
     check_power_of_two("block_n", config.block_n, 16, 256)
     check_power_of_two("block_k", config.block_k, 16, 1024)
+    if config.prefetch:
+        check_power_of_two("prefetch", config.prefetch, LINE_ELEMENTS, 1 << 16)
     res = residual if residual is not None else x
+    pdl = use_pdl(x.device)
     _norm_linear_kernel[(triton.cdiv(n_out, config.block_n),)](
-        x, res, h, norm_weight, weight, bias if bias is not None else weight, y,
-        m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out,
-        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
+        x, res, h, norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight,
+        y, m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out,
+        NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
         BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k, UPCAST=interpreting(),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PDL=pdl, PREFETCH=config.prefetch if pdl else 0,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
-    return y, h
+    return y
 
 
 def _check(x, norm_weight, weight, bias, residual, gated) -> None:
@@ -170,12 +231,14 @@ def _check(x, norm_weight, weight, bias, residual, gated) -> None:
     m, k = x.shape
     if m > MAX_M:
         raise ValueError(f"fused_norm_linear handles at most {MAX_M} rows, got {m}: run the norm and F.linear")
-    if x.dtype not in DTYPES or weight.dtype != x.dtype or norm_weight.dtype != x.dtype:
+    g_dtype = x.dtype if norm_weight is None else norm_weight.dtype
+    if x.dtype not in DTYPES or weight.dtype != x.dtype or g_dtype != x.dtype:
         raise TypeError(f"fused_norm_linear takes bfloat16/float16 x, weight and norm_weight of one dtype, got "
-                        f"{x.dtype}, {weight.dtype} and {norm_weight.dtype}")
+                        f"{x.dtype}, {weight.dtype} and {g_dtype}")
     if weight.shape[1] != k:
         raise ValueError(f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}: expected [N, {k}]")
-    check_shape("norm_weight", norm_weight, (k,))
+    if norm_weight is not None:
+        check_shape("norm_weight", norm_weight, (k,))
     if residual is not None:
         check_shape("residual", residual, (m, k))
         check_last_contiguous("residual", residual)

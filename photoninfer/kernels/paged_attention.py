@@ -43,9 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
-from photoninfer.kernels import interpreting
+from photoninfer.kernels import interpreting, use_pdl
 from photoninfer.kernels._checks import (check_cache_dtype, check_dim, check_dtype, check_float,
                                          check_last_contiguous, check_power_of_two, check_shape)
+from photoninfer.kernels.pdl import let_next_start, wait_for_previous
 
 LOG2E = 1.4426950408889634
 DEFAULT_PARTITION = 256  # tokens per decode program; a multiple of the key tile
@@ -134,8 +135,10 @@ def _paged_decode_kernel(
     kn_sb, kn_sh, vn_sb, vn_sh, cos_stride, sin_stride,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
     DIRECT: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, DOT_F16: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    let_next_start(PDL)
+    wait_for_previous(PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -433,8 +436,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *po_strides, *pm_strides, done_stride, *new_strides,
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
         ROPE=new_tokens is not None, QK_NORM=qk_norm, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
-        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=use_pdl(q.device),
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl(q.device),
     )
     return out
 

@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from photoninfer.kernels import use_pdl
 from photoninfer.kernels._checks import check_float, check_last_contiguous, check_shape
+from photoninfer.kernels.pdl import let_next_start, wait_for_previous
 
 MAX_WIDTH = 8192
 
@@ -28,8 +30,10 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     inner, width, eps,
     x_s0, x_s1, r_s0, r_s1, o_s0, o_s1, ro_s0, ro_s1,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    let_next_start(PDL)
+    wait_for_previous(PDL)
     # Row r of the (outer x inner) leading dims sits at (r // inner) * s0 + (r % inner) * s1.
     row = tl.program_id(0).to(tl.int64)
     outer = row // inner
@@ -84,7 +88,8 @@ def _launch(x, residual, weight, eps, out, residual_out) -> None:
         x, residual if residual is not None else x, weight, out,
         residual_out if residual_out is not None else out,
         inner, width, eps, x_s0, x_s1, r_s0, r_s1, o_s0, o_s1, ro_s0, ro_s1,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=use_pdl(x.device),
+        num_warps=min(max(block // 512, 1), 16), launch_pdl=use_pdl(x.device),
     )
 
 

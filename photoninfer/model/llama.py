@@ -32,6 +32,10 @@ class Attention(nn.Module):
 
     def attend(self, qkv, positions, rope: RotaryEmbedding, kv_cache, backend, meta):
         """The layer after its q/k/v projection: qkv [T, q_size + 2 kv_size] -> o_proj's output."""
+        return self.o_proj(self.attention(qkv, positions, rope, kv_cache, backend, meta))
+
+    def attention(self, qkv, positions, rope: RotaryEmbedding, kv_cache, backend, meta):
+        """qkv [T, q_size + 2 kv_size] -> the heads' outputs [T, q_size], o_proj's input."""
         num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -40,7 +44,7 @@ class Attention(nn.Module):
         # Qwen3 normalizes each head before rotating it: the backend does it (decode kernels fuse it)
         qk_norm = (self.q_norm, self.k_norm) if self.q_norm is not None else None
         out = backend.forward(q, k, v, positions, rope, kv_cache, meta, qk_norm)  # rotates, writes K/V, attends
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return out.reshape(num_tokens, self.q_size)
 
 
 class MLP(nn.Module):
@@ -63,6 +67,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.norm_linear = None  # kernels/norm_linear.py on CUDA (CausalLM.use_kernels)
+        self.decode_linears = False  # q/k/v, o and down through norm_linear.decode_linear too (use_kernels)
 
     def forward(self, x, residual, positions, rope, kv_cache, backend, meta):
         if _fuses_norms(self.norm_linear, x):
@@ -81,20 +86,30 @@ class DecoderLayer(nn.Module):
     def _forward_fused_norms(self, x, residual, positions, rope, kv_cache, backend, meta):
         """Decode-sized batches: the norms (and the residual adds before them) run inside the linear layer
         that follows, and SiLU·mul inside gate/up: up to 3 kernels fewer per layer (kernels/norm_linear.py;
-        q/k/v only for short rows, where it pays)."""
+        q/k/v only for short rows, where it pays). With `decode_linears` the other projections run on the
+        same kernel family, so the whole layer is PDL kernels (kernels/pdl.py)."""
         kernels, attn, mlp = self.norm_linear, self.self_attn, self.mlp
         fused = kernels.fused_norm_linear
+        linear = _decode_linear if self.decode_linears else _module_linear
         norm = self.input_layernorm
         if x.shape[-1] <= kernels.FUSE_QKV_MAX_K:
             qkv, residual = fused(x, norm.weight, norm.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
                                   residual=residual)
         else:
             x, residual = self._input_norm(x, residual)
-            qkv = attn.qkv_proj(x)
-        x = attn.attend(qkv, positions, rope, kv_cache, backend, meta)
+            qkv = linear(kernels, attn.qkv_proj, x)
+        x = linear(kernels, attn.o_proj, attn.attention(qkv, positions, rope, kv_cache, backend, meta))
         norm = self.post_attention_layernorm
         act, residual = fused(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, residual=residual, gated=True)
-        return mlp.down_proj(act), residual
+        return linear(kernels, mlp.down_proj, act), residual
+
+
+def _decode_linear(kernels, layer: Linear, x):
+    return kernels.decode_linear(x, layer.weight, layer.bias)
+
+
+def _module_linear(kernels, layer, x):
+    return layer(x)
 
 
 def _fuses_norms(kernels, x) -> bool:
@@ -137,6 +152,8 @@ class CausalLM(nn.Module):
                 module.act = silu_and_mul_kernel
             elif isinstance(module, DecoderLayer) and _dense(module.self_attn.qkv_proj, module.mlp.gate_up_proj):
                 module.norm_linear = norm_linear
+                module.decode_linears = norm_linear.DECODE_LINEARS and _dense(module.self_attn.o_proj,
+                                                                              module.mlp.down_proj)
         if self.lm_head is None or _dense(self.lm_head):
             self.norm_linear = norm_linear
 

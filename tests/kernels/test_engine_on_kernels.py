@@ -128,15 +128,21 @@ def test_fused_norm_linear_layers_score_as_the_separate_kernels(make_tiny_model,
         calls.append(kwargs.get("gated", False))
         return norm_linear.fused_norm_linear(*args, **kwargs)
 
-    assert all(layer.norm_linear is norm_linear for layer in layers)
+    def counted_linear(*args, **kwargs):
+        calls.append("linear")
+        return norm_linear.decode_linear(*args, **kwargs)
+
+    assert all(layer.norm_linear is norm_linear and layer.decode_linears for layer in layers)
     assert llm.engine.model_config.hidden_size <= norm_linear.FUSE_QKV_MAX_K  # q/k/v fused too
     for layer in layers:
         layer.norm_linear = SimpleNamespace(MAX_M=norm_linear.MAX_M, DTYPES=norm_linear.DTYPES,
                                             FUSE_QKV_MAX_K=norm_linear.FUSE_QKV_MAX_K if fuse_qkv else 0,
-                                            fused_norm_linear=counted)
+                                            fused_norm_linear=counted, decode_linear=counted_linear)
     fused = prompt_logprobs(llm, prompts)
     assert calls.count(True) == len(layers) * len(prompts)
     assert calls.count(False) == (len(layers) * len(prompts) if fuse_qkv else 0)
+    # o and down, and q/k/v where the norm is not fused into it, on the same kernel family
+    assert calls.count("linear") == len(layers) * len(prompts) * (2 if fuse_qkv else 3)
     for layer in layers:
         layer.norm_linear = None
     separate = prompt_logprobs(llm, prompts)

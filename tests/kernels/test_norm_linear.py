@@ -4,7 +4,7 @@ import pytest
 import torch
 from ulp import assert_close_ulps, ulps_for
 
-from photoninfer.kernels.norm_linear import (NormLinearConfig, default_config, fused_norm_linear,
+from photoninfer.kernels.norm_linear import (NormLinearConfig, decode_linear, default_config, fused_norm_linear,
                                              fused_norm_linear_reference)
 
 EPS = 1e-5
@@ -60,11 +60,43 @@ def test_fused_norm_linear_matches_the_ops_one_by_one(dtype, m, n, k, residual, 
     torch.testing.assert_close(y.cpu().double(), ref_y.cpu().double(), rtol=rtol, atol=scale * rtol / 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,bias,config", [
+    (1, 96, 256, False, NormLinearConfig(block_n=32, block_k=64)),
+    (5, 80, 320, True, NormLinearConfig(block_n=16, block_k=64, prefetch=128)),  # ragged N and K, bias
+    (16, 48, 512, False, NormLinearConfig(block_n=16, block_k=128, num_stages=2)),
+    (3, 2048, 64, False, None),  # default tiles
+])
+def test_decode_linear_matches_f_linear(dtype, m, n, k, bias, config, device):
+    x, _, _, weight, b = make(m, n, k, dtype, device, seed=m + n * k, residual=False, bias=bias)
+    y = decode_linear(x, weight, b, config=config)
+    want = torch.nn.functional.linear(x.cpu().double(), weight.cpu().double(),
+                                      None if b is None else b.cpu().double())
+    assert y.shape == (m, n) and y.dtype == dtype
+    rtol = 2 * torch.finfo(dtype).eps  # float32 sums, one rounding of the output
+    torch.testing.assert_close(y.cpu().double(), want, rtol=rtol, atol=float(want.abs().max()) * rtol / 2)
+
+
+def test_decode_linear_rejects_what_it_does_not_handle(device):
+    w = torch.zeros(8, 32, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="16 rows"):
+        decode_linear(torch.zeros(17, 32, dtype=torch.bfloat16, device=device), w)
+    with pytest.raises(TypeError, match="bfloat16"):
+        decode_linear(torch.zeros(1, 32, device=device), w.float())
+    with pytest.raises(ValueError, match="bias"):
+        decode_linear(torch.zeros(1, 32, dtype=torch.bfloat16, device=device), w,
+                      torch.zeros(9, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match="prefetch"):
+        decode_linear(torch.zeros(1, 32, dtype=torch.bfloat16, device=device), w,
+                      config=NormLinearConfig(block_n=16, block_k=32, prefetch=48))
+
+
 def test_default_config_keeps_the_card_busy():
     assert default_config(1536, 576, gated=True).block_n == 16  # SmolLM2 gate/up: 96 programs
     assert default_config(960, 576, gated=False).block_n == 16  # SmolLM2 q/k/v: 60 programs
     assert default_config(8192, 2048, gated=True, m=16) == NormLinearConfig(32, 128, num_stages=3)
     assert default_config(128256, 2048, gated=False, m=1).block_n == 64  # the LM head, one row
+    assert default_config(2048, 8192, gated=False, norm=False).block_n == 16  # Llama's down: 128 programs
 
 
 def test_fused_norm_linear_rejects_what_it_does_not_handle(device):
