@@ -149,6 +149,7 @@ def record_launches() -> list:
                 norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(2 * ffn, hidden), residual=e(m, hidden),
                                               gated=True, config=prefetching)
                 norm_linear.decode_linear(x, e(hidden, hidden))  # o
+                norm_linear.decode_linear(x, e(hidden, hidden), config=norm_linear.NormLinearConfig(x_ahead=False))
                 norm_linear.decode_linear(e(m, ffn), e(hidden, ffn), config=prefetching)  # down
     finally:
         for module, name, fn in originals:

@@ -58,6 +58,7 @@ class NormLinearConfig:
     num_warps: int = 4
     num_stages: int = 4
     prefetch: int = 0  # weight columns per row fetched into L2 before waiting for the previous kernel (PDL)
+    x_ahead: bool = True  # x loaded a step ahead by hand (required with the norm); False: in the loop
 
 
 def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = True) -> NormLinearConfig:
@@ -83,7 +84,7 @@ def _norm_linear_kernel(
     M, N, K, eps, x_sm, r_sm, ro_sm, w_sn, y_sm, up_rows,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr, X_AHEAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = y_ptr.dtype.element_ty
@@ -104,6 +105,7 @@ def _norm_linear_kernel(
     sum_sq = tl.zeros([BLOCK_M], tl.float32)
     # x, residual and g are loaded one step ahead, by hand: Triton's pipeliner prefetches only loads that
     # feed tl.dot directly, and left these waiting on memory every step (2-3x the time of a plain GEMV)
+    # (a plain linear may instead load x in the loop, X_AHEAD=False, where the pipeliner prefetches it)
     cols = tl.arange(0, BLOCK_K)
     x_next, r_next, g_next = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, NORM,
                                           HAS_RESIDUAL)
@@ -111,9 +113,13 @@ def _norm_linear_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         k_mask = cols < K
         x_mask = m_mask[:, None] & k_mask[None, :]
-        h, r, g = x_next, r_next, g_next
-        x_next, r_next, g_next = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols + BLOCK_K, m_mask, K, x_sm, r_sm,
-                                              NORM, HAS_RESIDUAL)
+        if X_AHEAD:
+            h, r, g = x_next, r_next, g_next
+            x_next, r_next, g_next = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols + BLOCK_K, m_mask, K, x_sm,
+                                                  r_sm, NORM, HAS_RESIDUAL)
+        else:
+            h = tl.load(x_ptr + rows_m[:, None] * x_sm + cols[None, :], mask=x_mask, other=0.0)
+            r, g = h, h
         if HAS_RESIDUAL:  # the reference adds in the model dtype
             h = (h.to(tl.float32) + r.to(tl.float32)).to(dtype)
             tl.store(res_out_ptr + rows_m[:, None] * ro_sm + cols[None, :], h, mask=x_mask & first[:, None])
@@ -217,7 +223,7 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config) -> to
         y, m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out,
         NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
         BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k, UPCAST=interpreting(),
-        PDL=pdl, PREFETCH=config.prefetch if pdl else 0,
+        PDL=pdl, PREFETCH=config.prefetch if pdl else 0, X_AHEAD=config.x_ahead or norm_weight is not None,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     return y

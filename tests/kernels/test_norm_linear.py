@@ -64,7 +64,7 @@ def test_fused_norm_linear_matches_the_ops_one_by_one(dtype, m, n, k, residual, 
 @pytest.mark.parametrize("m,n,k,bias,config", [
     (1, 96, 256, False, NormLinearConfig(block_n=32, block_k=64)),
     (5, 80, 320, True, NormLinearConfig(block_n=16, block_k=64, prefetch=128)),  # ragged N and K, bias
-    (16, 48, 512, False, NormLinearConfig(block_n=16, block_k=128, num_stages=2)),
+    (16, 48, 512, False, NormLinearConfig(block_n=16, block_k=128, num_stages=2, x_ahead=False)),  # x in the loop
     (3, 2048, 64, False, None),  # default tiles
 ])
 def test_decode_linear_matches_f_linear(dtype, m, n, k, bias, config, device):
