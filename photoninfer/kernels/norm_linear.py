@@ -65,12 +65,19 @@ def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = Tru
     """Tiles measured best on an H100 (scripts/bench_norm_linear.py, docs/benchmarks.md): narrow outputs
     (SmolLM2's q/k/v and gate/up) 16 columns a program so that the programs still cover the SMs; wider ones
     32, or 64 for up to 4 rows (less of the prologue's work per weight byte); 256-wide K steps, 128 for
-    gate/up (two weight tiles a step) beyond 4 rows. Without the norm (decode_linear: o and down) 16 columns
-    up to 8k outputs: Llama-3.2-1B's 2048 then still make 128 programs."""
+    gate/up (two weight tiles a step) beyond 4 rows.
+
+    Without the norm (decode_linear; scripts/bench_decode_linear.py) x is loaded in the loop, where the
+    pipeliner prefetches it with the weights, in long K steps: 32 x 512 four stages deep for K >= 2048
+    (Llama-3.2-1B q/k/v, o, down at 1 row: 6.8, 5.8, 14.9 us against cuBLAS's 7.4, 6.4, 16.6), shorter
+    for SmolLM2's narrow layers (o 2.4 us against 3.3, down 3.6 against 5.4)."""
     prefetch = PREFETCH_COLUMNS
     if not norm:
-        block_n = 16 if n_out < 8192 else 64 if m <= 4 else 32
-        return NormLinearConfig(block_n=block_n, block_k=256, num_stages=4, prefetch=prefetch)
+        if k >= 2048:
+            return NormLinearConfig(32, 512, 4, 4, prefetch=prefetch, x_ahead=False)
+        if k > 1024:
+            return NormLinearConfig(16, 512, 4, 3, prefetch=prefetch, x_ahead=False)
+        return NormLinearConfig(32, 256, 4, 3, prefetch=prefetch, x_ahead=False)
     block_n = 16 if n_out < 2048 else 64 if m <= 4 else 32
     if gated:
         block_n = min(block_n, 32)
