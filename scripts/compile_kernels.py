@@ -28,7 +28,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from photoninfer.kernels import activation, argmax, gemv, norm_linear, paged_attention, rmsnorm, rope  # noqa: E402
+from photoninfer.kernels import activation, argmax, gemv, norm_linear, paged_attention, pdl, rmsnorm, rope  # noqa: E402
+
+PDL_MODE = pdl.mode()  # the trigger placement compiled ($PHOTONINFER_PDL_TRIGGER)
 
 TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
                  torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
@@ -103,7 +105,7 @@ def record_launches() -> list:
     kernels += [(module, "use_pdl") for module in (rmsnorm, paged_attention, argmax, norm_linear)]
     originals = [(module, name, getattr(module, name)) for module, name in kernels]
     for module, name, fn in originals:
-        setattr(module, name, (lambda device: True) if name == "use_pdl" else Recorder(fn, launches))
+        setattr(module, name, (lambda device: PDL_MODE) if name == "use_pdl" else Recorder(fn, launches))
     try:
         hidden, hq, hkv, d, ffn = 2048, 32, 8, 64, 8192
         for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -24,12 +24,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Whether kernels on `device` use programmatic dependent launch (kernels/pdl.py): Hopper or newer,
-    compiled (the interpreter has no grid dependencies), and not turned off by PHOTONINFER_PDL=0."""
+def use_pdl(device: torch.device) -> int:
+    """How kernels on `device` use programmatic dependent launch (the kernels' PDL constexpr, kernels/pdl.py):
+    0 (launched plainly) unless on Hopper or newer, compiled (the interpreter has no grid dependencies), and
+    not turned off by PHOTONINFER_PDL=0; otherwise where each kernel lets the next one start (pdl.mode())."""
     if device.type != "cuda" or interpreting() or os.environ.get(PDL_ENV, "1") == "0":
-        return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+        return 0
+    if _capability(device.index if device.index is not None else torch.cuda.current_device()) < 9:
+        return 0
+    from photoninfer.kernels import pdl
+
+    return pdl.mode()
 
 
 @functools.lru_cache(maxsize=None)

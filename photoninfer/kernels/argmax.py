@@ -22,7 +22,7 @@ import triton.language as tl
 
 from photoninfer.kernels import use_pdl
 from photoninfer.kernels._checks import check_dim, check_float, check_last_contiguous, check_shape
-from photoninfer.kernels.pdl import let_next_start, wait_for_previous
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end
 
 CHUNK = 4096  # columns per first-stage program: Llama-3's vocabulary -> 32 programs per row
 BLOCK = 1024  # columns loaded at a time
@@ -31,8 +31,7 @@ BLOCK = 1024  # columns loaded at a time
 @triton.jit
 def _chunk_argmax_kernel(x_ptr, best_val_ptr, best_idx_ptr, vocab, x_stride, num_chunks,
                          CHUNK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    let_next_start(PDL)
-    wait_for_previous(PDL)
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -43,6 +42,7 @@ def _chunk_argmax_kernel(x_ptr, best_val_ptr, best_idx_ptr, vocab, x_stride, num
         better = x > best  # strictly: an earlier column keeps a tie
         best_at = tl.where(better, cols, best_at)
         best = tl.where(better, x, best)
+    pdl_end(PDL)
     value = tl.max(best, 0)
     index = tl.min(tl.where(best == value, best_at, 2**31 - 1), 0)
     tl.store(best_val_ptr + row * num_chunks + chunk, value)
@@ -51,13 +51,13 @@ def _chunk_argmax_kernel(x_ptr, best_val_ptr, best_idx_ptr, vocab, x_stride, num
 
 @triton.jit
 def _pick_chunk_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
-    let_next_start(PDL)
-    wait_for_previous(PDL)
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     mask = c < num_chunks
     values = tl.load(best_val_ptr + row * num_chunks + c, mask=mask, other=float("-inf"))
     indices = tl.load(best_idx_ptr + row * num_chunks + c, mask=mask, other=2**31 - 1)
+    pdl_end(PDL)
     value = tl.max(values, 0)
     index = tl.min(tl.where(values == value, indices, 2**31 - 1), 0)
     # a row of -inf only names column 0, as torch does
@@ -85,8 +85,8 @@ def argmax_rows(logits: torch.Tensor, out: Optional[torch.Tensor] = None) -> tor
     best_idx = torch.empty((rows, num_chunks), dtype=torch.int32, device=logits.device)
     block = min(BLOCK, triton.next_power_of_2(vocab))
     _chunk_argmax_kernel[(rows, num_chunks)](logits, best_val, best_idx, vocab, logits.stride(0), num_chunks,
-                                             CHUNK=CHUNK, BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl)
+                                             CHUNK=CHUNK, BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
     _pick_chunk_kernel[(rows,)](best_val, best_idx, out, num_chunks,
                                 BLOCK_C=max(2, triton.next_power_of_2(num_chunks)), PDL=pdl, num_warps=1,
-                                launch_pdl=pdl)
+                                launch_pdl=pdl > 0)
     return out

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from photoninfer.kernels import interpreting, use_pdl
-from photoninfer.kernels.pdl import let_next_start, prefetch_l2, wait_for_previous
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, prefetch_l2
 from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
 
 MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
@@ -100,12 +100,11 @@ def _norm_linear_kernel(
     m_mask = rows_m < M
     n_mask = rows_n < N
     w_rows = rows_n[:, None].to(tl.int64) * w_sn
-    let_next_start(PDL)
     if PREFETCH > 0:  # the weights are no earlier kernel's output: start fetching them before the wait
         _prefetch_weight_rows(w_ptr, rows_n, N, K, w_sn, PREFETCH)
         if GATED:
             _prefetch_weight_rows(w_ptr + up_rows * w_sn, rows_n, N, K, w_sn, PREFETCH)
-    wait_for_previous(PDL)
+    pdl_begin(PDL)
     first = (tl.zeros([BLOCK_M], tl.int32) + pid) == 0  # program 0 writes the residual sum
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -148,6 +147,7 @@ def _norm_linear_kernel(
                 acc_up = tl.dot(a.to(tl.float32), tl.trans(u.to(tl.float32)), acc_up)
             else:
                 acc_up = tl.dot(a, tl.trans(u), acc_up)
+    pdl_end(PDL)
     if NORM:
         rstd = tl.rsqrt(sum_sq / K + eps)
     else:
@@ -231,7 +231,7 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config) -> to
         NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
         BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k, UPCAST=interpreting(),
         PDL=pdl, PREFETCH=config.prefetch if pdl else 0, X_AHEAD=config.x_ahead or norm_weight is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl > 0,
     )
     return y
 

@@ -46,7 +46,7 @@ import triton.language as tl
 from photoninfer.kernels import interpreting, use_pdl
 from photoninfer.kernels._checks import (check_cache_dtype, check_dim, check_dtype, check_float,
                                          check_last_contiguous, check_power_of_two, check_shape)
-from photoninfer.kernels.pdl import let_next_start, wait_for_previous
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end
 
 LOG2E = 1.4426950408889634
 DEFAULT_PARTITION = 256  # tokens per decode program; a multiple of the key tile
@@ -137,8 +137,7 @@ def _paged_decode_kernel(
     DIRECT: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, DOT_F16: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
-    let_next_start(PDL)
-    wait_for_previous(PDL)
+    pdl_begin(PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -190,6 +189,7 @@ def _paged_decode_kernel(
                           HEAD_DIM).to(q.dtype)
         m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
 
+    pdl_end(PDL)
     result = _normalized(acc, l_i)
     out_rows = out_ptr + seq * o_sb + heads[:, None] * o_sh + d[None, :]
     num_parts = tl.cdiv(seq_len, span)  # the programs that see part of the context
@@ -437,7 +437,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
         ROPE=new_tokens is not None, QK_NORM=qk_norm, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
         UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=use_pdl(q.device),
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl(q.device),
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl(q.device) > 0,
     )
     return out
 

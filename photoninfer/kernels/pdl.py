@@ -13,22 +13,44 @@ The rule every PDL kernel keeps: no load of anything an earlier kernel wrote, an
 the chain stays ordered; kernels launched without PDL (cuBLAS, torch) wait for everything as usual.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
+# When a kernel lets the next one be scheduled (the kernels' PDL constexpr; 0: launched without PDL):
+EARLY = 1  # at its start, before its own wait: kernels may pile up several deep, resident and waiting
+AFTER_WAIT = 2  # once the kernel before it has finished: at most one kernel waits ahead
+AT_END = 3  # after its main loop: the next one overlaps only this one's epilogue and exit
+MODES = {"early": EARLY, "after-wait": AFTER_WAIT, "end": AT_END}
+MODE_ENV = "PHOTONINFER_PDL_TRIGGER"
+
+
+def mode() -> int:
+    """The trigger placement for kernels launched with PDL ($PHOTONINFER_PDL_TRIGGER, default after-wait)."""
+    name = os.environ.get(MODE_ENV, "after-wait")
+    if name not in MODES:
+        raise ValueError(f"{MODE_ENV} must be one of {', '.join(MODES)}, got {name!r}")
+    return MODES[name]
+
 
 @triton.jit
-def let_next_start(PDL: tl.constexpr):
-    """Allow the next kernel in the stream to be scheduled (it still waits for this one's results)."""
-    if PDL:
+def begin(PDL: tl.constexpr):
+    """At a kernel's start, before it touches anything an earlier kernel wrote: waits for the kernel before
+    it (and, by PDL's placement, lets the next one be scheduled)."""
+    if PDL == 1:  # EARLY
+        tl.extra.cuda.gdc_launch_dependents()
+    if PDL != 0:
+        tl.extra.cuda.gdc_wait()
+    if PDL == 2:  # AFTER_WAIT
         tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
-def wait_for_previous(PDL: tl.constexpr):
-    """Block until the previous kernel in the stream has finished and its stores are visible."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+def end(PDL: tl.constexpr):
+    """After a kernel's main loop: lets the next kernel be scheduled when the placement is AT_END."""
+    if PDL == 3:  # AT_END
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from photoninfer.kernels import use_pdl
 from photoninfer.kernels._checks import check_float, check_last_contiguous, check_shape
-from photoninfer.kernels.pdl import let_next_start, wait_for_previous
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end
 
 MAX_WIDTH = 8192
 
@@ -32,8 +32,7 @@ def _rms_norm_kernel(
     x_s0, x_s1, r_s0, r_s1, o_s0, o_s1, ro_s0, ro_s1,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    let_next_start(PDL)
-    wait_for_previous(PDL)
+    pdl_begin(PDL)
     # Row r of the (outer x inner) leading dims sits at (r // inner) * s0 + (r % inner) * s1.
     row = tl.program_id(0).to(tl.int64)
     outer = row // inner
@@ -46,6 +45,7 @@ def _rms_norm_kernel(
         summed = (x + r).to(res_out_ptr.dtype.element_ty)  # torch adds in the input dtype
         tl.store(res_out_ptr + outer * ro_s0 + in_ * ro_s1 + cols, summed, mask=mask)
         x = summed.to(tl.float32)
+    pdl_end(PDL)
     mean_square = tl.sum(x * x, axis=0) / width
     normed = (x * tl.rsqrt(mean_square + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -89,7 +89,7 @@ def _launch(x, residual, weight, eps, out, residual_out) -> None:
         residual_out if residual_out is not None else out,
         inner, width, eps, x_s0, x_s1, r_s0, r_s1, o_s0, o_s1, ro_s0, ro_s1,
         HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=use_pdl(x.device),
-        num_warps=min(max(block // 512, 1), 16), launch_pdl=use_pdl(x.device),
+        num_warps=min(max(block // 512, 1), 16), launch_pdl=use_pdl(x.device) > 0,
     )
 
 
