@@ -31,8 +31,7 @@ LAYERS = ("qkv", "o", "down")
 def configs() -> list[NormLinearConfig]:
     swept = [NormLinearConfig(bn, bk, 4, stages, x_ahead=ahead)
              for bn, bk, stages, ahead in itertools.product((16, 32), (256, 512), (3, 4), (True, False))]
-    return swept + [NormLinearConfig(16, 256, 4, 4, prefetch=p, x_ahead=False) for p in (256, 1024)] + [
-        NormLinearConfig(16, 256, 8, 4, x_ahead=False), NormLinearConfig(64, 128, 4, 4, x_ahead=False)]
+    return swept + [NormLinearConfig(16, 256, 8, 4, x_ahead=False), NormLinearConfig(64, 128, 4, 4, x_ahead=False)]
 
 
 def bench_layer(n: int, k: int, m: int, weights: list) -> dict:

@@ -147,12 +147,9 @@ def record_launches() -> list:
                 norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(3072, hidden), residual=e(m, hidden))
                 norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(2 * ffn, hidden), residual=e(m, hidden), gated=True)
                 norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(128256, hidden))
-                prefetching = norm_linear.NormLinearConfig(block_n=32, block_k=128, prefetch=512)
-                norm_linear.fused_norm_linear(x, e(hidden), 1e-5, e(2 * ffn, hidden), residual=e(m, hidden),
-                                              gated=True, config=prefetching)
                 norm_linear.decode_linear(x, e(hidden, hidden))  # o
                 norm_linear.decode_linear(x, e(hidden, hidden), config=norm_linear.NormLinearConfig(x_ahead=False))
-                norm_linear.decode_linear(e(m, ffn), e(hidden, ffn), config=prefetching)  # down
+                norm_linear.decode_linear(e(m, ffn), e(hidden, ffn))  # down
     finally:
         for module, name, fn in originals:
             setattr(module, name, fn)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from photoninfer.kernels import interpreting, use_pdl
-from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, prefetch_l2
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end
 from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
 
 MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
@@ -45,10 +45,6 @@ FUSE_QKV_MAX_K = 1024
 DTYPES = (torch.bfloat16, torch.float16)
 # decode steps run q/k/v (where not fused), o and down through decode_linear rather than cuBLAS
 DECODE_LINEARS = os.environ.get("PHOTONINFER_DECODE_LINEARS", "1") != "0"
-# weight columns per row prefetched into L2 before a PDL kernel waits for the one before (0: none)
-PREFETCH_COLUMNS = int(os.environ.get("PHOTONINFER_PDL_PREFETCH", 0))
-LINE_ELEMENTS = 64  # bf16/fp16 elements in a 128-byte line (the L2 prefetch's unit)
-LINE = tl.constexpr(LINE_ELEMENTS)
 
 
 @dataclass(frozen=True)
@@ -57,7 +53,6 @@ class NormLinearConfig:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 4
-    prefetch: int = 0  # weight columns per row fetched into L2 before waiting for the previous kernel (PDL)
     x_ahead: bool = True  # x loaded a step ahead by hand (required with the norm); False: in the loop
 
 
@@ -71,18 +66,16 @@ def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = Tru
     pipeliner prefetches it with the weights, in long K steps: 32 x 512 four stages deep for K >= 2048
     (Llama-3.2-1B q/k/v, o, down at 1 row: 6.8, 5.8, 14.9 us against cuBLAS's 7.4, 6.4, 16.6), shorter
     for SmolLM2's narrow layers (o 2.4 us against 3.3, down 3.6 against 5.4)."""
-    prefetch = PREFETCH_COLUMNS
     if not norm:
         if k >= 2048:
-            return NormLinearConfig(32, 512, 4, 4, prefetch=prefetch, x_ahead=False)
+            return NormLinearConfig(32, 512, 4, 4, x_ahead=False)
         if k > 1024:
-            return NormLinearConfig(16, 512, 4, 3, prefetch=prefetch, x_ahead=False)
-        return NormLinearConfig(32, 256, 4, 3, prefetch=prefetch, x_ahead=False)
+            return NormLinearConfig(16, 512, 4, 3, x_ahead=False)
+        return NormLinearConfig(32, 256, 4, 3, x_ahead=False)
     block_n = 16 if n_out < 2048 else 64 if m <= 4 else 32
     if gated:
         block_n = min(block_n, 32)
-    return NormLinearConfig(block_n=block_n, block_k=128 if gated and m > 4 else 256, num_stages=3,
-                            prefetch=prefetch)
+    return NormLinearConfig(block_n=block_n, block_k=128 if gated and m > 4 else 256, num_stages=3)
 
 
 @triton.jit
@@ -91,7 +84,7 @@ def _norm_linear_kernel(
     M, N, K, eps, x_sm, r_sm, ro_sm, w_sn, y_sm, up_rows,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH: tl.constexpr, X_AHEAD: tl.constexpr,
+    PDL: tl.constexpr, X_AHEAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = y_ptr.dtype.element_ty
@@ -100,10 +93,6 @@ def _norm_linear_kernel(
     m_mask = rows_m < M
     n_mask = rows_n < N
     w_rows = rows_n[:, None].to(tl.int64) * w_sn
-    if PREFETCH > 0:  # the weights are no earlier kernel's output: start fetching them before the wait
-        _prefetch_weight_rows(w_ptr, rows_n, N, K, w_sn, PREFETCH)
-        if GATED:
-            _prefetch_weight_rows(w_ptr + up_rows * w_sn, rows_n, N, K, w_sn, PREFETCH)
     pdl_begin(PDL)
     first = (tl.zeros([BLOCK_M], tl.int32) + pid) == 0  # program 0 writes the residual sum
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -181,15 +170,6 @@ def _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, NOR
     return x, r, g
 
 
-@triton.jit
-def _prefetch_weight_rows(w_ptr, rows_n, N, K, w_sn, PREFETCH: tl.constexpr):
-    """L2 prefetch of the first PREFETCH columns of this program's weight rows, one address per 128-byte
-    line (out-of-range rows and columns clamped to valid ones)."""
-    lines = tl.minimum(tl.arange(0, PREFETCH // LINE) * LINE, K - 1)
-    rows = tl.minimum(rows_n, N - 1).to(tl.int64)
-    prefetch_l2(w_ptr + rows[:, None] * w_sn + lines[None, :])
-
-
 def fused_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                       bias: Optional[torch.Tensor] = None, *, residual: Optional[torch.Tensor] = None,
                       gated: bool = False, config: Optional[NormLinearConfig] = None,
@@ -221,8 +201,6 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config) -> to
     config = config or default_config(n_out, k, gated, m, norm=norm_weight is not None)
     check_power_of_two("block_n", config.block_n, 16, 256)
     check_power_of_two("block_k", config.block_k, 16, 1024)
-    if config.prefetch:
-        check_power_of_two("prefetch", config.prefetch, LINE_ELEMENTS, 1 << 16)
     res = residual if residual is not None else x
     pdl = use_pdl(x.device)
     _norm_linear_kernel[(triton.cdiv(n_out, config.block_n),)](
@@ -230,7 +208,7 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config) -> to
         y, m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out,
         NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
         BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k, UPCAST=interpreting(),
-        PDL=pdl, PREFETCH=config.prefetch if pdl else 0, X_AHEAD=config.x_ahead or norm_weight is not None,
+        PDL=pdl, X_AHEAD=config.x_ahead or norm_weight is not None,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl > 0,
     )
     return y

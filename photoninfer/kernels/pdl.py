@@ -1,16 +1,19 @@
-"""Programmatic dependent launch (PDL, Hopper and newer): the next kernel of a stream starts while this
-one finishes.
+"""Programmatic dependent launch (PDL, Hopper and newer): the next kernel of a stream is scheduled while
+this one finishes.
 
 Why: a decode step is a chain of ~100-250 short kernels (a few microseconds each at batch 1), and between
-two of them the GPU drains the first, then launches the second and ramps it up: ~1-2 us a boundary in
-which no weight is read. A kernel launched with `launch_pdl=True` may be scheduled as soon as every
-program of the one before has called `gdc_launch_dependents`; it then waits in `gdc_wait` until that
-kernel has finished and its writes are visible. Work that needs nothing from the previous kernel (an L2
-prefetch of this kernel's own weights, `prefetch_l2`) runs before the wait.
+two of them the GPU drains the first, then launches and ramps up the second. A kernel launched with
+`launch_pdl=True` may be scheduled once every program of the kernel before it has called
+`gdc_launch_dependents` (or exited); it then waits in `gdc_wait` until that kernel has finished and its
+writes are visible. So launch latency overlaps the previous kernel's tail.
 
-The rule every PDL kernel keeps: no load of anything an earlier kernel wrote, and no store, before
-`wait_for_previous`. Since each kernel waits for the whole previous one, which waited for the one before,
-the chain stays ordered; kernels launched without PDL (cuBLAS, torch) wait for everything as usual.
+The rule every PDL kernel keeps: `begin(PDL)` before it loads anything an earlier kernel wrote and
+before it stores anything. Each kernel waits for the whole previous one, which waited for the one
+before, so the chain stays ordered; kernels launched without PDL (cuBLAS, torch) wait as usual.
+
+Where the trigger sits matters (H100, Llama-3.2-1B / SmolLM2-135M decode, docs/benchmarks.md): at a
+kernel's start (EARLY) the next kernels pile up resident and waiting, several deep, and steps got slower;
+right after the wait (AFTER_WAIT, the default) or after the main loop (AT_END) they got faster.
 """
 
 import os
@@ -51,11 +54,3 @@ def end(PDL: tl.constexpr):
     """After a kernel's main loop: lets the next kernel be scheduled when the placement is AT_END."""
     if PDL == 3:  # AT_END
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 to fetch the lines at `ptrs`, which must all be valid addresses (no registers are filled and
-    nothing is waited for)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)

@@ -132,12 +132,17 @@ def test_fused_norm_linear_layers_score_as_the_separate_kernels(make_tiny_model,
         calls.append("linear")
         return norm_linear.decode_linear(*args, **kwargs)
 
-    assert all(layer.norm_linear is norm_linear and layer.decode_linears for layer in layers)
+    from photoninfer.kernels import use_pdl
+
+    # o, down (and unfused q/k/v) on decode_linear where kernels launch with PDL (Hopper); run it here anyway
+    assert all(layer.norm_linear is norm_linear for layer in layers)
+    assert all(layer.decode_linears == (use_pdl(device) > 0) for layer in layers)
     assert llm.engine.model_config.hidden_size <= norm_linear.FUSE_QKV_MAX_K  # q/k/v fused too
     for layer in layers:
         layer.norm_linear = SimpleNamespace(MAX_M=norm_linear.MAX_M, DTYPES=norm_linear.DTYPES,
                                             FUSE_QKV_MAX_K=norm_linear.FUSE_QKV_MAX_K if fuse_qkv else 0,
                                             fused_norm_linear=counted, decode_linear=counted_linear)
+        layer.decode_linears = True
     fused = prompt_logprobs(llm, prompts)
     assert calls.count(True) == len(layers) * len(prompts)
     assert calls.count(False) == (len(layers) * len(prompts) if fuse_qkv else 0)

@@ -63,7 +63,7 @@ def test_fused_norm_linear_matches_the_ops_one_by_one(dtype, m, n, k, residual, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,k,bias,config", [
     (1, 96, 256, False, NormLinearConfig(block_n=32, block_k=64)),
-    (5, 80, 320, True, NormLinearConfig(block_n=16, block_k=64, prefetch=128)),  # ragged N and K, bias
+    (5, 80, 320, True, NormLinearConfig(block_n=16, block_k=64)),  # ragged N and K, bias
     (16, 48, 512, False, NormLinearConfig(block_n=16, block_k=128, num_stages=2, x_ahead=False)),  # x in the loop
     (3, 2048, 64, False, None),  # default tiles
 ])
@@ -86,9 +86,6 @@ def test_decode_linear_rejects_what_it_does_not_handle(device):
     with pytest.raises(ValueError, match="bias"):
         decode_linear(torch.zeros(1, 32, dtype=torch.bfloat16, device=device), w,
                       torch.zeros(9, dtype=torch.bfloat16, device=device))
-    with pytest.raises(ValueError, match="prefetch"):
-        decode_linear(torch.zeros(1, 32, dtype=torch.bfloat16, device=device), w,
-                      config=NormLinearConfig(block_n=16, block_k=32, prefetch=48))
 
 
 def test_default_config_keeps_the_card_busy():

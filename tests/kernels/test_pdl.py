@@ -1,0 +1,25 @@
+"""When kernels launch with programmatic dependent launch (kernels/pdl.py), and how they place the trigger."""
+
+import pytest
+import torch
+
+from photoninfer.kernels import pdl, use_pdl
+
+
+def test_pdl_stays_off_where_it_cannot_work(monkeypatch):
+    assert use_pdl(torch.device("cpu")) == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no grid dependencies
+    assert use_pdl(torch.device("cuda", 0)) == 0
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("PHOTONINFER_PDL", "0")
+    assert use_pdl(torch.device("cuda", 0)) == 0
+
+
+def test_trigger_placement_is_chosen_by_name(monkeypatch):
+    monkeypatch.delenv(pdl.MODE_ENV, raising=False)
+    assert pdl.mode() == pdl.AFTER_WAIT  # measured best with AT_END; EARLY made steps slower
+    monkeypatch.setenv(pdl.MODE_ENV, "end")
+    assert pdl.mode() == pdl.AT_END
+    monkeypatch.setenv(pdl.MODE_ENV, "sometimes")
+    with pytest.raises(ValueError, match="early, after-wait, end"):
+        pdl.mode()
