@@ -105,7 +105,7 @@ def record_launches() -> list:
     kernels += [(module, "use_pdl") for module in (rmsnorm, paged_attention, argmax, norm_linear)]
     originals = [(module, name, getattr(module, name)) for module, name in kernels]
     for module, name, fn in originals:
-        setattr(module, name, (lambda device: PDL_MODE) if name == "use_pdl" else Recorder(fn, launches))
+        setattr(module, name, (lambda device, rows=1: PDL_MODE) if name == "use_pdl" else Recorder(fn, launches))
     try:
         hidden, hq, hkv, d, ffn = 2048, 32, 8, 64, 8192
         for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -80,7 +80,7 @@ def argmax_rows(logits: torch.Tensor, out: Optional[torch.Tensor] = None) -> tor
     if rows == 0:
         return out
     num_chunks = triton.cdiv(vocab, CHUNK)
-    pdl = use_pdl(logits.device)
+    pdl = use_pdl(logits.device, rows)
     best_val = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
     best_idx = torch.empty((rows, num_chunks), dtype=torch.int32, device=logits.device)
     block = min(BLOCK, triton.next_power_of_2(vocab))

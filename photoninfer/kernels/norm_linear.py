@@ -202,7 +202,7 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config) -> to
     check_power_of_two("block_n", config.block_n, 16, 256)
     check_power_of_two("block_k", config.block_k, 16, 1024)
     res = residual if residual is not None else x
-    pdl = use_pdl(x.device)
+    pdl = use_pdl(x.device, m)
     _norm_linear_kernel[(triton.cdiv(n_out, config.block_n),)](
         x, res, h, norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight,
         y, m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out,

@@ -436,8 +436,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *po_strides, *pm_strides, done_stride, *new_strides,
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
         ROPE=new_tokens is not None, QK_NORM=qk_norm, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
-        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=use_pdl(q.device),
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl(q.device) > 0,
+        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=use_pdl(q.device, batch),
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl(q.device, batch) > 0,
     )
     return out
 

@@ -88,8 +88,8 @@ def _launch(x, residual, weight, eps, out, residual_out) -> None:
         x, residual if residual is not None else x, weight, out,
         residual_out if residual_out is not None else out,
         inner, width, eps, x_s0, x_s1, r_s0, r_s1, o_s0, o_s1, ro_s0, ro_s1,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=use_pdl(x.device),
-        num_warps=min(max(block // 512, 1), 16), launch_pdl=use_pdl(x.device) > 0,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=use_pdl(x.device, rows),
+        num_warps=min(max(block // 512, 1), 16), launch_pdl=use_pdl(x.device, rows) > 0,
     )
 
 

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from photoninfer.kernels import pdl, use_pdl
+from photoninfer.kernels import PDL_MAX_ROWS, pdl, use_pdl
 
 
 def test_pdl_stays_off_where_it_cannot_work(monkeypatch):
     assert use_pdl(torch.device("cpu")) == 0
+    assert use_pdl(torch.device("cuda", 0), rows=PDL_MAX_ROWS + 1) == 0  # long kernels: measured slower
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no grid dependencies
     assert use_pdl(torch.device("cuda", 0)) == 0
     monkeypatch.delenv("TRITON_INTERPRET")
