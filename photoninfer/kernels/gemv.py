@@ -22,7 +22,8 @@ Tile choices (to be confirmed per shape on the H100 with scripts/bench_kernels.p
 `GemvConfig(fma=True)` (M <= 4) multiplies on CUDA cores instead of a tl.dot padded to 16 rows. Neither
 kernel is wired into the model: timed inside CUDA graphs over cold weights (scripts/bench_gemv.py) they beat
 cuBLAS only on some shapes, and a start-up choice per shape made whole decode steps slower
-(docs/benchmarks.md).
+(docs/benchmarks.md). What decode steps run instead of cuBLAS on Hopper is `norm_linear.decode_linear`
+(no split-K, long K steps, launched with PDL); this file stays as the split-K and FMA study.
 
 Shapes: x [M, K] (last dim contiguous), weight [N, K] contiguous, optional bias [N]; y [M, N] in x's dtype.
 """
