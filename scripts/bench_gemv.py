@@ -84,22 +84,63 @@ def bench_one(n: int, k: int, m: int, weights: list, out: torch.Tensor) -> dict:
               "cublas_us": graph_time_us([lambda w=w: torch.mm(x, w.t(), out=out) for w in weights])}
     configs = fma_configs(n, k) if m <= FMA_MAX_M else dot_configs(n, k)
     workspace = torch.empty(8 * m * n, dtype=torch.float32, device="cuda")
+    result.update(sweep(configs, lambda w, c: small_m_linear(x, w, config=c, out=out, workspace=workspace),
+                        weights, lambda y: (y.float() - expected).abs().max() <= tolerance))
+    return result
+
+
+def bench_shapes(shapes: list[str], layers: list[str], ms: list[int], bench, describe, out: str,
+                 extra: dict | None = None) -> dict:
+    """Runs `bench(n, k, m, layer, weights)` -> row for each shape, layer and row count M over weight copies
+    larger than L2, prints `describe(row)` and rewrites `out` (JSON) after every row, so that a run cut
+    short keeps what it measured."""
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **(extra or {}), "rows": []}
+    for shape in shapes:
+        for layer in layers:
+            n, k = SHAPES[shape][layer]
+            copies = max(2, min(32, COLD_BYTES // (n * k * 2)))
+            weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16) for _ in range(copies)]
+            for m in ms:
+                row = bench(n, k, m, layer, weights)
+                row.update(shape=shape, layer=layer)
+                results["rows"].append(row)
+                print(f"{shape:<13} {layer:<8} M={m:<3} {describe(row)}", flush=True)
+                with open(out, "w") as f:
+                    json.dump(results, f, indent=1)
+            del weights
+    return results
+
+
+def default_line(row: dict, peer: str) -> str:
+    """`describe` for sweeps with a default config: the peer's time, the best and the default config's."""
+    best, default = row["best"], row["default"]
+    return (f"{peer} {row[peer + '_us']:7.2f} us | best {best['us'] if best else float('nan'):7.2f} us "
+            f"{best and best['config']} | default {default.get('us', float('nan')):7.2f} us")
+
+
+def close_to(expected: torch.Tensor):
+    """A result check for `sweep`: within 2% of `expected` (relative to its largest entry)."""
+    def is_right(y: torch.Tensor) -> bool:
+        return torch.allclose(y.float(), expected.float(), rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+    return is_right
+
+
+def sweep(configs, run, weights: list, is_right) -> dict:
+    """For each config: `run(weights[0], config)` checked with `is_right(output)`, then timed over all the
+    weight copies in one CUDA graph. {"best": the fastest timing (None if none ran), "timings": one per
+    config, with "us" or, for a config the compiler rejects or that computes wrongly, "error"}."""
     timings = []
     for config in configs:
         try:
-            small_m_linear(x, weights[0], config=config, out=out, workspace=workspace)
-            if (out.float() - expected).abs().max() > tolerance:
+            if not is_right(run(weights[0], config)):
                 timings.append({"config": vars(config), "error": "wrong result"})
                 continue
-            us = graph_time_us([lambda w=w, c=config: small_m_linear(x, w, config=c, out=out, workspace=workspace)
-                                for w in weights])
+            us = graph_time_us([lambda w=w, c=config: run(w, c) for w in weights])
             timings.append({"config": vars(config), "us": us})
         except Exception as exc:  # a config the compiler rejects (e.g. out of registers)
             timings.append({"config": vars(config), "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
     ok = [t for t in timings if "us" in t]
-    best = min(ok, key=lambda t: t["us"]) if ok else None
-    result.update(best=best, timings=timings)
-    return result
+    return {"best": min(ok, key=lambda t: t["us"]) if ok else None, "timings": timings}
 
 
 def main() -> int:
@@ -109,28 +150,20 @@ def main() -> int:
     parser.add_argument("--layers", default=None, help="comma-separated subset of qkv,o,gate_up,down,lm_head")
     parser.add_argument("--out", default="gemv.json")
     args = parser.parse_args()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    for shape in args.shapes.split(","):
-        for layer, (n, k) in SHAPES[shape].items():
-            if args.layers and layer not in args.layers.split(","):
-                continue
-            copies = max(2, min(32, COLD_BYTES // (n * k * 2)))
-            weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16) for _ in range(copies)]
-            for m in (int(v) for v in args.m.split(",")):
-                out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                row = bench_one(n, k, m, weights, out)
-                row.update(shape=shape, layer=layer)
-                results["rows"].append(row)
-                best = row["best"]
-                gb = row["mbytes"] / 1e3
-                line = f"{shape:<13} {layer:<8} M={m:<3} cuBLAS {row['cublas_us']:7.2f} us {gb / row['cublas_us'] * 1e3:5.2f} TB/s"
-                if best:
-                    line += (f" | triton {best['us']:7.2f} us {gb / best['us'] * 1e3:5.2f} TB/s "
-                             f"x{row['cublas_us'] / best['us']:.2f} {best['config']}")
-                print(line, flush=True)
-                with open(args.out, "w") as f:  # after every row: a run cut short keeps what it measured
-                    json.dump(results, f, indent=1)
-            del weights
+    layers = args.layers.split(",") if args.layers else list(SHAPES["llama-3.2-1b"])
+
+    def bench(n, k, m, layer, weights):
+        return bench_one(n, k, m, weights, torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+
+    def describe(row):
+        best, gb = row["best"], row["mbytes"] / 1e3
+        line = f"cuBLAS {row['cublas_us']:7.2f} us {gb / row['cublas_us'] * 1e3:5.2f} TB/s"
+        if best:
+            line += (f" | triton {best['us']:7.2f} us {gb / best['us'] * 1e3:5.2f} TB/s "
+                     f"x{row['cublas_us'] / best['us']:.2f} {best['config']}")
+        return line
+
+    bench_shapes(args.shapes.split(","), layers, [int(v) for v in args.m.split(",")], bench, describe, args.out)
     return 0
 
 

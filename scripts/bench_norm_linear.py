@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gemv import COLD_BYTES, SHAPES, graph_time_us  # noqa: E402
+from bench_gemv import SHAPES, bench_shapes, close_to, default_line, graph_time_us, sweep  # noqa: E402
 
 from photoninfer.kernels.activation import silu_and_mul  # noqa: E402
 from photoninfer.kernels.norm_linear import NormLinearConfig, default_config, fused_norm_linear  # noqa: E402
@@ -53,21 +52,13 @@ def bench_layer(n: int, k: int, m: int, gated: bool, weights: list) -> dict:
                                     config=NormLinearConfig(16, 64, 4, 2))
     row = {"n": n, "k": k, "m": m, "gated": gated, "mbytes": n * k * 2 / 1e6,
            "separate_us": graph_time_us([lambda w=w: separate(w) for w in weights])}
-    timings = []
     n_out = n // 2 if gated else n
-    for config in configs() + [default_config(n_out, k, gated)]:
-        try:
-            y, _ = fused_norm_linear(x, g, EPS, weights[0], residual=residual, gated=gated, config=config)
-            if not torch.allclose(y.float(), expected.float(), rtol=2e-2, atol=2e-2 * float(expected.abs().max())):
-                timings.append({"config": vars(config), "error": "wrong result"})
-                continue
-            us = graph_time_us([lambda w=w, c=config: fused_norm_linear(x, g, EPS, w, residual=residual,
-                                                                        gated=gated, config=c) for w in weights])
-            timings.append({"config": vars(config), "us": us})
-        except Exception as exc:  # a config the compiler rejects
-            timings.append({"config": vars(config), "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
-    ok = [t for t in timings if "us" in t]
-    row.update(best=min(ok, key=lambda t: t["us"]) if ok else None, default=timings[-1], timings=timings)
+
+    def fused(w, config):
+        return fused_norm_linear(x, g, EPS, w, residual=residual, gated=gated, config=config)[0]
+
+    row.update(sweep(configs() + [default_config(n_out, k, gated)], fused, weights, close_to(expected)))
+    row["default"] = row["timings"][-1]
     return row
 
 
@@ -77,23 +68,9 @@ def main() -> int:
     parser.add_argument("--m", default="1,16")
     parser.add_argument("--out", default="norm_linear.json")
     args = parser.parse_args()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    for shape in args.shapes.split(","):
-        for layer, gated in LAYERS.items():
-            n, k = SHAPES[shape][layer]
-            copies = max(2, min(32, COLD_BYTES // (n * k * 2)))
-            weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16) for _ in range(copies)]
-            for m in (int(v) for v in args.m.split(",")):
-                row = bench_layer(n, k, m, gated, weights)
-                row.update(shape=shape, layer=layer)
-                results["rows"].append(row)
-                best, default = row["best"], row["default"]
-                print(f"{shape:<13} {layer:<8} M={m:<3} separate {row['separate_us']:7.2f} us | fused best "
-                      f"{best['us'] if best else float('nan'):7.2f} us {best and best['config']} | default "
-                      f"{default.get('us', float('nan')):7.2f} us", flush=True)
-                with open(args.out, "w") as f:
-                    json.dump(results, f, indent=1)
-            del weights
+    bench_shapes(args.shapes.split(","), list(LAYERS), [int(v) for v in args.m.split(",")],
+                 lambda n, k, m, layer, weights: bench_layer(n, k, m, LAYERS[layer], weights),
+                 lambda row: default_line(row, "separate"), args.out)
     return 0
 
 

@@ -17,6 +17,11 @@ per element; the tests bound the difference.
 Grid: one program per BLOCK_N output columns over all of K (no split-K: the norm needs the whole row). The
 residual sum h = x + residual is written to `residual_out` by program 0 only (every program computes it).
 
+`decode_linear` is the same kernel without the norm (x @ W^T + bias, torch reference F.linear): decode steps
+on Hopper run o, down and unfused q/k/v on it, so that every kernel of a layer launches with programmatic
+dependent launch (kernels/pdl.py), which cuBLAS's do not. It loads x inside the loop (X_AHEAD=False), where
+the pipeliner prefetches it with the weights.
+
 Shapes: x [M, K] with M <= 16 (last dim contiguous), residual/residual_out [M, K], norm_weight [K],
 weight [N, K] ([2I, K] gate rows then up rows when GATED), optional bias [N]; y [M, N] (or [M, I]).
 bf16/fp16 only: float32 keeps the separate kernels (tl.dot would round float32 operands to tf32).
