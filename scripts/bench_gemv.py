@@ -89,6 +89,15 @@ def bench_one(n: int, k: int, m: int, weights: list, out: torch.Tensor) -> dict:
     return result
 
 
+def sweep_arguments(default_out: str, default_m: str = "1,16") -> argparse.Namespace:
+    """--shapes (comma-separated SHAPES names), --m (row counts) and --out (JSON path)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--m", default=default_m)
+    parser.add_argument("--out", default=default_out)
+    return parser.parse_args()
+
+
 def bench_shapes(shapes: list[str], layers: list[str], ms: list[int], bench, describe, out: str,
                  extra: dict | None = None) -> dict:
     """Runs `bench(n, k, m, layer, weights)` -> row for each shape, layer and row count M over weight copies

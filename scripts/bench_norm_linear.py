@@ -10,7 +10,6 @@ graph over weight copies larger than L2 (scripts/bench_gemv.py's timing), for a 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import sys
@@ -20,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gemv import SHAPES, bench_shapes, close_to, default_line, graph_time_us, sweep  # noqa: E402
+from bench_gemv import bench_shapes, close_to, default_line, graph_time_us, sweep, sweep_arguments  # noqa: E402
 
 from photoninfer.kernels.activation import silu_and_mul  # noqa: E402
 from photoninfer.kernels.norm_linear import NormLinearConfig, default_config, fused_norm_linear  # noqa: E402
@@ -63,11 +62,7 @@ def bench_layer(n: int, k: int, m: int, gated: bool, weights: list) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--m", default="1,16")
-    parser.add_argument("--out", default="norm_linear.json")
-    args = parser.parse_args()
+    args = sweep_arguments("norm_linear.json")
     bench_shapes(args.shapes.split(","), list(LAYERS), [int(v) for v in args.m.split(",")],
                  lambda n, k, m, layer, weights: bench_layer(n, k, m, LAYERS[layer], weights),
                  lambda row: default_line(row, "separate"), args.out)

@@ -25,6 +25,7 @@ static inline int64_t record_bytes(int group, int biased) { return PANEL * group
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+#define SIMD_PANEL 1
 #define MAX_MT 8 /* rows of x per pass over a panel */
 
 #ifndef PREFETCH_BYTES
@@ -65,23 +66,10 @@ static inline __attribute__((always_inline)) void panel(const float *x, int64_t 
     for (int i = 0; i < MT; i++) _mm512_storeu_ps(y + i * ldy, acc[i]);
 }
 
-#define ROWS_CASE(MT, G, B) \
-    case MT: panel(x, ldx, sums, w, groups, y, ldy, MT, G, B); break;
-#define FORMAT_CASE(G, B) \
-    switch (mt) { ROWS_CASE(1, G, B) ROWS_CASE(2, G, B) ROWS_CASE(3, G, B) ROWS_CASE(4, G, B) \
-                  ROWS_CASE(5, G, B) ROWS_CASE(6, G, B) ROWS_CASE(7, G, B) ROWS_CASE(8, G, B) }
-
-static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t groups,
-                       int group, int biased, float *y, int64_t ldy) {
-    if (group == 16 && !biased) FORMAT_CASE(16, 0)
-    else if (group == 16) FORMAT_CASE(16, 1)
-    else if (!biased) FORMAT_CASE(32, 0)
-    else FORMAT_CASE(32, 1)
-}
-
 #elif defined(__AVX2__) && defined(__FMA__) /* 8 lanes: as q4_kernels.c's AVX2 panel, two vectors per panel */
 #include <immintrin.h>
 
+#define SIMD_PANEL 1
 #define MAX_MT 4 /* rows of x per pass; their totals kept in y, so the registers hold only a group's sums */
 
 #ifndef PREFETCH_BYTES
@@ -125,19 +113,6 @@ static inline __attribute__((always_inline)) void panel(const float *x, int64_t 
     }
 }
 
-#define ROWS_CASE(MT, G, B) \
-    case MT: panel(x, ldx, sums, w, groups, y, ldy, MT, G, B); break;
-#define FORMAT_CASE(G, B) \
-    switch (mt) { ROWS_CASE(1, G, B) ROWS_CASE(2, G, B) ROWS_CASE(3, G, B) ROWS_CASE(4, G, B) }
-
-static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t groups,
-                       int group, int biased, float *y, int64_t ldy) {
-    if (group == 16 && !biased) FORMAT_CASE(16, 0)
-    else if (group == 16) FORMAT_CASE(16, 1)
-    else if (!biased) FORMAT_CASE(32, 0)
-    else FORMAT_CASE(32, 1)
-}
-
 #else /* scalar fallback: the same sums */
 
 #define MAX_MT 8
@@ -163,6 +138,26 @@ static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, c
         }
 }
 
+#endif
+
+#ifdef SIMD_PANEL /* one compiled panel per (rows, format): the row count and format must be constants */
+#define ROWS_CASE(MT, G, B) \
+    case MT: panel(x, ldx, sums, w, groups, y, ldy, MT, G, B); break;
+#if MAX_MT > 4
+#define ROWS_CASES_5_TO_8(G, B) ROWS_CASE(5, G, B) ROWS_CASE(6, G, B) ROWS_CASE(7, G, B) ROWS_CASE(8, G, B)
+#else
+#define ROWS_CASES_5_TO_8(G, B)
+#endif
+#define FORMAT_CASE(G, B) \
+    switch (mt) { ROWS_CASE(1, G, B) ROWS_CASE(2, G, B) ROWS_CASE(3, G, B) ROWS_CASE(4, G, B) ROWS_CASES_5_TO_8(G, B) }
+
+static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t groups,
+                       int group, int biased, float *y, int64_t ldy) {
+    if (group == 16 && !biased) FORMAT_CASE(16, 0)
+    else if (group == 16) FORMAT_CASE(16, 1)
+    else if (!biased) FORMAT_CASE(32, 0)
+    else FORMAT_CASE(32, 1)
+}
 #endif
 
 /* x: float32 [M, K] contiguous; w: N / 16 panels (layout above); y: float32 [M, N]. K % group == 0,

@@ -52,6 +52,7 @@ static inline float half_to_float(uint16_t h) {
 
 int q4_simd(void) { return 512; }
 
+#define SIMD_PANEL 1
 #define MAX_MT 8 /* rows of x per pass over a panel */
 #define SCALED_X 0
 
@@ -112,25 +113,12 @@ static inline __attribute__((always_inline)) void panel(const float *x, int64_t 
     for (int i = 0; i < MT; i++) _mm512_storeu_ps(y + i * ldy, acc[i]);
 }
 
-#define PANEL_CASE(MT, F32, FIVE) \
-    case MT: panel(x, ldx, sums, w, blocks, y, ldy, MT, F32, FIVE); break;
-#define FORMAT_CASE(F32, FIVE) \
-    switch (mt) { PANEL_CASE(1, F32, FIVE) PANEL_CASE(2, F32, FIVE) PANEL_CASE(3, F32, FIVE) PANEL_CASE(4, F32, FIVE) \
-                  PANEL_CASE(5, F32, FIVE) PANEL_CASE(6, F32, FIVE) PANEL_CASE(7, F32, FIVE) PANEL_CASE(8, F32, FIVE) }
-
-static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t blocks,
-                       int f32, int five, float *y, int64_t ldy) {
-    if (!f32 && !five) FORMAT_CASE(0, 0)
-    else if (!five) FORMAT_CASE(1, 0)
-    else if (!f32) FORMAT_CASE(0, 1)
-    else FORMAT_CASE(1, 1)
-}
-
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) /* AVX2 + FMA: most laptops, older AMD */
 #include <immintrin.h>
 
 int q4_simd(void) { return 256; }
 
+#define SIMD_PANEL 1
 #define MAX_MT 4   /* rows of x per pass over a panel */
 #define SCALED_X 1 /* the panel reads x times 16^-t at input t of each 8 (see below) */
 
@@ -201,19 +189,6 @@ static inline __attribute__((always_inline)) void panel(const float *x, int64_t 
     }
 }
 
-#define PANEL_CASE(MT, F32, FIVE) \
-    case MT: panel(x, ldx, sums, w, blocks, y, ldy, MT, F32, FIVE); break;
-#define FORMAT_CASE(F32, FIVE) \
-    switch (mt) { PANEL_CASE(1, F32, FIVE) PANEL_CASE(2, F32, FIVE) PANEL_CASE(3, F32, FIVE) PANEL_CASE(4, F32, FIVE) }
-
-static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t blocks,
-                       int f32, int five, float *y, int64_t ldy) {
-    if (!f32 && !five) FORMAT_CASE(0, 0)
-    else if (!five) FORMAT_CASE(1, 0)
-    else if (!f32) FORMAT_CASE(0, 1)
-    else FORMAT_CASE(1, 1)
-}
-
 #else /* scalar fallback: the same sums */
 
 int q4_simd(void) { return 0; }
@@ -258,6 +233,28 @@ static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, c
         }
 }
 
+#endif
+
+#ifdef SIMD_PANEL /* one compiled panel per (rows, format): the row count and format must be constants */
+#define PANEL_CASE(MT, F32, FIVE) \
+    case MT: panel(x, ldx, sums, w, blocks, y, ldy, MT, F32, FIVE); break;
+#if MAX_MT > 4
+#define PANEL_CASES_5_TO_8(F32, FIVE) \
+    PANEL_CASE(5, F32, FIVE) PANEL_CASE(6, F32, FIVE) PANEL_CASE(7, F32, FIVE) PANEL_CASE(8, F32, FIVE)
+#else
+#define PANEL_CASES_5_TO_8(F32, FIVE)
+#endif
+#define FORMAT_CASE(F32, FIVE) \
+    switch (mt) { PANEL_CASE(1, F32, FIVE) PANEL_CASE(2, F32, FIVE) PANEL_CASE(3, F32, FIVE) PANEL_CASE(4, F32, FIVE) \
+                  PANEL_CASES_5_TO_8(F32, FIVE) }
+
+static void panel_rows(const float *x, int64_t ldx, const float *sums, int mt, const uint8_t *w, int64_t blocks,
+                       int f32, int five, float *y, int64_t ldy) {
+    if (!f32 && !five) FORMAT_CASE(0, 0)
+    else if (!five) FORMAT_CASE(1, 0)
+    else if (!f32) FORMAT_CASE(0, 1)
+    else FORMAT_CASE(1, 1)
+}
 #endif
 
 /* x: float32 [M, K] contiguous; w: N / 16 panels (layout above; f32: float32 d and m; five: 5-bit codes);
