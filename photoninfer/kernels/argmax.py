@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from photoninfer.kernels import use_pdl
 from photoninfer.kernels._checks import check_dim, check_float, check_last_contiguous, check_shape
-from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, use_pdl
 
 CHUNK = 4096  # columns per first-stage program: Llama-3's vocabulary -> 32 programs per row
 BLOCK = 1024  # columns loaded at a time

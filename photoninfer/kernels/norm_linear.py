@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from photoninfer.kernels import interpreting, use_pdl
-from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end
+from photoninfer.kernels import interpreting
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, use_pdl
 from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
 
 MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it

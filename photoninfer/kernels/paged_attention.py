@@ -43,10 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
-from photoninfer.kernels import interpreting, use_pdl
+from photoninfer.kernels import interpreting
 from photoninfer.kernels._checks import (check_cache_dtype, check_dim, check_dtype, check_float,
                                          check_last_contiguous, check_power_of_two, check_shape)
-from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, use_pdl
 
 LOG2E = 1.4426950408889634
 DEFAULT_PARTITION = 256  # tokens per decode program; a multiple of the key tile
@@ -425,6 +425,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     qk_norm = new.q_norm_weight is not None
     new_strides = ((new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
                     new.sin.stride(0)) if new_tokens else (0,) * 6)
+    pdl = use_pdl(q.device, batch)
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, ws_out, ws_max, ws_sum, ws_done,
         new.k, new.v, new.positions, new.cos, new.sin, new.slot_mapping,
@@ -436,8 +437,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *po_strides, *pm_strides, done_stride, *new_strides,
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
         ROPE=new_tokens is not None, QK_NORM=qk_norm, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
-        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=use_pdl(q.device, batch),
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl(q.device, batch) > 0,
+        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl > 0,
     )
     return out
 

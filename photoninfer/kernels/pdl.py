@@ -16,10 +16,19 @@ kernel's start (EARLY) the next kernels pile up resident and waiting, several de
 right after the wait (AFTER_WAIT, the default) or after the main loop (AT_END) they got faster.
 """
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
+
+from photoninfer.kernels import interpreting
+
+PDL_ENV = "PHOTONINFER_PDL"  # "0" launches every kernel plainly (for comparison)
+# PDL pays where kernels are short (H100 SmolLM2-135M: 1 row 1,129 -> 1,345 tok/s) and costs where they are
+# long (256 rows 121-124k -> 93-102k): kernels of more rows launch plainly
+PDL_MAX_ROWS = 16
 
 # When a kernel lets the next one be scheduled (the kernels' PDL constexpr; 0: launched without PDL):
 EARLY = 1  # at its start, before its own wait: kernels may pile up several deep, resident and waiting
@@ -35,6 +44,23 @@ def mode() -> int:
     if name not in MODES:
         raise ValueError(f"{MODE_ENV} must be one of {', '.join(MODES)}, got {name!r}")
     return MODES[name]
+
+
+def use_pdl(device: torch.device, rows: int = 1) -> int:
+    """How a kernel over `rows` rows (tokens or sequences) on `device` uses PDL (the kernels' PDL constexpr):
+    0 (launched plainly) unless on Hopper or newer, compiled (the interpreter has no grid dependencies), at
+    most PDL_MAX_ROWS rows, and not turned off by PHOTONINFER_PDL=0; otherwise where each kernel lets the
+    next one start (mode()). Any mix of PDL and plain launches stays ordered, so each kernel decides alone."""
+    if device.type != "cuda" or rows > PDL_MAX_ROWS or interpreting() or os.environ.get(PDL_ENV, "1") == "0":
+        return 0
+    if _capability(device.index if device.index is not None else torch.cuda.current_device()) < 9:
+        return 0
+    return mode()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 @triton.jit

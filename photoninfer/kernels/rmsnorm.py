@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from photoninfer.kernels import use_pdl
 from photoninfer.kernels._checks import check_float, check_last_contiguous, check_shape
-from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, use_pdl
 
 MAX_WIDTH = 8192
 
@@ -84,12 +83,13 @@ def _launch(x, residual, weight, eps, out, residual_out) -> None:
     if rows == 0:
         return
     block = triton.next_power_of_2(width)
+    pdl = use_pdl(x.device, rows)
     _rms_norm_kernel[(rows,)](
         x, residual if residual is not None else x, weight, out,
         residual_out if residual_out is not None else out,
         inner, width, eps, x_s0, x_s1, r_s0, r_s1, o_s0, o_s1, ro_s0, ro_s1,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=use_pdl(x.device, rows),
-        num_warps=min(max(block // 512, 1), 16), launch_pdl=use_pdl(x.device, rows) > 0,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
+        num_warps=min(max(block // 512, 1), 16), launch_pdl=pdl > 0,
     )
 
 

@@ -142,7 +142,8 @@ class CausalLM(nn.Module):
 
     def use_kernels(self) -> None:
         """Fused Triton kernels for the norms and SiLU·mul (CUDA); the torch code stays their reference."""
-        from photoninfer.kernels import norm_linear, use_pdl
+        from photoninfer.kernels import norm_linear
+        from photoninfer.kernels.pdl import use_pdl
         from photoninfer.kernels.activation import silu_and_mul as silu_and_mul_kernel
 
         # decode_linear beats cuBLAS only as a PDL kernel among PDL kernels (H100: Llama-3.2-1B 16 rows 10.3k

@@ -132,7 +132,7 @@ def test_fused_norm_linear_layers_score_as_the_separate_kernels(make_tiny_model,
         calls.append("linear")
         return norm_linear.decode_linear(*args, **kwargs)
 
-    from photoninfer.kernels import use_pdl
+    from photoninfer.kernels.pdl import use_pdl
 
     # o, down (and unfused q/k/v) on decode_linear where kernels launch with PDL (Hopper); run it here anyway
     assert all(layer.norm_linear is norm_linear for layer in layers)

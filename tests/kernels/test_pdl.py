@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from photoninfer.kernels import PDL_MAX_ROWS, pdl, use_pdl
+from photoninfer.kernels import pdl
+from photoninfer.kernels.pdl import PDL_MAX_ROWS, use_pdl
 
 
 def test_pdl_stays_off_where_it_cannot_work(monkeypatch):
