@@ -67,6 +67,12 @@ static void rope(float *x, int64_t heads, int64_t dim, const float *cos, const f
     }
 }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+/* 2^f on |f| <= 1/2, the vector exps' polynomial (coefficients of f^0 .. f^6) */
+static const float EXP2_POLY[7] = {1.0f, 0.693147182f, 0.240226507f, 0.0555041087f, 0.00961812911f,
+                                   0.00133335581f, 0.000154034646f};
+#endif
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -86,14 +92,12 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
 /* exp(x) as 2^n * 2^f, 2^f by a degree-6 polynomial on |f| <= 1/2 (relative error ~2e-7, like a float32
  * exp; torch's vectorized exp is also a polynomial) */
 static inline __m512 vexp(__m512 x) {
-    const float c[7] = {1.0f, 0.693147182f, 0.240226507f, 0.0555041087f, 0.00961812911f, 0.00133335581f,
-                        0.000154034646f};
     __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f));
     y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-150.0f)), _mm512_set1_ps(128.0f)); /* 0 and inf beyond */
     const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(y, n);
-    __m512 r = _mm512_set1_ps(c[6]);
-    for (int k = 5; k >= 0; k--) r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(c[k]));
+    __m512 r = _mm512_set1_ps(EXP2_POLY[6]);
+    for (int k = 5; k >= 0; k--) r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(EXP2_POLY[k]));
     return _mm512_scalef_ps(r, n);
 }
 
@@ -147,14 +151,12 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
 /* exp(x), the AVX-512 vexp's polynomial; 2^n (n in -150..128, no scalef here) as two exponent-field powers of
  * two, so results below 2^-126 and above 2^127 round to subnormals, 0 and inf as there */
 static inline __m256 vexp(__m256 x) {
-    const float c[7] = {1.0f, 0.693147182f, 0.240226507f, 0.0555041087f, 0.00961812911f, 0.00133335581f,
-                        0.000154034646f};
     __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f));
     y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-150.0f)), _mm256_set1_ps(128.0f));
     const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(y, n);
-    __m256 r = _mm256_set1_ps(c[6]);
-    for (int k = 5; k >= 0; k--) r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(c[k]));
+    __m256 r = _mm256_set1_ps(EXP2_POLY[6]);
+    for (int k = 5; k >= 0; k--) r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(EXP2_POLY[k]));
     const __m256i ni = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(ni, 1); /* n = half + (n - half) */
     const __m256i bias = _mm256_set1_epi32(127);
     const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
