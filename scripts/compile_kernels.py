@@ -150,6 +150,10 @@ def record_launches() -> list:
                 norm_linear.decode_linear(x, e(hidden, hidden))  # o
                 norm_linear.decode_linear(x, e(hidden, hidden), config=norm_linear.NormLinearConfig(x_ahead=False))
                 norm_linear.decode_linear(e(m, ffn), e(hidden, ffn))  # down
+                tiles = norm_linear.NormLinearConfig
+                # o after attention with its weights loaded ahead of the PDL wait (SmolLM2: all of a 576 row)
+                norm_linear.decode_linear(e(m, 576), e(576, 576), weights_ahead=True)
+                norm_linear.decode_linear(x, e(hidden, hidden), config=tiles(32, 512, 4, 4, False, w_ahead=512))
     finally:
         for module, name, fn in originals:
             setattr(module, name, fn)

@@ -22,6 +22,11 @@ on Hopper run o, down and unfused q/k/v on it, so that every kernel of a layer l
 dependent launch (kernels/pdl.py), which cuBLAS's do not. It loads x inside the loop (X_AHEAD=False), where
 the pipeliner prefetches it with the weights.
 
+W_AHEAD: the first W_AHEAD columns of the program's weight tile are loaded before the PDL wait (no earlier
+kernel writes weights), so they stream in while the kernel before is still running. That pays after a kernel
+whose time is latency rather than bandwidth: o after the attention kernel, for rows short enough to hold
+whole (SmolLM2-135M; default_config).
+
 Shapes: x [M, K] with M <= 16 (last dim contiguous), residual/residual_out [M, K], norm_weight [K],
 weight [N, K] ([2I, K] gate rows then up rows when GATED), optional bias [N]; y [M, N] (or [M, I]).
 bf16/fp16 only: float32 keeps the separate kernels (tl.dot would round float32 operands to tf32).
@@ -44,9 +49,13 @@ from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_
 MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
 # The input norm fused into q/k/v pays for rows up to 1024 wide: on an H100 at 1 / 16 rows, SmolLM2 (576)
 # 5.1 -> 3.7 / 5.4 -> 4.0 us, Qwen3-0.6B (1024) 7.5 -> 6.4 / 7.6 -> 7.1 us, but Llama-3.2-1B (2048) 9.2 -> 9.1 /
-# 9.5 -> 10.5 us (the prologue's work per step grows with the row). gate/up always pays (SiLU·mul included):
-# Llama 30.9 -> 26.7 / 32.1 -> 27.3 us; and so does the LM head after the final norm: 224 -> 176 / 196 -> 184 us.
+# 9.5 -> 10.5 us (the prologue's work per step grows with the row; with 32-column tiles, session 6, Llama's
+# decode steps went 834 -> 839 tok/s at 1 row but 12.2k -> 11.5k at 16). gate/up always pays (SiLU·mul
+# included): Llama 30.9 -> 26.7 / 32.1 -> 27.3 us; and so does the LM head after the final norm: 224 -> 176 /
+# 196 -> 184 us.
 FUSE_QKV_MAX_K = 1024
+# `weights_ahead` (decode_linear) loads a whole weight row before the PDL wait up to this K
+WEIGHTS_AHEAD_MAX_K = 1024
 DTYPES = (torch.bfloat16, torch.float16)
 # decode steps run q/k/v (where not fused), o and down through decode_linear rather than cuBLAS
 DECODE_LINEARS = os.environ.get("PHOTONINFER_DECODE_LINEARS", "1") != "0"
@@ -58,20 +67,28 @@ class NormLinearConfig:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 4
-    x_ahead: bool = True  # x loaded a step ahead by hand (required with the norm); False: in the loop
+    x_ahead: bool = True  # x loaded a step ahead by hand; False: in the loop (where the pipeliner prefetches it)
+    w_ahead: int = 0  # leading K columns of the weights loaded before the PDL wait (0 or a power of two)
 
 
-def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = True) -> NormLinearConfig:
-    """Tiles measured best on an H100 (scripts/bench_norm_linear.py, docs/benchmarks.md): narrow outputs
-    (SmolLM2's q/k/v and gate/up) 16 columns a program so that the programs still cover the SMs; wider ones
-    32, or 64 for up to 4 rows (less of the prologue's work per weight byte); 256-wide K steps, 128 for
-    gate/up (two weight tiles a step) beyond 4 rows.
+def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = True,
+                   weights_ahead: bool = False) -> NormLinearConfig:
+    """Tiles measured best on an H100 (scripts/bench_norm_linear.py, scripts/bench_decode_linear.py,
+    docs/benchmarks.md). With the norm: narrow outputs (SmolLM2's q/k/v and gate/up) 16 columns a program so
+    that the programs still cover the SMs; wider ones 32, or 64 for up to 4 rows (less of the prologue's work
+    per weight byte); 256-wide K steps, 128 for gate/up (two weight tiles a step) beyond 4 rows.
 
-    Without the norm (decode_linear; scripts/bench_decode_linear.py) x is loaded in the loop, where the
-    pipeliner prefetches it with the weights, in long K steps: 32 x 512 four stages deep for K >= 2048
-    (Llama-3.2-1B q/k/v, o, down at 1 row: 6.8, 5.8, 14.9 us against cuBLAS's 7.4, 6.4, 16.6), shorter
-    for SmolLM2's narrow layers (o 2.4 us against 3.3, down 3.6 against 5.4)."""
+    Without the norm (decode_linear) x is loaded in the loop, where the pipeliner prefetches it with the
+    weights, in long K steps: 32 x 512 four stages deep for K >= 2048 (Llama-3.2-1B q/k/v, o, down at 1 row:
+    6.8, 5.8, 14.9 us against cuBLAS's 7.4, 6.4, 16.6), shorter for SmolLM2's narrow layers (o 2.4 us against
+    3.3, down 3.6 against 5.4).
+
+    `weights_ahead` (o after the attention kernel) loads the program's whole weight tile before its PDL wait,
+    16 columns over 8 warps, for K <= WEIGHTS_AHEAD_MAX_K: SmolLM2-135M's decode steps at 1 row went 1,327 ->
+    1,539 tok/s (H100). Llama-3.2-1B's 2048-wide o lost the same way (839 -> 790), so it keeps its tiles."""
     if not norm:
+        if weights_ahead and k <= WEIGHTS_AHEAD_MAX_K:
+            return NormLinearConfig(16, 512, 8, 3, x_ahead=False, w_ahead=triton.next_power_of_2(k))
         if k >= 2048:
             return NormLinearConfig(32, 512, 4, 4, x_ahead=False)
         if k > 1024:
@@ -89,7 +106,7 @@ def _norm_linear_kernel(
     M, N, K, eps, x_sm, r_sm, ro_sm, w_sn, y_sm, up_rows,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-    PDL: tl.constexpr, X_AHEAD: tl.constexpr,
+    PDL: tl.constexpr, X_AHEAD: tl.constexpr, W_AHEAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = y_ptr.dtype.element_ty
@@ -97,71 +114,115 @@ def _norm_linear_kernel(
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rows_m < M
     n_mask = rows_n < N
-    w_rows = rows_n[:, None].to(tl.int64) * w_sn
+    w_rows = w_ptr + rows_n[:, None].to(tl.int64) * w_sn
+    if W_AHEAD > 0:  # no earlier kernel writes the weights: their first columns load while this one waits
+        w_first, u_first = _load_weights(w_rows, up_rows * w_sn, tl.arange(0, W_AHEAD), n_mask, K, GATED)
     pdl_begin(PDL)
     first = (tl.zeros([BLOCK_M], tl.int32) + pid) == 0  # program 0 writes the residual sum
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     sum_sq = tl.zeros([BLOCK_M], tl.float32)
+    if W_AHEAD > 0:  # (in a function of its own: its tiles are W_AHEAD wide, the loop's BLOCK_K)
+        acc, acc_up, sum_sq = _first_columns(x_ptr, res_ptr, g_ptr, w_first, u_first, acc, acc_up, sum_sq,
+                                             res_out_ptr, rows_m, tl.arange(0, W_AHEAD), m_mask, first, K, x_sm,
+                                             r_sm, ro_sm, NORM, HAS_RESIDUAL, GATED, UPCAST)
     # x, residual and g are loaded one step ahead, by hand: Triton's pipeliner prefetches only loads that
     # feed tl.dot directly, and left these waiting on memory every step (2-3x the time of a plain GEMV)
     # (a plain linear may instead load x in the loop, X_AHEAD=False, where the pipeliner prefetches it)
-    cols = tl.arange(0, BLOCK_K)
+    cols = W_AHEAD + tl.arange(0, BLOCK_K)
     x_next, r_next, g_next = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, NORM,
                                           HAS_RESIDUAL)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(W_AHEAD, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        k_mask = cols < K
-        x_mask = m_mask[:, None] & k_mask[None, :]
         if X_AHEAD:
             h, r, g = x_next, r_next, g_next
             x_next, r_next, g_next = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols + BLOCK_K, m_mask, K, x_sm,
                                                   r_sm, NORM, HAS_RESIDUAL)
         else:
-            h = tl.load(x_ptr + rows_m[:, None] * x_sm + cols[None, :], mask=x_mask, other=0.0)
-            r, g = h, h
-        if HAS_RESIDUAL:  # the reference adds in the model dtype
-            h = (h.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            tl.store(res_out_ptr + rows_m[:, None] * ro_sm + cols[None, :], h, mask=x_mask & first[:, None])
-        if NORM:
-            h32 = h.to(tl.float32)
-            sum_sq += tl.sum(h32 * h32, axis=1)
-            a = (h32 * g.to(tl.float32)[None, :]).to(dtype)
-        else:
-            a = h
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_ptr + w_rows + cols[None, :], mask=w_mask, other=0.0)
-        if UPCAST:  # interpreter only: it would multiply bfloat16 bit patterns
-            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-        else:
-            acc = tl.dot(a, tl.trans(w), acc)
-        if GATED:
-            u = tl.load(w_ptr + up_rows * w_sn + w_rows + cols[None, :], mask=w_mask, other=0.0)
-            if UPCAST:
-                acc_up = tl.dot(a.to(tl.float32), tl.trans(u.to(tl.float32)), acc_up)
-            else:
-                acc_up = tl.dot(a, tl.trans(u), acc_up)
+            h, r, g = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, NORM, HAS_RESIDUAL)
+        w, u = _load_weights(w_rows, up_rows * w_sn, cols, n_mask, K, GATED)
+        acc, acc_up, sum_sq = _accumulate(h, r, g, w, u, acc, acc_up, sum_sq, res_out_ptr, rows_m, cols, m_mask,
+                                          first, K, ro_sm, NORM, HAS_RESIDUAL, GATED, UPCAST)
     pdl_end(PDL)
     if NORM:
         rstd = tl.rsqrt(sum_sq / K + eps)
     else:
         rstd = tl.full([BLOCK_M], 1.0, tl.float32)
-    y = acc * rstd[:, None]
+    if not GATED:
+        _store_output(acc * rstd[:, None], bias_ptr, y_ptr, rows_m, rows_n, m_mask, n_mask, y_sm, HAS_BIAS)
+        return
+    # gated (no bias): as the reference, gate and up rounded to the dtype, silu rounded, then the product
+    gate = (acc * rstd[:, None]).to(dtype).to(tl.float32)
+    up = (acc_up * rstd[:, None]).to(dtype).to(tl.float32)
+    y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+    tl.store(y_ptr + rows_m[:, None] * y_sm + rows_n[None, :], y.to(dtype), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _first_columns(x_ptr, res_ptr, g_ptr, w, u, acc, acc_up, sum_sq, res_out_ptr, rows_m, cols, m_mask, first, K,
+                   x_sm, r_sm, ro_sm, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """The step over the columns whose weights (w, u) were loaded before the PDL wait."""
+    h, r, g = _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, NORM, HAS_RESIDUAL)
+    return _accumulate(h, r, g, w, u, acc, acc_up, sum_sq, res_out_ptr, rows_m, cols, m_mask, first, K, ro_sm,
+                       NORM, HAS_RESIDUAL, GATED, UPCAST)
+
+
+@triton.jit
+def _load_weights(w_rows, up_offset, cols, n_mask, K, GATED: tl.constexpr):
+    """The weight tile [BLOCK_N, len(cols)] at `cols`, and with GATED the up rows' tile (else w again)."""
+    mask = n_mask[:, None] & (cols < K)[None, :]
+    w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0)
+    u = w
+    if GATED:
+        u = tl.load(w_rows + up_offset + cols[None, :], mask=mask, other=0.0)
+    return w, u
+
+
+@triton.jit
+def _accumulate(h, r, g, w, u, acc, acc_up, sum_sq, res_out_ptr, rows_m, cols, m_mask, first, K, ro_sm,
+                NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr):
+    """One step over K: the residual sum h = x + r (program 0 stores it), its squares into sum_sq, and
+    (h * g) @ w^T (and @ u^T when GATED) into the accumulators."""
+    dtype = h.dtype
+    if HAS_RESIDUAL:  # the reference adds in the model dtype
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        mask = m_mask[:, None] & (cols < K)[None, :] & first[:, None]
+        tl.store(res_out_ptr + rows_m[:, None] * ro_sm + cols[None, :], h, mask=mask)
+    if NORM:
+        h32 = h.to(tl.float32)
+        sum_sq += tl.sum(h32 * h32, axis=1)
+        a = (h32 * g.to(tl.float32)[None, :]).to(dtype)
+    else:
+        a = h
+    acc = _dot_t(a, w, acc, UPCAST)
+    if GATED:
+        acc_up = _dot_t(a, u, acc_up, UPCAST)
+    return acc, acc_up, sum_sq
+
+
+@triton.jit
+def _dot_t(a, w, acc, UPCAST: tl.constexpr):
+    """acc + a @ w^T in float32."""
+    if UPCAST:  # interpreter only: it would multiply bfloat16 bit patterns
+        return tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+    return tl.dot(a, tl.trans(w), acc)
+
+
+@triton.jit
+def _store_output(y, bias_ptr, y_ptr, rows_m, rows_n, m_mask, n_mask, y_sm, HAS_BIAS: tl.constexpr):
+    """y (+ bias) rounded to the output's dtype, stored to the valid rows and columns."""
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if GATED:  # as the reference: gate and up rounded to the dtype, silu rounded, then the product
-        gate = y.to(dtype).to(tl.float32)
-        up = (acc_up * rstd[:, None]).to(dtype).to(tl.float32)
-        y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    tl.store(y_ptr + rows_m[:, None] * y_sm + rows_n[None, :], y.to(dtype), mask=out_mask)
+    tl.store(y_ptr + rows_m[:, None] * y_sm + rows_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, NORM: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr):
-    """One BLOCK_K step of x, residual (x again when there is none: never used) and the norm weight (zeros,
-    never used, without NORM)."""
+    """One step over K (columns `cols`, those < K valid) of x, residual (x again when there is none: never
+    used) and the norm weight (zeros, never used, without NORM)."""
     k_mask = cols < K
     mask = m_mask[:, None] & k_mask[None, :]
     x = tl.load(x_ptr + rows_m[:, None] * x_sm + cols[None, :], mask=mask, other=0.0)
@@ -188,11 +249,14 @@ def fused_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, we
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                  config: Optional[NormLinearConfig] = None) -> torch.Tensor:
+                  config: Optional[NormLinearConfig] = None, weights_ahead: bool = False) -> torch.Tensor:
     """x @ weight^T (+ bias) for at most MAX_M rows: the same kernel without the norm, so that a decode
     step's o and down projections are PDL kernels like their neighbours (cuBLAS's are not: each would make
-    the next kernel wait for a full drain and launch)."""
+    the next kernel wait for a full drain and launch). `weights_ahead` picks tiles that load the weights
+    while the kernel before is still running (default_config)."""
     _check(x, None, weight, bias, None, False)
+    config = config or default_config(weight.shape[0], x.shape[1], False, x.shape[0], norm=False,
+                                      weights_ahead=weights_ahead)
     return _launch(x, None, 0.0, weight, bias, None, x, False, config)
 
 
@@ -206,6 +270,8 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config) -> to
     config = config or default_config(n_out, k, gated, m, norm=norm_weight is not None)
     check_power_of_two("block_n", config.block_n, 16, 256)
     check_power_of_two("block_k", config.block_k, 16, 1024)
+    if config.w_ahead:
+        check_power_of_two("w_ahead", config.w_ahead, 16, 8192)
     res = residual if residual is not None else x
     pdl = use_pdl(x.device, m)
     _norm_linear_kernel[(triton.cdiv(n_out, config.block_n),)](
@@ -213,10 +279,11 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config) -> to
         y, m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out,
         NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
         BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k, UPCAST=interpreting(),
-        PDL=pdl, X_AHEAD=config.x_ahead or norm_weight is not None,
+        PDL=pdl, X_AHEAD=config.x_ahead, W_AHEAD=config.w_ahead,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl > 0,
     )
     return y
+
 
 
 def _check(x, norm_weight, weight, bias, residual, gated) -> None:

@@ -49,7 +49,13 @@ from photoninfer.kernels._checks import (check_cache_dtype, check_dim, check_dty
 from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, use_pdl
 
 LOG2E = 1.4426950408889634
-DEFAULT_PARTITION = 256  # tokens per decode program; a multiple of the key tile
+# Tokens per decode program (a multiple of the key tile); a long context spans several. Short partitions pay
+# at small batches, where a program's time is a chain of dependent loads (the step's K/V write, the block
+# table, the tiles) rather than bandwidth: on an H100 at 1 / 16 sequences of 100..356 tokens, 64 took
+# Llama-3.2-1B 7.4 -> 5.9 / 11.8 -> 9.9 us a layer, SmolLM2 7.3 -> 5.6 / 10.7 -> 8.1, Qwen3-0.6B
+# 11.3 -> 7.8 / 17.2 -> 14.9 against 256 (scripts/bench_decode_attention.py; 32 and 128 in between). Batches
+# that fill the GPU run one program per (sequence, kv head) whatever the partition.
+DEFAULT_PARTITION = 64
 # Decode programs worth launching (~8 per H100 SM): beyond that, splitting the context further only adds
 # partials to write and merge. At batch 256 x 8 kv heads the batch alone fills the card, and P = 1.
 DECODE_TARGET_PROGRAMS = 1024
@@ -360,16 +366,16 @@ def default_max_partitions(batch: int, num_kv_heads: int) -> int:
 
 
 def decode_tiles(batch: int, num_kv_heads: int, fp8_cache: bool = False) -> tuple[int, int, int]:
-    """(block_n, num_warps, num_stages) of the decode kernel. When the batch alone fills the GPU (one program
-    per sequence and kv head), a shallower pipeline leaves room for more resident programs: 2 stages instead
-    of 3 measured 1-4% faster at batch 256 on an H100 and 8-10% on an H200 (scripts/bench_kernels.py, bf16,
-    Llama-3.2-1B and Qwen3-0.6B shapes). Smaller batches keep 64-key tiles in 3 stages: 32-key tiles in 4
-    stages won at batch 16 on the H200 but lost 10% on the H100. Over an FP8 cache a full batch runs 2 warps
-    and no pipelining: 173 us against 197 us with the bf16 tiles (H100, Qwen3-0.6B shape, batch 256, ~600-token
-    contexts; every 2-warp config led the sweep)."""
-    if batch * num_kv_heads >= DECODE_TARGET_PROGRAMS:
-        return (64, 2, 1) if fp8_cache else (64, 4, 2)
-    return 64, 4, 3
+    """(block_n, num_warps, num_stages) of the decode kernel: 64-key tiles, 4 warps, 2 stages. When the batch
+    alone fills the GPU (one program per sequence and kv head), 2 stages instead of 3 leave room for more
+    resident programs: 1-4% faster at batch 256 on an H100 and 8-10% on an H200 (scripts/bench_kernels.py,
+    bf16, Llama-3.2-1B and Qwen3-0.6B shapes). At 1 and 16 sequences with 64-token partitions 2 stages led
+    in 5 of 6 shapes too (scripts/bench_decode_attention.py, H100; Qwen3-0.6B at 1 sequence 7.8 against
+    8.9 us). Over an FP8 cache a full batch runs 2 warps and no pipelining: 173 us against 197 us with the
+    bf16 tiles (H100, Qwen3-0.6B shape, batch 256, ~600-token contexts; every 2-warp config led the sweep)."""
+    if fp8_cache and batch * num_kv_heads >= DECODE_TARGET_PROGRAMS:
+        return 64, 2, 1
+    return 64, 4, 2
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

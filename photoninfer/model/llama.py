@@ -98,17 +98,19 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self._input_norm(x, residual)
             qkv = linear(kernels, attn.qkv_proj, x)
-        x = linear(kernels, attn.o_proj, attn.attention(qkv, positions, rope, kv_cache, backend, meta))
+        x = attn.attention(qkv, positions, rope, kv_cache, backend, meta)
+        x = linear(kernels, attn.o_proj, x, weights_ahead=True)  # o's weights load while attention runs
         norm = self.post_attention_layernorm
         act, residual = fused(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, residual=residual, gated=True)
         return linear(kernels, mlp.down_proj, act), residual
 
 
-def _decode_linear(kernels, layer: Linear, x):
-    return kernels.decode_linear(x, layer.weight, layer.bias)
+def _decode_linear(kernels, layer: Linear, x, weights_ahead: bool = False):
+    """`weights_ahead` after a latency-bound kernel (attention): the weights load while it runs."""
+    return kernels.decode_linear(x, layer.weight, layer.bias, weights_ahead=weights_ahead)
 
 
-def _module_linear(kernels, layer, x):
+def _module_linear(kernels, layer, x, weights_ahead: bool = False):
     return layer(x)
 
 

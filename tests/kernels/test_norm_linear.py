@@ -41,6 +41,9 @@ def make(m, n, k, dtype, device, seed, residual=True, bias=False):
     (3, 96, 192, True, False, True, NormLinearConfig(block_n=16, block_k=64)),  # gate/up + SiLU, ragged I
     (16, 128, 96, True, False, True, None),  # default tiles
     (2, 2048, 64, True, False, False, None),  # default tiles, wide output
+    (4, 96, 320, True, False, True, NormLinearConfig(block_n=32, block_k=64, x_ahead=False)),  # inputs in the loop
+    (3, 96, 320, True, False, True, NormLinearConfig(block_n=16, block_k=64, w_ahead=128)),  # weights ahead
+    (2, 80, 96, True, True, False, NormLinearConfig(block_n=16, block_k=64, w_ahead=128)),  # all of K ahead
 ])
 def test_fused_norm_linear_matches_the_ops_one_by_one(dtype, m, n, k, residual, bias, gated, config, device):
     x, res, norm_weight, weight, b = make(m, n, k, dtype, device, seed=m * n + k, residual=residual, bias=bias)
@@ -66,6 +69,8 @@ def test_fused_norm_linear_matches_the_ops_one_by_one(dtype, m, n, k, residual, 
     (5, 80, 320, True, NormLinearConfig(block_n=16, block_k=64)),  # ragged N and K, bias
     (16, 48, 512, False, NormLinearConfig(block_n=16, block_k=128, num_stages=2, x_ahead=False)),  # x in the loop
     (3, 2048, 64, False, None),  # default tiles
+    (5, 80, 320, True, NormLinearConfig(block_n=16, block_k=64, x_ahead=False, w_ahead=256)),  # weights ahead
+    (1, 64, 96, False, NormLinearConfig(block_n=32, block_k=64, w_ahead=128)),  # all of K ahead, masked
 ])
 def test_decode_linear_matches_f_linear(dtype, m, n, k, bias, config, device):
     x, _, _, weight, b = make(m, n, k, dtype, device, seed=m + n * k, residual=False, bias=bias)
@@ -86,6 +91,8 @@ def test_decode_linear_rejects_what_it_does_not_handle(device):
     with pytest.raises(ValueError, match="bias"):
         decode_linear(torch.zeros(1, 32, dtype=torch.bfloat16, device=device), w,
                       torch.zeros(9, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match="w_ahead"):
+        decode_linear(torch.zeros(1, 32, dtype=torch.bfloat16, device=device), w, config=NormLinearConfig(w_ahead=48))
 
 
 def test_default_config_keeps_the_card_busy():
@@ -94,6 +101,16 @@ def test_default_config_keeps_the_card_busy():
     assert default_config(8192, 2048, gated=True, m=16) == NormLinearConfig(32, 128, num_stages=3)
     assert default_config(128256, 2048, gated=False, m=1).block_n == 64  # the LM head, one row
     assert default_config(2048, 8192, gated=False, norm=False) == NormLinearConfig(32, 512, 4, 4, x_ahead=False)
+
+
+def test_weights_ahead_loads_a_whole_row_of_short_layers():
+    """o after attention: the whole weight tile before the PDL wait, up to WEIGHTS_AHEAD_MAX_K columns
+    (padded to a power of two, the loop then empty); longer rows keep the plain tiles."""
+    smol = default_config(576, 576, gated=False, norm=False, weights_ahead=True)
+    assert (smol.w_ahead, smol.block_n, smol.num_warps) == (1024, 16, 8)
+    assert default_config(1024, 1024, gated=False, norm=False, weights_ahead=True).w_ahead == 1024
+    llama = default_config(2048, 2048, gated=False, norm=False, weights_ahead=True)
+    assert llama == default_config(2048, 2048, gated=False, norm=False) and llama.w_ahead == 0
 
 
 def test_fused_norm_linear_rejects_what_it_does_not_handle(device):
