@@ -42,15 +42,16 @@ BLOCK_SIZE = 16
 CACHE_BYTES = 4 << 30  # the layers' caches together, at most
 
 
-def tile_configs(cap: int) -> list[SimpleNamespace]:
+def tile_configs(cap: int, args) -> list[SimpleNamespace]:
+    lists = [[int(v) for v in values.split(",")] for values in (args.partitions, args.block_n, args.warps, args.stages)]
     return [SimpleNamespace(partition_size=p, block_n=n, num_warps=w, num_stages=s, cap=cap)
-            for p, n, w, s in itertools.product((32, 64, 128, 256), (16, 32, 64), (2, 4), (2, 3)) if n <= p]
+            for p, n, w, s in itertools.product(*lists) if n <= p]
 
 
 def cap_configs(tiles: tuple[int, int, int]) -> list[SimpleNamespace]:
     block_n, warps, stages = tiles
     return [SimpleNamespace(partition_size=p, block_n=block_n, num_warps=warps, num_stages=stages, cap=c)
-            for p, c in itertools.product((64, 256, 512), (1, 2, 4, 8))]
+            for p, c in itertools.product((64, 256, 512), (1, 2, 4, 8)) if p >= block_n]
 
 
 def layer_inputs(m: int, shape: tuple, contexts: tuple[int, int], max_model_len: int, kv_dtype: torch.dtype,
@@ -89,6 +90,10 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=4096, help="the hint a CUDA graph's grid is sized by")
     parser.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
     parser.add_argument("--sweep", choices=("tiles", "caps"), default="tiles")
+    parser.add_argument("--partitions", default="32,64,128,256", help="partition sizes the tile sweep tries")
+    parser.add_argument("--block-n", default="16,32,64", help="key tiles the tile sweep tries")
+    parser.add_argument("--warps", default="2,4")
+    parser.add_argument("--stages", default="2,3")
     parser.add_argument("--out", default="decode_attention.json")
     args = parser.parse_args()
     contexts = tuple(int(v) for v in args.contexts.split(","))
@@ -118,10 +123,10 @@ def main() -> int:
                     num_warps=config.num_warps, num_stages=config.num_stages, new_tokens=layer["new"])
 
             tiles = decode_tiles(m, hkv, kv_dtype == torch.float8_e4m3fn)
-            default = SimpleNamespace(partition_size=DEFAULT_PARTITION, block_n=tiles[0], num_warps=tiles[1],
-                                      num_stages=tiles[2], cap=cap)
+            default = SimpleNamespace(partition_size=max(DEFAULT_PARTITION, tiles[0]), block_n=tiles[0],
+                                      num_warps=tiles[1], num_stages=tiles[2], cap=cap)
             expected = run(inputs[0], default).clone()
-            candidates = tile_configs(cap) if args.sweep == "tiles" else cap_configs(tiles)
+            candidates = tile_configs(cap, args) if args.sweep == "tiles" else cap_configs(tiles)
             row = {"shape": name, "m": m, "partition_cap": cap, "copies": copies,
                    **sweep([default] + candidates, lambda layer, c: run(layer, c), inputs, close_to(expected))}
             row["default"] = row["timings"][0]

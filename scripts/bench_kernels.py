@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from photoninfer.kernels.activation import silu_and_mul  # noqa: E402
 from photoninfer.kernels.gemv import GemvConfig, default_config, small_m_linear  # noqa: E402
 from photoninfer.kernels.paged_attention import (DEFAULT_BLOCK_N, DEFAULT_PARTITION,  # noqa: E402
-                                                 DecodeWorkspace, paged_decode_attention, paged_prefill_attention)
+                                                 DecodeWorkspace, decode_tiles, paged_decode_attention,
+                                                 paged_prefill_attention)
 from photoninfer.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from photoninfer.kernels.rope import rope_and_cache_kv  # noqa: E402
 from photoninfer.model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
@@ -298,6 +299,9 @@ def bench_decode(b: Bench, shape: Shape, tune: bool, caches=("model", "float32",
             # "max_model_len": the grid a CUDA graph replays; "exact": eager, sized by the longest sequence
             for hint, hint_name in ((shape.max_model_len, "max_model_len"), (max(seq_lens), "exact")):
                 def make_run(partition_size, block_n, num_warps, max_num_partitions, num_stages, hint=hint):
+                    # whole key tiles per partition (the FP8 cache's full batch runs 128-key tiles)
+                    tile = block_n or decode_tiles(batch, shape.kv_heads, cache_dtype == torch.float8_e4m3fn)[0]
+                    partition_size = max(partition_size, tile)
                     ws = DecodeWorkspace.allocate(batch, shape.q_heads, shape.head_dim, hint, b.device, partition_size,
                                                   max_num_partitions)
 

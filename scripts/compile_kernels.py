@@ -131,6 +131,14 @@ def record_launches() -> list:
                         for new in (None, paged_attention.NewTokens(k, v, positions, rotary, rotary, slots), qk_norm):
                             paged_attention.paged_decode_attention(q, cache, cache, tables, lens, 0.125,
                                                                    e(16, hq, head_dim), hint, new_tokens=new)
+                    if cache.dtype == torch.float8_e4m3fn:  # a batch that fills the GPU: its own tiles
+                        full = 128
+                        paged_attention.paged_decode_attention(
+                            e(full, hq, head_dim), cache, cache, torch.empty(full, 256, dtype=torch.int32),
+                            torch.empty(full, dtype=torch.int32), 0.125, e(full, hq, head_dim), 4096,
+                            new_tokens=paged_attention.NewTokens(e(full, hkv, head_dim), e(full, hkv, head_dim),
+                                                                 torch.empty(full, dtype=torch.long), rotary, rotary,
+                                                                 torch.empty(full, dtype=torch.long)))
                     qsl = torch.empty(17, dtype=torch.int32)
                     paged_attention.paged_prefill_attention(q, cache, cache, tables, qsl, lens, 0.125,
                                                             e(16, hq, head_dim), 100)

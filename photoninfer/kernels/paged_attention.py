@@ -371,16 +371,18 @@ def decode_tiles(batch: int, num_kv_heads: int, fp8_cache: bool = False) -> tupl
     resident programs: 1-4% faster at batch 256 on an H100 and 8-10% on an H200 (scripts/bench_kernels.py,
     bf16, Llama-3.2-1B and Qwen3-0.6B shapes). At 1 and 16 sequences with 64-token partitions 2 stages led
     in 5 of 6 shapes too (scripts/bench_decode_attention.py, H100; Qwen3-0.6B at 1 sequence 7.8 against
-    8.9 us). Over an FP8 cache a full batch runs 2 warps and no pipelining: 173 us against 197 us with the
-    bf16 tiles (H100, Qwen3-0.6B shape, batch 256, ~600-token contexts; every 2-warp config led the sweep)."""
+    8.9 us). Over an FP8 cache a full batch runs 128-key tiles over 4 warps with no pipelining: 277 us
+    against 351 for 64-key tiles over 2 warps (H100, Qwen3-0.6B shape, batch 256, contexts 100..2048 as the
+    nano-vllm workload's; scripts/bench_decode_attention.py; bf16 caches gained nothing from 128-key tiles),
+    which in turn had beaten the bf16 tiles (173 against 197 us at ~600-token contexts)."""
     if fp8_cache and batch * num_kv_heads >= DECODE_TARGET_PROGRAMS:
-        return 64, 2, 1
+        return 128, 4, 1
     return 64, 4, 2
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
-                           max_seq_len_hint: int, *, partition_size: int = DEFAULT_PARTITION,
+                           max_seq_len_hint: int, *, partition_size: Optional[int] = None,
                            max_num_partitions: Optional[int] = None, workspace: Optional[DecodeWorkspace] = None,
                            block_n: Optional[int] = None, num_warps: Optional[int] = None,
                            num_stages: Optional[int] = None, new_tokens: Optional[NewTokens] = None) -> torch.Tensor:
@@ -401,6 +403,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _check_tables(block_tables, seq_lens, batch)
     tiles = decode_tiles(batch, num_kv_heads, k_cache.dtype == torch.float8_e4m3fn)
     block_n, num_warps, num_stages = block_n or tiles[0], num_warps or tiles[1], num_stages or tiles[2]
+    partition_size = partition_size or max(DEFAULT_PARTITION, block_n)  # a partition holds whole key tiles
     check_power_of_two("block_n", block_n, MIN_DOT, 1024)
     check_power_of_two("partition_size", partition_size, block_n, 1 << 20)
     if new_tokens is not None:

@@ -136,7 +136,7 @@ def test_decode_tiles_follow_how_full_the_batch_keeps_the_gpu():
     assert decode_tiles(256, 8) == (64, 4, 2)  # one program per (sequence, kv head) fills the card
     assert decode_tiles(DECODE_TARGET_PROGRAMS // 8, 8) == (64, 4, 2)
     assert decode_tiles(1, 8) == decode_tiles(DECODE_TARGET_PROGRAMS // 8 - 1, 8) == (64, 4, 2)
-    assert decode_tiles(256, 8, fp8_cache=True) == (64, 2, 1) and decode_tiles(16, 8, fp8_cache=True) == (64, 4, 2)
+    assert decode_tiles(256, 8, fp8_cache=True) == (128, 4, 1) and decode_tiles(16, 8, fp8_cache=True) == (64, 4, 2)
 
 
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, None), (torch.bfloat16, None),
@@ -250,6 +250,21 @@ def test_decode_reads_an_fp8_cache(hint, device):
                              cache_dtype=FP8)
     assert batch.k_cache.dtype == FP8
     torch.testing.assert_close(decode(batch, max_seq_len_hint=hint), batch.expected, **tolerance(torch.bfloat16))
+
+
+@pytest.mark.parametrize("hint", [512, 4096], ids=["direct", "split"])
+def test_decode_of_a_full_batch_over_an_fp8_cache_uses_its_own_tiles(hint, monkeypatch, device):
+    """The default tiles of a batch that fills the GPU over an FP8 cache (128-key tiles, here with 4 sequences
+    standing for a full batch): the default partition grows to a whole tile, with and without splits."""
+    monkeypatch.setattr(paged_attention, "DECODE_TARGET_PROGRAMS", 8)
+    assert paged_attention.decode_tiles(4, 2, fp8_cache=True)[0] == 128 > paged_attention.DEFAULT_PARTITION
+    batch = make_paged_batch([1, 130, 300, 64], [1] * 4, 4, 2, 64, 16, torch.bfloat16, seed=33, device=device,
+                             cache_dtype=FP8)
+    out = poisoned(tuple(batch.q.shape), batch.q.dtype, batch.q.device)
+    cap = None if hint == 512 else 3  # 512 // 128 = 4 partitions: the kernel's own cap of 1 at a "full" batch
+    paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.scale,
+                           out, hint, max_num_partitions=cap)
+    torch.testing.assert_close(out, batch.expected, **tolerance(torch.bfloat16))
 
 
 def test_prefill_reads_an_fp8_cache(device):
