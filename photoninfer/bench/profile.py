@@ -5,7 +5,9 @@ profiler and `steps` more run under it. The device is synchronized only before a
 between steps, so that a step overlapping the next (async scheduling) is measured as it runs.
 The headline numbers: host_ms_per_step (wall time per step in the steady state: what the host takes, or the
 device when it is the slower), device_ms_per_step (the kernels' time summed), kernel launches per step (CUDA
-launch calls; a graph replay is one) and the top ops by self device time and by self CPU time.
+launch calls; a graph replay is one) and the top ops by self device time and by self CPU time. The device's idle
+time between kernels (device_idle_ms_per_step, and the kernel pairs with the most idle time between them) tells
+launch gaps, which no kernel's own time shows, from slow kernels.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections import Counter
 
 import torch
 from torch.autograd import DeviceType
@@ -106,6 +109,28 @@ def summarize(events, averages, steps: int, device: torch.device) -> dict:
         "kernel_launches_per_step": round(len(launches) / steps, 1) if has_device else None,
         "top_ops_by_self_device_time": _top(device_ops, "self_device_time_total", steps),
         "top_ops_by_self_cpu_time": _top(host_ops, "self_cpu_time_total", steps),
+        **(device_gaps(on_device, steps) if has_device else {}),
+    }
+
+
+def device_gaps(on_device, steps: int) -> dict:
+    """Time the device ran nothing between the first and last profiled kernel or copy (intervals that
+    overlap, as PDL's do, count once), per step, and the (kernel before, kernel after) pairs with the most
+    of it. Events without a time range are left out."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in on_device
+                   if getattr(e, "time_range", None) is not None)
+    idle, by_pair = 0.0, Counter()
+    busy_until, last_name = None, None
+    for start, end, name in spans:
+        if busy_until is not None and start > busy_until:
+            idle += start - busy_until
+            by_pair[(last_name[:60], name[:60])] += start - busy_until
+        if busy_until is None or end > busy_until:
+            busy_until, last_name = end, name
+    return {
+        "device_idle_ms_per_step": round(idle / 1000 / steps, 3),
+        "top_device_gaps": [{"after": after, "before": before, "idle_ms_per_step": round(us / 1000 / steps, 4)}
+                            for (after, before), us in by_pair.most_common(8)],
     }
 
 

@@ -204,6 +204,23 @@ def test_profile_summary_counts_launches_and_device_time_per_step():
     assert summary["top_ops_by_self_cpu_time"][0]["percent"] == 75.0
 
 
+def test_device_gaps_count_idle_time_once_and_name_the_kernels_around_it():
+    from types import SimpleNamespace as Event
+
+    from photoninfer.bench.profile import device_gaps
+
+    def kernel(name, start, end):
+        return Event(name=name, time_range=Event(start=start, end=end))
+
+    # a, then b overlapping a's end (PDL), a 5 us gap, c, a 3 us gap, d inside c's time (counted once), e
+    events = [kernel("b", 8, 20), kernel("a", 0, 10), kernel("c", 25, 40), kernel("d", 30, 35),
+              kernel("e", 43, 50), Event(name="no range", time_range=None)]
+    gaps = device_gaps(events, steps=1)
+    assert gaps["device_idle_ms_per_step"] == 0.008  # (25 - 20) + (43 - 40) us
+    assert gaps["top_device_gaps"] == [{"after": "b", "before": "c", "idle_ms_per_step": 0.005},
+                                       {"after": "c", "before": "e", "idle_ms_per_step": 0.003}]
+
+
 def test_git_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):
     from photoninfer.bench.environment import git_state
 
