@@ -84,8 +84,9 @@ def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = Tru
     3.3, down 3.6 against 5.4).
 
     `weights_ahead` (o after the attention kernel) loads the program's whole weight tile before its PDL wait,
-    16 columns over 8 warps, for K <= WEIGHTS_AHEAD_MAX_K: SmolLM2-135M's decode steps at 1 row went 1,327 ->
-    1,539 tok/s (H100). Llama-3.2-1B's 2048-wide o lost the same way (839 -> 790), so it keeps its tiles."""
+    16 columns over 8 warps, for K <= WEIGHTS_AHEAD_MAX_K: SmolLM2-135M's decode steps at 1 row went from
+    1,408 to 1,521-1,539 tok/s (H100; the same tiles loading after the wait: 1,437). Llama-3.2-1B's 2048-wide
+    o lost the same way (839 -> 790 tok/s), so it keeps its tiles."""
     if not norm:
         if weights_ahead and k <= WEIGHTS_AHEAD_MAX_K:
             return NormLinearConfig(16, 512, 8, 3, x_ahead=False, w_ahead=triton.next_power_of_2(k))
