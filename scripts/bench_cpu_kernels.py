@@ -18,16 +18,17 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from photoninfer.bench.environment import cpu_model  # noqa: E402
 from photoninfer.quant import native  # noqa: E402
+from timing import best_ms  # noqa: E402
 
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576), "head": (576, 49152)}
 LAYERS = 30
@@ -58,14 +59,7 @@ def bf16_linear(weight: torch.Tensor):
 
 
 def best_us(fn, repeat: int) -> float:
-    fn()
-    inner, times = 20, []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - t) / inner)
-    return min(times) * 1e6
+    return 1000 * best_ms(fn, repeat, inner=20)
 
 
 def main() -> None:
@@ -131,13 +125,7 @@ def model_pass(kernel, args) -> list[dict]:
                 "dense_f32": lambda: [F.linear(xs[k], w[1]) for layer in copies for (k, _), w in layer]}
             row = {"model_pass": True, "rows": m, "threads": threads}
             for name, fn in paths.items():
-                fn()
-                best = float("inf")
-                for _ in range(args.repeat):
-                    t = time.perf_counter()
-                    fn()
-                    best = min(best, time.perf_counter() - t)
-                row[f"{name}_ms"] = best * 1000
+                row[f"{name}_ms"] = best_ms(fn, args.repeat)
             rows.append(row)
             print(f"threads {threads} rows {m:2d} model pass (30 distinct layer sets): native {row['native_ms']:.2f} ms  "
                   f"int4 {row['int4_ms']:.2f} ms  dense bf16 {row['dense_bf16_ms']:.2f} ms  "

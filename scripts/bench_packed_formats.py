@@ -16,6 +16,7 @@ distinct copies of the layer set, read from memory as a real decode token does (
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -26,9 +27,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from photoninfer.bench.environment import cpu_model  # noqa: E402
 from photoninfer.quant import native  # noqa: E402
+from timing import best_ms  # noqa: E402
 
 SHAPES = {"o 576x576": (576, 576), "qkv 960x576": (576, 960), "gate_up 3072x576": (576, 3072),
           "down 576x1536": (1536, 576)}  # name: (in, out)
@@ -61,20 +64,6 @@ def packed(fmt: native.Format, k: int, n: int, seed: int):
     return panels, dense
 
 
-CLOCK = [time.perf_counter]
-
-
-def best_ms(fn, repeat: int, inner: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = CLOCK[0]()
-        for _ in range(inner):
-            fn()
-        times.append((CLOCK[0]() - t) / inner)
-    return min(times) * 1000
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,16")
@@ -83,8 +72,8 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time")
     ap.add_argument("--json")
     args = ap.parse_args()
-    if args.cpu_time:
-        CLOCK[0] = time.process_time
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    time_ms = functools.partial(best_ms, repeat=args.repeat, inner=10, clock=clock)
     kernel = native.kernel()
     if kernel is None:
         sys.exit("the native kernel is unavailable here (see the warning above)")
@@ -102,16 +91,16 @@ def main() -> None:
                 sz = torch.rand(k // 32, n, 2).bfloat16()
                 onednn = torch.ops.mkldnn._reorder_linear_weight(dense.bfloat16(), 16)
                 row = {"shape": name, "rows": rows, "threads": threads,
-                       "dense_f32_ms": best_ms(lambda: F.linear(x, dense), args.repeat),
-                       "torch_int4_bf16_ms": best_ms(
-                           lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, int4, 32, sz), args.repeat),
-                       "dense_bf16_onednn_ms": best_ms(lambda: torch.ops.mkldnn._linear_pointwise(
-                           xb, onednn, None, "none", [], ""), args.repeat)}
+                       "dense_f32_ms": time_ms(lambda: F.linear(x, dense)),
+                       "torch_int4_bf16_ms": time_ms(
+                           lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, int4, 32, sz)),
+                       "dense_bf16_onednn_ms": time_ms(lambda: torch.ops.mkldnn._linear_pointwise(
+                           xb, onednn, None, "none", [], ""))}
                 for fname, fmt in FORMATS.items():
                     panels, weight = packed(fmt, k, n, 1)
                     err = ((kernel.matmul(x, panels, fmt) - F.linear(x, weight)).abs().max()
                            / F.linear(x.abs(), weight.abs()).max()).item()
-                    row[f"{fname}_ms"] = best_ms(lambda: kernel.matmul(x, panels, fmt), args.repeat)
+                    row[f"{fname}_ms"] = time_ms(lambda: kernel.matmul(x, panels, fmt))
                     row[f"{fname}_rel_err"] = err
                 for key, value in row.items():
                     if key.endswith("_ms"):
@@ -122,23 +111,23 @@ def main() -> None:
             results.append({"shape": "layer set x 30 (hot)", "rows": rows, "threads": threads, **total})
             print(f"t{threads} rows {rows:2d} layer set x 30 (hot): " + "  ".join(
                 f"{key[:-3]} {value:.2f}ms" for key, value in total.items()))
-            results.append(model_pass(kernel, rows, threads, args.repeat))
+            results.append(model_pass(kernel, rows, threads, args.repeat, clock))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu_model(), "torch": torch.__version__, "results": results}, f, indent=1)
 
 
-def model_pass(kernel, rows: int, threads: int, repeat: int) -> dict:
+def model_pass(kernel, rows: int, threads: int, repeat: int, clock) -> dict:
     """The 120 matmuls of a decode token over 30 distinct copies of the weights (not in the cache), per format."""
     row = {"shape": "model pass (30 distinct layer sets)", "rows": rows, "threads": threads}
     xs = {k: torch.randn(rows, k) for k, _ in SHAPES.values()}
     dense = [(xs[k], torch.randn(n, k)) for _ in range(LAYERS) for k, n in SHAPES.values()]
-    row["dense_f32_ms"] = best_ms(lambda: [F.linear(x, w) for x, w in dense], repeat, inner=1)
+    row["dense_f32_ms"] = best_ms(lambda: [F.linear(x, w) for x, w in dense], repeat, clock=clock)
     row["dense_f32_mb"] = sum(w.numel() * 4 for _, w in dense) / 1e6
     del dense
     for fname, fmt in FORMATS.items():
         copies = [(xs[k], packed(fmt, k, n, seed=i)[0]) for i in range(LAYERS) for k, n in SHAPES.values()]
-        row[f"{fname}_ms"] = best_ms(lambda: [kernel.matmul(x, p, fmt) for x, p in copies], repeat, inner=1)
+        row[f"{fname}_ms"] = best_ms(lambda: [kernel.matmul(x, p, fmt) for x, p in copies], repeat, clock=clock)
         row[f"{fname}_mb"] = sum(p.numel() for _, p in copies) / 1e6
         del copies
     print(f"t{threads} rows {rows:2d} model pass: " + "  ".join(

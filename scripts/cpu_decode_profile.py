@@ -18,10 +18,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from photoninfer.config import packs_weights, resolve_dtype, set_cpu_threads  # noqa: E402
 from photoninfer.model.loader import build_model, default_model_path, load_checkpoint  # noqa: E402
 from photoninfer.runner.attention import make_attention_backend  # noqa: E402
+from timing import best_ms  # noqa: E402
 from photoninfer.runner.batch import ForwardBatch  # noqa: E402
 
 BLOCK = 16
@@ -54,16 +56,6 @@ class Harness:
         return self.model.compute_logits(hidden[last]).argmax(-1)
 
 
-def best_ms(fn, repeat: int, inner: int, clock=time.perf_counter) -> float:
-    times = []
-    for _ in range(repeat):
-        t = clock()
-        for _ in range(inner):
-            fn()
-        times.append((clock() - t) / inner)
-    return 1000 * min(times)
-
-
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,9 +84,9 @@ def main() -> None:
           f"{'CPU' if args.cpu_time else 'wall'} time")
     for b in batches:
         h.step([0] * b, [args.context] * b)  # fill the caches
-        ms = best_ms(lambda: h.step([args.context] * b, [1] * b), args.repeat, args.steps, clock)
+        ms = best_ms(lambda: h.step([args.context] * b, [1] * b), args.repeat, args.steps, clock, warm_up=False)
         print(f"decode batch {b:3d}: {ms:7.2f} ms/step  {b * 1000 / ms:7.1f} tok/s")
-    ms = best_ms(lambda: h.step([0], [args.prefill]), args.repeat, 1, clock)
+    ms = best_ms(lambda: h.step([0], [args.prefill]), args.repeat, 1, clock, warm_up=False)
     print(f"prefill {args.prefill} tokens: {ms:7.2f} ms")
     for b in [int(b) for b in args.profile.split(",") if b]:
         from torch.profiler import ProfilerActivity, profile
