@@ -76,7 +76,8 @@ def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = Tru
     """Tiles measured best on an H100 (scripts/bench_norm_linear.py, scripts/bench_decode_linear.py,
     docs/benchmarks.md). With the norm: narrow outputs (SmolLM2's q/k/v and gate/up) 16 columns a program so
     that the programs still cover the SMs; wider ones 32, or 64 for up to 4 rows (less of the prologue's work
-    per weight byte); 256-wide K steps, 128 for gate/up (two weight tiles a step) beyond 4 rows.
+    per weight byte); 256-wide K steps, 128 for gate/up (two weight tiles a step) beyond 4 rows and where
+    wide (Llama-3.2-1B's decode steps at 1 row 846-847 -> 853 tok/s, twice each in one call on an H100).
 
     Without the norm (decode_linear) x is loaded in the loop, where the pipeliner prefetches it with the
     weights, in long K steps: 32 x 512 four stages deep for K >= 2048 (Llama-3.2-1B q/k/v, o, down at 1 row:
@@ -98,7 +99,7 @@ def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = Tru
     block_n = 16 if n_out < 2048 else 64 if m <= 4 else 32
     if gated:
         block_n = min(block_n, 32)
-    return NormLinearConfig(block_n=block_n, block_k=128 if gated and m > 4 else 256, num_stages=3)
+    return NormLinearConfig(block_n=block_n, block_k=128 if gated and (m > 4 or n_out >= 2048) else 256, num_stages=3)
 
 
 @triton.jit

@@ -99,6 +99,8 @@ def test_default_config_keeps_the_card_busy():
     assert default_config(1536, 576, gated=True).block_n == 16  # SmolLM2 gate/up: 96 programs
     assert default_config(960, 576, gated=False).block_n == 16  # SmolLM2 q/k/v: 60 programs
     assert default_config(8192, 2048, gated=True, m=16) == NormLinearConfig(32, 128, num_stages=3)
+    assert default_config(8192, 2048, gated=True, m=1) == NormLinearConfig(32, 128, num_stages=3)  # wide
+    assert default_config(1536, 576, gated=True, m=1).block_k == 256  # narrow, few rows
     assert default_config(128256, 2048, gated=False, m=1).block_n == 64  # the LM head, one row
     assert default_config(2048, 8192, gated=False, norm=False) == NormLinearConfig(32, 512, 4, 4, x_ahead=False)
 
