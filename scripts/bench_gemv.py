@@ -6,6 +6,9 @@ A decode step streams every layer's weights once, and no layer's weights are in 
 candidate runs inside one CUDA graph as `copies` calls over distinct weight copies (together larger than L2),
 and the time per call is the graph's time divided by the calls: launch gaps as in a captured step, cold weights.
 Prints, per (shape, M), cuBLAS and the best Triton config with their TB/s, and writes all timings as JSON.
+One layer repeated back to back is not a decode step's mix of kernels: in the sixth session the sweeps' best
+tiles for Llama's o and down made whole steps 11% slower (docs/benchmarks.md). Treat a sweep's ranking as a
+list of candidates and decide with `photoninfer bench`, A/B in one device call.
 """
 
 from __future__ import annotations
