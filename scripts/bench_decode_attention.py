@@ -29,9 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_gemv import close_to, sweep  # noqa: E402
 
-from photoninfer.kernels.paged_attention import (DEFAULT_PARTITION, DecodeWorkspace, NewTokens,  # noqa: E402
-                                                 decode_tiles, paged_decode_attention)
+from photoninfer.kernels.paged_attention import (DecodeWorkspace, NewTokens, decode_tiles,  # noqa: E402
+                                                 default_partition, paged_decode_attention)
 from photoninfer.model.layers import RotaryEmbedding  # noqa: E402
+from photoninfer.runner.attention import TritonPagedAttention  # noqa: E402
 
 SHAPES = {  # name -> (q heads, kv heads, head dim, layers, q/k-norm)
     "llama-3.2-1b": (32, 8, 64, 16, False),
@@ -98,7 +99,7 @@ def main() -> int:
     args = parser.parse_args()
     contexts = tuple(int(v) for v in args.contexts.split(","))
     kv_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8" else torch.bfloat16
-    sms = torch.cuda.get_device_properties().multi_processor_count
+    backend = TritonPagedAttention(1.0, BLOCK_SIZE)  # its split cap (decode_partitions), as in a decode step
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args), "rows": []}
     for name in args.shapes.split(","):
         shape = SHAPES[name]
@@ -109,7 +110,7 @@ def main() -> int:
             copies = int(max(2, min(layers, CACHE_BYTES // layer_bytes)))
             inputs = [layer_inputs(m, shape, contexts, args.max_model_len, kv_dtype, rope, seed)
                       for seed in range(copies)]
-            cap = max(1, -(-2 * sms // (m * hkv)))  # TritonPagedAttention.decode_partitions
+            cap = backend.decode_partitions(m, hkv)
             workspaces = {}  # per (partition, cap), allocated at the (untimed) first call, outside the graph
 
             def run(layer, config):
@@ -123,7 +124,7 @@ def main() -> int:
                     num_warps=config.num_warps, num_stages=config.num_stages, new_tokens=layer["new"])
 
             tiles = decode_tiles(m, hkv, kv_dtype == torch.float8_e4m3fn)
-            default = SimpleNamespace(partition_size=max(DEFAULT_PARTITION, tiles[0]), block_n=tiles[0],
+            default = SimpleNamespace(partition_size=default_partition(tiles[0]), block_n=tiles[0],
                                       num_warps=tiles[1], num_stages=tiles[2], cap=cap)
             expected = run(inputs[0], default).clone()
             candidates = tile_configs(cap, args) if args.sweep == "tiles" else cap_configs(tiles)

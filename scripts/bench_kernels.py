@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from photoninfer.kernels.activation import silu_and_mul  # noqa: E402
 from photoninfer.kernels.gemv import GemvConfig, default_config, small_m_linear  # noqa: E402
-from photoninfer.kernels.paged_attention import (DEFAULT_BLOCK_N, DEFAULT_PARTITION,  # noqa: E402
-                                                 DecodeWorkspace, decode_tiles, paged_decode_attention,
-                                                 paged_prefill_attention)
+from photoninfer.kernels.paged_attention import (DecodeWorkspace, decode_tiles, default_partition,  # noqa: E402
+                                                 paged_decode_attention, paged_prefill_attention)
 from photoninfer.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from photoninfer.kernels.rope import rope_and_cache_kv  # noqa: E402
 from photoninfer.model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
@@ -275,7 +274,7 @@ def sweep(b: Bench, kernel: str, shape_desc: str, dtype, make_run, reference, ex
 def bench_decode(b: Bench, shape: Shape, tune: bool, caches=("model", "float32", "fp8")) -> None:
     scale = shape.head_dim ** -0.5
     # the kernel's own tiles (decode_tiles), then the fixed tiles it used before them
-    default = dict(partition_size=DEFAULT_PARTITION, block_n=None, num_warps=None, max_num_partitions=None,
+    default = dict(partition_size=None, block_n=None, num_warps=None, max_num_partitions=None,
                    num_stages=None)
     configs = [default, dict(default, block_n=64, num_warps=4, num_stages=3)]
     if tune:  # max_num_partitions None = the kernel's own cap (DECODE_TARGET_PROGRAMS programs)
@@ -299,9 +298,8 @@ def bench_decode(b: Bench, shape: Shape, tune: bool, caches=("model", "float32",
             # "max_model_len": the grid a CUDA graph replays; "exact": eager, sized by the longest sequence
             for hint, hint_name in ((shape.max_model_len, "max_model_len"), (max(seq_lens), "exact")):
                 def make_run(partition_size, block_n, num_warps, max_num_partitions, num_stages, hint=hint):
-                    # whole key tiles per partition (the FP8 cache's full batch runs 128-key tiles)
                     tile = block_n or decode_tiles(batch, shape.kv_heads, cache_dtype == torch.float8_e4m3fn)[0]
-                    partition_size = max(partition_size, tile)
+                    partition_size = partition_size or default_partition(tile)  # the workspace needs it
                     ws = DecodeWorkspace.allocate(batch, shape.q_heads, shape.head_dim, hint, b.device, partition_size,
                                                   max_num_partitions)
 

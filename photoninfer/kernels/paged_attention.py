@@ -360,6 +360,12 @@ def decode_splits(max_seq_len_hint: int, partition_size: int = DEFAULT_PARTITION
     return min(splits, max_num_partitions) if max_num_partitions else splits
 
 
+def default_partition(block_n: int) -> int:
+    """The partition size when the caller gives none: DEFAULT_PARTITION, or one key tile where tiles are longer
+    (a partition holds whole tiles)."""
+    return max(DEFAULT_PARTITION, block_n)
+
+
 def default_max_partitions(batch: int, num_kv_heads: int) -> int:
     """Cap on P when the caller gives none: enough programs to fill the GPU (DECODE_TARGET_PROGRAMS)."""
     return max(1, triton.cdiv(DECODE_TARGET_PROGRAMS, batch * num_kv_heads))
@@ -403,7 +409,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _check_tables(block_tables, seq_lens, batch)
     tiles = decode_tiles(batch, num_kv_heads, k_cache.dtype == torch.float8_e4m3fn)
     block_n, num_warps, num_stages = block_n or tiles[0], num_warps or tiles[1], num_stages or tiles[2]
-    partition_size = partition_size or max(DEFAULT_PARTITION, block_n)  # a partition holds whole key tiles
+    partition_size = partition_size or default_partition(block_n)
     check_power_of_two("block_n", block_n, MIN_DOT, 1024)
     check_power_of_two("partition_size", partition_size, block_n, 1 << 20)
     if new_tokens is not None:
