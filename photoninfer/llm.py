@@ -79,13 +79,15 @@ class LLM:
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm)
+        bar = tqdm(total=len(request_ids), desc="Generating") if use_tqdm else None  # (tqdm costs ~40 us)
         while self.engine.has_unfinished_requests():
             for output in self.engine.step(final_only=True):
                 if output.finished:
                     finished[output.request_id] = output
-                    bar.update(1 if output.request_id.endswith(".0") else 0)
-        bar.close()
+                    if bar is not None and output.request_id.endswith(".0"):
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
         return merge_outputs(request_ids, finished)
 
 

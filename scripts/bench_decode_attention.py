@@ -44,14 +44,16 @@ CACHE_BYTES = 4 << 30  # the layers' caches together, at most
 
 
 def tile_configs(cap: int, args) -> list[SimpleNamespace]:
-    lists = [[int(v) for v in values.split(",")] for values in (args.partitions, args.block_n, args.warps, args.stages)]
-    return [SimpleNamespace(partition_size=p, block_n=n, num_warps=w, num_stages=s, cap=cap)
-            for p, n, w, s in itertools.product(*lists) if n <= p]
+    lists = [[int(v) for v in values.split(",")]
+             for values in (args.partitions, args.block_n, args.warps, args.stages, args.maxnreg)]
+    return [SimpleNamespace(partition_size=p, block_n=n, num_warps=w, num_stages=s, cap=cap, max_registers=r or None)
+            for p, n, w, s, r in itertools.product(*lists) if n <= p]
 
 
-def cap_configs(tiles: tuple[int, int, int]) -> list[SimpleNamespace]:
-    block_n, warps, stages = tiles
-    return [SimpleNamespace(partition_size=p, block_n=block_n, num_warps=warps, num_stages=stages, cap=c)
+def cap_configs(tiles) -> list[SimpleNamespace]:
+    block_n, warps, stages, cap_registers = tiles
+    return [SimpleNamespace(partition_size=p, block_n=block_n, num_warps=warps, num_stages=stages, cap=c,
+                            max_registers=cap_registers)
             for p, c in itertools.product((64, 256, 512), (1, 2, 4, 8)) if p >= block_n]
 
 
@@ -95,6 +97,7 @@ def main() -> int:
     parser.add_argument("--block-n", default="16,32,64", help="key tiles the tile sweep tries")
     parser.add_argument("--warps", default="2,4")
     parser.add_argument("--stages", default="2,3")
+    parser.add_argument("--maxnreg", default="0", help="register caps a thread to try (0: the compiler's choice)")
     parser.add_argument("--out", default="decode_attention.json")
     args = parser.parse_args()
     contexts = tuple(int(v) for v in args.contexts.split(","))
@@ -121,11 +124,13 @@ def main() -> int:
                     layer["q"], layer["k_cache"], layer["v_cache"], layer["block_tables"], layer["seq_lens"],
                     d ** -0.5, layer["out"], args.max_model_len, partition_size=config.partition_size,
                     max_num_partitions=config.cap, workspace=workspaces[key], block_n=config.block_n,
-                    num_warps=config.num_warps, num_stages=config.num_stages, new_tokens=layer["new"])
+                    num_warps=config.num_warps, num_stages=config.num_stages, new_tokens=layer["new"],
+                    max_registers=config.max_registers)
 
             tiles = decode_tiles(m, hkv, kv_dtype == torch.float8_e4m3fn)
             default = SimpleNamespace(partition_size=default_partition(tiles[0]), block_n=tiles[0],
-                                      num_warps=tiles[1], num_stages=tiles[2], cap=cap)
+                                      num_warps=tiles[1], num_stages=tiles[2], cap=cap,
+                                      max_registers=tiles.max_registers)
             expected = run(inputs[0], default).clone()
             candidates = tile_configs(cap, args) if args.sweep == "tiles" else cap_configs(tiles)
             row = {"shape": name, "m": m, "partition_cap": cap, "copies": copies,

@@ -34,7 +34,7 @@ PDL_MODE = pdl.mode()  # the trigger placement compiled ($PHOTONINFER_PDL_TRIGGE
 
 TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
                  torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
 class Recorder:
@@ -125,6 +125,8 @@ def record_launches() -> list:
                 fp8 = [torch.empty(100, 16, hkv, head_dim, dtype=torch.float8_e4m3fn)] if dtype == torch.bfloat16 else []
                 for cache in [e(100, 16, hkv, head_dim)] + fp8:  # the model dtype, and kv_cache_dtype="fp8"
                     rope.rope_and_cache_kv(q, k, v, positions, rotary, rotary, cache, cache, slots)
+                    rope.rope_and_cache_kv(q, k, v, positions, rotary, rotary, cache, cache, slots, e(head_dim),
+                                           e(head_dim), 1e-6)  # Qwen3's q/k-norm
                     for hint in (200, 4096):  # one partition (direct) and split-K + merge
                         qk_norm = paged_attention.NewTokens(k, v, positions, rotary, rotary, slots, e(head_dim),
                                                             e(head_dim), 1e-6)  # Qwen3
@@ -187,8 +189,10 @@ def main() -> int:
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
             usage = resource_usage(compiled.asm["cubin"])
             pipelined = compiled.asm["ttgir"].count("async_copy_global_to_local")
+            prefetches = compiled.asm["ptx"].count("cp.async.bulk.prefetch.L2")
             print(f"ok   {fn.__name__:<28} {','.join(dtypes):<18} {described} {options} | {usage}, "
-                  f"{compiled.metadata.shared} B shared, {pipelined} async copies", flush=True)
+                  f"{compiled.metadata.shared} B shared, {pipelined} async copies, {prefetches} L2 prefetches",
+                  flush=True)
         except Exception as exc:  # report every failure, then fail
             failures += 1
             print(f"FAIL {fn.__name__:<28} {','.join(dtypes):<18} {described} {options}\n     {exc}", flush=True)

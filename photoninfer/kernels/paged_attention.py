@@ -37,7 +37,7 @@ Rows that see no key (seq_len 0: CUDA-graph padding) get zeros, never NaN, and r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -46,7 +46,7 @@ import triton.language as tl
 from photoninfer.kernels import interpreting
 from photoninfer.kernels._checks import (check_cache_dtype, check_dim, check_dtype, check_float,
                                          check_last_contiguous, check_power_of_two, check_shape)
-from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, use_pdl
+from photoninfer.kernels.pdl import L2_PREFETCH, begin as pdl_begin, end as pdl_end, prefetch_l2, use_pdl
 
 LOG2E = 1.4426950408889634
 # Tokens per decode program (a multiple of the key tile); a long context spans several. Short partitions pay
@@ -59,6 +59,12 @@ DEFAULT_PARTITION = 64
 # Decode programs worth launching (~8 per H100 SM): beyond that, splitting the context further only adds
 # partials to write and merge. At batch 256 x 8 kv heads the batch alone fills the card, and P = 1.
 DECODE_TARGET_PROGRAMS = 1024
+# Up to this many sequences, a decode program first asks L2 for its span's cache blocks, before its PDL wait
+# (H100, with the linears' prefetch: at one sequence Llama-3.2-1B 795 -> 809 tok/s, SmolLM2-135M 1,596 -> 1,622;
+# at 16 SmolLM2 lost 22%)
+PREFETCH_MAX_BATCH = 1
+# FP8 caches: from this many (sequence, kv head) programs on, decode programs take 128-key tiles (decode_tiles)
+FP8_WIDE_TILES_MIN_PROGRAMS = 512
 DEFAULT_BLOCK_N = 64  # keys per tile (prefill; decode picks its own: decode_tiles)
 DEFAULT_BLOCK_M = 64  # query rows per prefill program
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU
@@ -130,6 +136,23 @@ def _rotated(rows, d, cos, sin, mask, norm_ptr, eps, HEAD_DIM: tl.constexpr, QK_
 
 
 @triton.jit
+def _prefetch_span(k_cache_ptr, v_cache_ptr, block_table_row, seq_len, split, num_splits, block_size, kc_sb, vc_sb,
+                   PARTITION: tl.constexpr):
+    """Asks L2 for the cache blocks (every kv head's K and V: one contiguous run each) of program `split`'s span
+    of the context. Before the PDL wait: the block table and seq_lens come from the step's input copy, which
+    every kernel that can still be running (the one before this) started after, so they are in place."""
+    span = _split_tokens(seq_len, num_splits, PARTITION)
+    start = split * span
+    end = tl.minimum(start + span, seq_len)
+    k_bytes = kc_sb * (k_cache_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    v_bytes = vc_sb * (v_cache_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    for b in range(start // block_size, tl.cdiv(end, block_size)):
+        block = tl.load(block_table_row + b).to(tl.int64)
+        prefetch_l2(k_cache_ptr + block * kc_sb, k_bytes)
+        prefetch_l2(v_cache_ptr + block * vc_sb, v_bytes)
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr, done_ptr,
@@ -141,12 +164,16 @@ def _paged_decode_kernel(
     kn_sb, kn_sh, vn_sb, vn_sh, cos_stride, sin_stride,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
     DIRECT: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, DOT_F16: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    pdl_begin(PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if PREFETCH:
+        if kv_head == 0:
+            _prefetch_span(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * bt_stride, tl.load(seq_lens_ptr + seq),
+                           split, num_splits, block_size, kc_sb, vc_sb, PARTITION)
+    pdl_begin(PDL)
     seq_len = tl.load(seq_lens_ptr + seq)
     span = _split_tokens(seq_len, num_splits, PARTITION)
     start = split * span
@@ -348,6 +375,13 @@ def _check_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_seqs: 
     check_dtype("seq_lens", seq_lens, (torch.int32,))
 
 
+def _whole_blocks(cache: torch.Tensor) -> bool:
+    """Whether each cache block is one contiguous, 16-byte aligned run (what the L2 prefetch asks for)."""
+    _, block_size, heads, dim = cache.shape
+    return (cache[0].is_contiguous() and cache.stride(0) == block_size * heads * dim
+            and cache.data_ptr() % 16 == 0 and cache.stride(0) * cache.element_size() % 16 == 0)
+
+
 def _dot_precision(*dtypes: torch.dtype) -> str:
     """float32 operands multiply exactly ("ieee"); Triton's default for them would be tf32."""
     return "ieee" if torch.float32 in dtypes else "tf32"
@@ -371,19 +405,32 @@ def default_max_partitions(batch: int, num_kv_heads: int) -> int:
     return max(1, triton.cdiv(DECODE_TARGET_PROGRAMS, batch * num_kv_heads))
 
 
-def decode_tiles(batch: int, num_kv_heads: int, fp8_cache: bool = False) -> tuple[int, int, int]:
-    """(block_n, num_warps, num_stages) of the decode kernel: 64-key tiles, 4 warps, 2 stages. When the batch
-    alone fills the GPU (one program per sequence and kv head), 2 stages instead of 3 leave room for more
-    resident programs: 1-4% faster at batch 256 on an H100 and 8-10% on an H200 (scripts/bench_kernels.py,
-    bf16, Llama-3.2-1B and Qwen3-0.6B shapes). At 1 and 16 sequences with 64-token partitions 2 stages led
-    in 5 of 6 shapes too (scripts/bench_decode_attention.py, H100; Qwen3-0.6B at 1 sequence 7.8 against
-    8.9 us). Over an FP8 cache a full batch runs 128-key tiles over 4 warps with no pipelining: 277 us
-    against 351 for 64-key tiles over 2 warps (H100, Qwen3-0.6B shape, batch 256, contexts 100..2048 as the
-    nano-vllm workload's; scripts/bench_decode_attention.py; bf16 caches gained nothing from 128-key tiles),
-    which in turn had beaten the bf16 tiles (173 against 197 us at ~600-token contexts)."""
-    if fp8_cache and batch * num_kv_heads >= DECODE_TARGET_PROGRAMS:
-        return 128, 4, 1
-    return 64, 4, 2
+class DecodeTiles(NamedTuple):
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+    max_registers: Optional[int] = None  # a cap on registers a thread (Triton's maxnreg); None: the compiler's
+
+
+def decode_tiles(batch: int, num_kv_heads: int, fp8_cache: bool = False) -> DecodeTiles:
+    """Tiles of the decode kernel: 64-key tiles, 4 warps, 2 stages. When the batch alone fills the GPU (one
+    program per sequence and kv head), 2 stages instead of 3 leave room for more resident programs: 1-4% faster
+    at batch 256 on an H100 and 8-10% on an H200 (scripts/bench_kernels.py, bf16, Llama-3.2-1B and Qwen3-0.6B
+    shapes). At 1 and 16 sequences with 64-token partitions 2 stages led in 5 of 6 shapes too
+    (scripts/bench_decode_attention.py, H100; Qwen3-0.6B at 1 sequence 7.8 against 8.9 us).
+
+    Over an FP8 cache, from FP8_WIDE_TILES_MIN_PROGRAMS (sequence, kv head) pairs on, programs take 128-key
+    tiles over 4 warps with no pipelining, at most 128 registers a thread. H100, Qwen3-0.6B shape
+    (scripts/bench_decode_attention.py): at 256 sequences of 100..2048 tokens (the nano-vllm workload's) 351 us a
+    layer for 64-key tiles over 2 warps, 277 us for these tiles, 256 us with the register cap; at 64 sequences of
+    800..2048 tokens (its tail) 152 us for the default tiles against 95 us. The kernel is latency-bound there
+    (ncu at 256 sequences: 168 registers, 3 programs an SM, the schedulers idle 60% of cycles, DRAM at 61% of its
+    peak); the cap lets 4 programs share an SM (96 registers: 335 us; 8 warps under any cap: 257-336 us).
+    Loading K/V half a head dimension at a time cut registers too but not time; bf16 caches gained nothing from
+    128-key tiles or the cap."""
+    if fp8_cache and batch * num_kv_heads >= FP8_WIDE_TILES_MIN_PROGRAMS:
+        return DecodeTiles(128, 4, 1, max_registers=128)
+    return DecodeTiles(64, 4, 2)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -391,7 +438,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            max_seq_len_hint: int, *, partition_size: Optional[int] = None,
                            max_num_partitions: Optional[int] = None, workspace: Optional[DecodeWorkspace] = None,
                            block_n: Optional[int] = None, num_warps: Optional[int] = None,
-                           num_stages: Optional[int] = None, new_tokens: Optional[NewTokens] = None) -> torch.Tensor:
+                           num_stages: Optional[int] = None, new_tokens: Optional[NewTokens] = None,
+                           max_registers: Optional[int] = None) -> torch.Tensor:
     """One query per sequence: q [B, Hq, D] attends to its sequence's seq_lens[b] cached tokens; writes out.
     With `new_tokens`, q is unrotated: the kernel rotates it and stores the step's rotated K and V itself
     (one launch instead of the RoPE kernel's and its own).
@@ -402,13 +450,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_model_len as the hint so P never changes for a captured batch size; in eager mode the batch's
     longest context saves idle programs. The hint only sizes the grid: a longer context is still attended
     whole (each program then covers several partitions). A row with seq_len 0 gets zeros.
+
+    block_n, num_warps, num_stages and max_registers (a cap on registers a thread) default to `decode_tiles`;
+    given any of the first three, the cap is only what the caller gives.
     """
     block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
     group = _check_q_out(q, out, num_kv_heads, head_dim)
     batch = q.shape[0]
     _check_tables(block_tables, seq_lens, batch)
     tiles = decode_tiles(batch, num_kv_heads, k_cache.dtype == torch.float8_e4m3fn)
-    block_n, num_warps, num_stages = block_n or tiles[0], num_warps or tiles[1], num_stages or tiles[2]
+    if block_n is None and num_warps is None and num_stages is None:  # the default tiles, with their register cap
+        max_registers = max_registers or tiles.max_registers
+    block_n, num_warps = block_n or tiles.block_n, num_warps or tiles.num_warps
+    num_stages = num_stages or tiles.num_stages
     partition_size = partition_size or default_partition(block_n)
     check_power_of_two("block_n", block_n, MIN_DOT, 1024)
     check_power_of_two("partition_size", partition_size, block_n, 1 << 20)
@@ -441,6 +495,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     new_strides = ((new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
                     new.sin.stride(0)) if new_tokens else (0,) * 6)
     pdl = use_pdl(q.device, batch)
+    prefetch = (batch <= PREFETCH_MAX_BATCH and bool(pdl) and L2_PREFETCH and _whole_blocks(k_cache)
+                and _whole_blocks(v_cache))
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, ws_out, ws_max, ws_sum, ws_done,
         new.k, new.v, new.positions, new.cos, new.sin, new.slot_mapping,
@@ -452,8 +508,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *po_strides, *pm_strides, done_stride, *new_strides,
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
         ROPE=new_tokens is not None, QK_NORM=qk_norm, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
-        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=pdl,
+        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=pdl, PREFETCH=prefetch,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl > 0,
+        **({"maxnreg": max_registers} if max_registers else {}),
     )
     return out
 

@@ -25,6 +25,8 @@ import triton.language as tl
 
 from photoninfer.kernels import interpreting
 
+# kernels prefetch what they will read into L2 before their PDL wait (prefetch_l2); "0" turns it off, for comparison
+L2_PREFETCH = os.environ.get("PHOTONINFER_L2_PREFETCH", "1") != "0"
 PDL_ENV = "PHOTONINFER_PDL"  # "0" launches every kernel plainly (for comparison)
 # PDL pays where kernels are short (H100 SmolLM2-135M: 1 row 1,129 -> 1,345 tok/s) and costs where they are
 # long (256 rows 121-124k -> 93-102k): kernels of more rows launch plainly
@@ -80,3 +82,15 @@ def end(PDL: tl.constexpr):
     """After a kernel's main loop: lets the next kernel be scheduled when the placement is AT_END."""
     if PDL == 3:  # AT_END
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(start, nbytes):
+    """Asks the TMA unit to bring `nbytes` (a multiple of 16) from global address `start` (16-byte aligned) into
+    L2, and goes on at once: thread 0 of the program issues one `cp.async.bulk.prefetch.L2` (sm_90+). A cache
+    hint only, so it is safe before `begin`'s wait; what is prefetched must lie inside one allocation."""
+    tl.inline_asm_elementwise(
+        "{\n.reg .pred %pf_first;\n.reg .b32 %pf_tid;\nmov.u32 %pf_tid, %tid.x;\n"
+        "setp.eq.u32 %pf_first, %pf_tid, 0;\n"
+        "@%pf_first cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
+        "=r,l,r", [start, nbytes], dtype=tl.int32, is_pure=False, pack=1)

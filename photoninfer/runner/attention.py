@@ -214,8 +214,8 @@ class TritonPagedAttention:
     def forward(self, q, k, v, positions, rope, kv_cache, batch: ForwardBatch, qk_norm=None):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        norms = () if qk_norm is None else (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps)
         if batch.is_decode_only:  # the decode kernel normalizes (Qwen3) and rotates q, k and writes K/V itself
-            norms = () if qk_norm is None else (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps)
             new_tokens = self._attention.NewTokens(k, v, positions, rope.cos, rope.sin, batch.slot_mapping, *norms)
             num_kv_heads = k_cache.shape[2]
             cap = self.decode_partitions(q.shape[0], num_kv_heads)
@@ -224,11 +224,9 @@ class TritonPagedAttention:
                 q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale, out, batch.max_seq_len,
                 max_num_partitions=cap, new_tokens=new_tokens,
                 workspace=self.decode_workspace(q, num_kv_heads, splits) if splits > 1 else None)
-        else:
-            if qk_norm is not None:
-                q, k = qk_norm[0](q), qk_norm[1](k)
+        else:  # the RoPE kernel normalizes (Qwen3), rotates q and k in place and writes K/V
             self._rope.rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache,
-                                         batch.slot_mapping)
+                                         batch.slot_mapping, *norms)
             self._attention.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,
                                                     batch.seq_lens, self.scale, out, batch.max_query_len)
         return out

@@ -133,10 +133,12 @@ def test_prefill_sequence_with_empty_context_gets_zeros(device):
 def test_decode_tiles_follow_how_full_the_batch_keeps_the_gpu():
     from photoninfer.kernels.paged_attention import DECODE_TARGET_PROGRAMS, decode_tiles
 
-    assert decode_tiles(256, 8) == (64, 4, 2)  # one program per (sequence, kv head) fills the card
-    assert decode_tiles(DECODE_TARGET_PROGRAMS // 8, 8) == (64, 4, 2)
-    assert decode_tiles(1, 8) == decode_tiles(DECODE_TARGET_PROGRAMS // 8 - 1, 8) == (64, 4, 2)
-    assert decode_tiles(256, 8, fp8_cache=True) == (128, 4, 1) and decode_tiles(16, 8, fp8_cache=True) == (64, 4, 2)
+    assert decode_tiles(256, 8) == (64, 4, 2, None)  # one program per (sequence, kv head) fills the card
+    assert decode_tiles(DECODE_TARGET_PROGRAMS // 8, 8) == (64, 4, 2, None)
+    assert decode_tiles(1, 8) == decode_tiles(DECODE_TARGET_PROGRAMS // 8 - 1, 8) == (64, 4, 2, None)
+    assert decode_tiles(256, 8, fp8_cache=True) == (128, 4, 1, 128)  # a register cap: 4 programs an SM
+    assert decode_tiles(64, 8, fp8_cache=True) == (128, 4, 1, 128)  # FP8_WIDE_TILES_MIN_PROGRAMS
+    assert decode_tiles(63, 8, fp8_cache=True) == decode_tiles(16, 8, fp8_cache=True) == (64, 4, 2, None)
 
 
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, None), (torch.bfloat16, None),
@@ -257,6 +259,7 @@ def test_decode_of_a_full_batch_over_an_fp8_cache_uses_its_own_tiles(hint, monke
     """The default tiles of a batch that fills the GPU over an FP8 cache (128-key tiles, here with 4 sequences
     standing for a full batch): the default partition grows to a whole tile, with and without splits."""
     monkeypatch.setattr(paged_attention, "DECODE_TARGET_PROGRAMS", 8)
+    monkeypatch.setattr(paged_attention, "FP8_WIDE_TILES_MIN_PROGRAMS", 8)
     assert paged_attention.decode_tiles(4, 2, fp8_cache=True)[0] == 128 > paged_attention.DEFAULT_PARTITION
     batch = make_paged_batch([1, 130, 300, 64], [1] * 4, 4, 2, 64, 16, torch.bfloat16, seed=33, device=device,
                              cache_dtype=FP8)

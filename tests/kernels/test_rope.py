@@ -105,3 +105,34 @@ def test_rope_writes_an_fp8_cache_as_write_kv_does(device):
         got, want = written.view(torch.uint8)[comparable], rows.to(torch.float8_e4m3fn).view(torch.uint8)[comparable]
         assert torch.equal(got, want)
     assert not k_cache.view(-1, kv_heads, head_dim)[slots[keep].max() + 1:].float().any()  # nothing else written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_with_qk_norm_normalizes_each_head_first(dtype, device):
+    """Qwen3: q/k-norm weights given, each head is RMS-normalized (rounded as layers.rms_norm rounds it) before
+    it is rotated and k is cached, as the per-head norms and then rope_and_cache_kv would do."""
+    from photoninfer.model.layers import rms_norm
+
+    gen = torch.Generator().manual_seed(7)
+    tokens, q_heads, kv_heads, head_dim, block_size = 5, 4, 2, 64, 16
+    rope = RotaryEmbedding(head_dim, 128, theta=1000000.0, scaling=None).to(device)
+    _, q, k, v = qkv_slices(tokens, q_heads, kv_heads, head_dim, dtype, gen, device)
+    weights = [(1 + 0.3 * torch.randn(head_dim, generator=gen)).to(dtype).to(device) for _ in range(2)]
+    positions = torch.randint(0, 128, (tokens,), generator=gen).to(device)
+    slots = torch.arange(tokens, device=device) * 3
+    k_cache = torch.zeros((4, block_size, kv_heads, head_dim), dtype=dtype, device=device)
+    v_cache = k_cache.clone()
+
+    expected_q, expected_k = rope(positions, rms_norm(q, weights[0], 1e-6), rms_norm(k, weights[1], 1e-6))
+    expected_k_cache = k_cache.clone()
+    write_kv(expected_k_cache, v_cache.clone(), expected_k, v, slots)
+
+    rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, slots, *weights, 1e-6)
+    # float32 checks the math; bf16 may differ by an ulp of the normalized value (the sums' order differs), which
+    # the rotation can turn into 2 ulps of values near |x| ~ 2-4, where an ulp is 0.016
+    ulps = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=4e-2)
+    torch.testing.assert_close(q, expected_q, **ulps)
+    torch.testing.assert_close(k, expected_k, **ulps)
+    torch.testing.assert_close(k_cache, expected_k_cache, **ulps)
+    with pytest.raises(ValueError, match="come together"):
+        rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, slots, weights[0])
