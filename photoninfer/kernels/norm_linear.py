@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from photoninfer.kernels import interpreting
-from photoninfer.kernels.pdl import L2_PREFETCH, begin as pdl_begin, end as pdl_end, prefetch_l2, use_pdl
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, prefetch_l2, prefetches, use_pdl
 from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
 
 MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
@@ -294,7 +294,7 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config) -> to
     res = residual if residual is not None else x
     pdl = use_pdl(x.device, m)
     programs = triton.cdiv(n_out, config.block_n)
-    prefetch = prefetch_bytes(weight, config.block_n) if pdl else 0
+    prefetch = prefetch_bytes(weight, config.block_n) if pdl and prefetches(m) else 0
     _norm_linear_kernel[(programs,)](
         x, res, h, norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight,
         y, m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out, prefetch,
@@ -310,11 +310,11 @@ def prefetch_bytes(weight: torch.Tensor, block_n: int) -> int:
     """Bytes at the start of its weight tile (block_n rows; gate and up tiles alike when gated) that each program
     prefetches into L2 before its PDL wait: the whole tile where the whole weight fits in L2_PREFETCH_BUDGET, else
     none (H100: prefetching part of Llama-3.2-1B's 34-67 MB gate/up, down and LM head tiles made its decode steps
-    7-15% slower, while SmolLM2-135M's small layers, prefetched whole, gained 5-6%). 0 (none) also where
-    PHOTONINFER_L2_PREFETCH=0 or the weight's rows are not one contiguous, 16-byte aligned run (what a bulk
-    prefetch needs)."""
+    7-15% slower, while SmolLM2-135M's small layers, prefetched whole, gained 5-6%). 0 (none) also where the
+    weight's rows are not one contiguous, 16-byte aligned run (what a bulk prefetch needs). (Whether a launch
+    prefetches at all: pdl.prefetches.)"""
     row_bytes = weight.shape[1] * weight.element_size()
-    if (not L2_PREFETCH or not weight.is_contiguous() or weight.data_ptr() % 16 or row_bytes % 16
+    if (not weight.is_contiguous() or weight.data_ptr() % 16 or row_bytes % 16
             or weight.shape[0] * row_bytes > L2_PREFETCH_BUDGET):
         return 0
     return block_n * row_bytes

@@ -46,7 +46,7 @@ import triton.language as tl
 from photoninfer.kernels import interpreting
 from photoninfer.kernels._checks import (check_cache_dtype, check_dim, check_dtype, check_float,
                                          check_last_contiguous, check_power_of_two, check_shape)
-from photoninfer.kernels.pdl import L2_PREFETCH, begin as pdl_begin, end as pdl_end, prefetch_l2, use_pdl
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, prefetch_l2, prefetches, use_pdl
 
 LOG2E = 1.4426950408889634
 # Tokens per decode program (a multiple of the key tile); a long context spans several. Short partitions pay
@@ -59,10 +59,6 @@ DEFAULT_PARTITION = 64
 # Decode programs worth launching (~8 per H100 SM): beyond that, splitting the context further only adds
 # partials to write and merge. At batch 256 x 8 kv heads the batch alone fills the card, and P = 1.
 DECODE_TARGET_PROGRAMS = 1024
-# Up to this many sequences, a decode program first asks L2 for its span's cache blocks, before its PDL wait
-# (H100, with the linears' prefetch: at one sequence Llama-3.2-1B 795 -> 809 tok/s, SmolLM2-135M 1,596 -> 1,622;
-# at 16 SmolLM2 lost 22%)
-PREFETCH_MAX_BATCH = 1
 # FP8 caches: from this many (sequence, kv head) programs on, decode programs take 128-key tiles (decode_tiles)
 FP8_WIDE_TILES_MIN_PROGRAMS = 512
 DEFAULT_BLOCK_N = 64  # keys per tile (prefill; decode picks its own: decode_tiles)
@@ -495,8 +491,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     new_strides = ((new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
                     new.sin.stride(0)) if new_tokens else (0,) * 6)
     pdl = use_pdl(q.device, batch)
-    prefetch = (batch <= PREFETCH_MAX_BATCH and bool(pdl) and L2_PREFETCH and _whole_blocks(k_cache)
-                and _whole_blocks(v_cache))
+    # a lone sequence's programs ask L2 for their span's cache blocks before the PDL wait (H100, with the
+    # linears' prefetch: Llama-3.2-1B 843 -> 860 tok/s, SmolLM2-135M 1,599 -> 1,618; at 16 SmolLM2 lost 22%)
+    prefetch = bool(pdl) and prefetches(batch) and _whole_blocks(k_cache) and _whole_blocks(v_cache)
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, ws_out, ws_max, ws_sum, ws_done,
         new.k, new.v, new.positions, new.cos, new.sin, new.slot_mapping,

@@ -27,6 +27,9 @@ from photoninfer.kernels import interpreting
 
 # kernels prefetch what they will read into L2 before their PDL wait (prefetch_l2); "0" turns it off, for comparison
 L2_PREFETCH = os.environ.get("PHOTONINFER_L2_PREFETCH", "1") != "0"
+# ... over at most this many rows (tokens or sequences). H100 decode steps, Llama-3.2-1B / SmolLM2-135M: at one row
+# 852-855 -> 860-861 tok/s (4 interleaved runs each) / 1,519 -> 1,618; at 16 rows Llama lost 1.3% (12,286 -> 12,132)
+L2_PREFETCH_MAX_ROWS = 1
 PDL_ENV = "PHOTONINFER_PDL"  # "0" launches every kernel plainly (for comparison)
 # PDL pays where kernels are short (H100 SmolLM2-135M: 1 row 1,129 -> 1,345 tok/s) and costs where they are
 # long (256 rows 121-124k -> 93-102k): kernels of more rows launch plainly
@@ -46,6 +49,11 @@ def mode() -> int:
     if name not in MODES:
         raise ValueError(f"{MODE_ENV} must be one of {', '.join(MODES)}, got {name!r}")
     return MODES[name]
+
+
+def prefetches(rows: int) -> bool:
+    """Whether a PDL kernel over `rows` rows prefetches into L2 before its wait (where its operands allow)."""
+    return L2_PREFETCH and rows <= L2_PREFETCH_MAX_ROWS
 
 
 def use_pdl(device: torch.device, rows: int = 1) -> int:

@@ -4,7 +4,6 @@ import pytest
 import torch
 from ulp import assert_close_ulps, ulps_for
 
-from photoninfer.kernels import norm_linear
 from photoninfer.kernels.norm_linear import (L2_PREFETCH_BUDGET, NormLinearConfig, decode_linear, default_config,
                                              fused_norm_linear, fused_norm_linear_reference, prefetch_bytes)
 
@@ -116,7 +115,7 @@ def test_weights_ahead_loads_a_whole_row_of_short_layers():
     assert llama == default_config(2048, 2048, gated=False, norm=False) and llama.w_ahead == 0
 
 
-def test_prefetch_takes_whole_tiles_of_weights_that_fit_and_nothing_of_larger_ones(monkeypatch):
+def test_prefetch_takes_whole_tiles_of_weights_that_fit_and_nothing_of_larger_ones():
     """Bytes each program asks L2 for before its PDL wait."""
     o = torch.empty(2048, 2048, dtype=torch.bfloat16)  # Llama-3.2-1B o: 8 MiB, 32-row tiles
     assert prefetch_bytes(o, 32) == 32 * 2048 * 2
@@ -124,8 +123,6 @@ def test_prefetch_takes_whole_tiles_of_weights_that_fit_and_nothing_of_larger_on
     assert down.numel() * 2 > L2_PREFETCH_BUDGET and prefetch_bytes(down, 32) == 0
     assert prefetch_bytes(torch.empty(4096, 2048, dtype=torch.bfloat16)[:, :1000], 32) == 0  # rows not contiguous
     assert prefetch_bytes(torch.empty(64, 36, dtype=torch.bfloat16), 32) == 0  # 72-byte rows: not 16-byte runs
-    monkeypatch.setattr(norm_linear, "L2_PREFETCH", False)  # PHOTONINFER_L2_PREFETCH=0
-    assert prefetch_bytes(o, 32) == 0
 
 
 def test_fused_norm_linear_rejects_what_it_does_not_handle(device):

@@ -25,3 +25,9 @@ def test_trigger_placement_is_chosen_by_name(monkeypatch):
     monkeypatch.setenv(pdl.MODE_ENV, "sometimes")
     with pytest.raises(ValueError, match="early, after-wait, end"):
         pdl.mode()
+
+
+def test_l2_prefetch_only_at_one_row_and_only_while_on(monkeypatch):
+    assert pdl.prefetches(1) and not pdl.prefetches(2) and not pdl.prefetches(16)  # 16 rows: Llama measured slower
+    monkeypatch.setattr(pdl, "L2_PREFETCH", False)  # PHOTONINFER_L2_PREFETCH=0
+    assert not pdl.prefetches(1)
