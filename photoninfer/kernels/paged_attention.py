@@ -25,7 +25,8 @@ arguments, so a CUDA graph (hint = max_model_len) replays one grid. Programs pas
 nothing. A program that holds a whole context (P == 1, or a context of one span) writes the output
 directly, with no partials. Given the step's unrotated q, k, v (`NewTokens`), the kernel also does the
 RoPE kernel's work (saving a launch per layer): every program rotates its q heads, and the program whose
-span ends the context rotates k and stores K/V into the cache before it reads its tiles.
+span ends the context rotates k and stores K/V into the cache before it reads its tiles. For a lone sequence
+(pdl.prefetches) the kv-head-0 programs first ask L2 for their span's cache blocks, before the PDL wait.
 
 Prefill: grid (S, ceil(max_query_len / BLOCK_M), Hq). Program (i, m, h) takes query rows
 [m * BLOCK_M, (m + 1) * BLOCK_M) of sequence i (positions seq_len - q_len + row) against keys
