@@ -422,7 +422,7 @@ def decode_tiles(batch: int, num_kv_heads: int, fp8_cache: bool = False) -> Deco
     layer for 64-key tiles over 2 warps, 277 us for these tiles, 256 us with the register cap; at 64 sequences of
     800..2048 tokens (its tail) 152 us for the default tiles against 95 us. The kernel is latency-bound there
     (ncu at 256 sequences: 168 registers, 3 programs an SM, the schedulers idle 60% of cycles, DRAM at 61% of its
-    peak); the cap lets 4 programs share an SM (96 registers: 335 us; 8 warps under any cap: 257-336 us).
+    peak); the cap lets 4 programs share an SM (96 registers: 335 us; 8 warps, capped at 64-96 or not: 292-337 us).
     Loading K/V half a head dimension at a time cut registers too but not time; bf16 caches gained nothing from
     128-key tiles or the cap."""
     if fp8_cache and batch * num_kv_heads >= FP8_WIDE_TILES_MIN_PROGRAMS:
