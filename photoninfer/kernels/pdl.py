@@ -58,10 +58,12 @@ def prefetches(rows: int) -> bool:
 
 def use_pdl(device: torch.device, rows: int = 1) -> int:
     """How a kernel over `rows` rows (tokens or sequences) on `device` uses PDL (the kernels' PDL constexpr):
-    0 (launched plainly) unless on Hopper or newer, compiled (the interpreter has no grid dependencies), at
+    0 (launched plainly) unless on NVIDIA Hopper or newer, compiled (the interpreter has no grid dependencies), at
     most PDL_MAX_ROWS rows, and not turned off by PHOTONINFER_PDL=0; otherwise where each kernel lets the
     next one start (mode()). Any mix of PDL and plain launches stays ordered, so each kernel decides alone."""
     if device.type != "cuda" or rows > PDL_MAX_ROWS or interpreting() or os.environ.get(PDL_ENV, "1") == "0":
+        return 0
+    if torch.version.hip:  # ROCm reports its own "capabilities" (MI300: 9.4); PDL is NVIDIA's (sm_90+)
         return 0
     if _capability(device.index if device.index is not None else torch.cuda.current_device()) < 9:
         return 0

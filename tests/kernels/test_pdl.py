@@ -15,6 +15,9 @@ def test_pdl_stays_off_where_it_cannot_work(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("PHOTONINFER_PDL", "0")
     assert use_pdl(torch.device("cuda", 0)) == 0
+    monkeypatch.delenv("PHOTONINFER_PDL")
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: an MI300 reports capability 9.4, but PDL is NVIDIA's
+    assert use_pdl(torch.device("cuda", 0)) == 0
 
 
 def test_trigger_placement_is_chosen_by_name(monkeypatch):
