@@ -2,14 +2,16 @@
 
     python scripts/step_breakdown.py --shape qwen3-0.6b [--max-num-batched-tokens 8192] [--kv-cache-dtype fp8]
 
-Runs the workload through LLMEngine.step() and times each step (with async scheduling a step's wall time is the
-slower of the host and the device). Prints, per kind and per size bucket, steps, total seconds and ms per step.
+Runs the workload through LLMEngine.step() (each repeat with prompts of its own, so that none prefills from the
+prefix cache) and times each step (with async scheduling a step's wall time is the slower of the host and the
+device). Prints, per kind and per size bucket, steps, total seconds and ms per step.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import sys
 import tempfile
@@ -62,9 +64,12 @@ def main() -> None:
         kinds.append((kind, fb.num_seqs, fb.num_tokens))
         return result
     engine.runner.batch_builder.build = recording_build
+    vocab = engine.model_config.vocab_size
     for run in range(args.repeat):
         profile = args.profile_mixed if run == args.repeat - 1 else 0
-        total, times = run_workload(engine, batch, kinds, f"run{run}-", profile)
+        # each run's prompts start with a token of their own: a repeat would otherwise prefill from the prefix cache
+        prompts = [[(prompt[0] + run) % vocab] + prompt[1:] for prompt in batch.prompts]
+        total, times = run_workload(engine, dataclasses.replace(batch, prompts=prompts), kinds, f"run{run}-", profile)
         report(args, batch, total, times)
 
 
