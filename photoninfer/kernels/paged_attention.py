@@ -48,6 +48,7 @@ from photoninfer.kernels import interpreting
 from photoninfer.kernels._checks import (check_cache_dtype, check_dim, check_dtype, check_float,
                                          check_last_contiguous, check_power_of_two, check_shape)
 from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, prefetch_l2, prefetches, use_pdl
+from photoninfer.kernels.rope import rms_normed
 
 LOG2E = 1.4426950408889634
 # Tokens per decode program (a multiple of the key tile); a long context spans several. Short partitions pay
@@ -108,10 +109,13 @@ def _load_kv_tile(cache_ptr, block_table_row, toks, valid, kv_head, block_size, 
 
 
 @triton.jit
-def _split_tokens(seq_len, num_splits, PARTITION: tl.constexpr):
-    """Tokens each of a sequence's `num_splits` programs covers: whole partitions, as few as spread the
-    context over all of them (at least one partition, so a short context leaves the later programs idle)."""
-    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, PARTITION), num_splits), 1) * PARTITION
+def _program_span(seq_len, split, num_splits, PARTITION: tl.constexpr):
+    """(span, start, end): the tokens each of a sequence's `num_splits` programs covers (whole partitions, as
+    few as spread the context over all of them, at least one: a short context leaves the later programs
+    idle), and program `split`'s share of them, start..end (empty past the context)."""
+    span = tl.maximum(tl.cdiv(tl.cdiv(seq_len, PARTITION), num_splits), 1) * PARTITION
+    start = split * span
+    return span, start, tl.minimum(start + span, seq_len)
 
 
 @triton.jit
@@ -126,9 +130,8 @@ def _rotated(rows, d, cos, sin, mask, norm_ptr, eps, HEAD_DIM: tl.constexpr, QK_
     if QK_NORM:
         x32 = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x32 * x32, axis=-1, keep_dims=True) / HEAD_DIM + eps)  # per head row
-        x = ((x32 * rstd).to(x.dtype).to(tl.float32) * tl.load(norm_ptr + d).to(tl.float32)).to(x.dtype)
-        swapped = ((swapped.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
-                   * tl.load(norm_ptr + swapped_d).to(tl.float32)).to(x.dtype)
+        x = rms_normed(x32, rstd, tl.load(norm_ptr + d), x.dtype)
+        swapped = rms_normed(swapped.to(tl.float32), rstd, tl.load(norm_ptr + swapped_d), x.dtype)
     return (x.to(tl.float32) * cos + swapped.to(tl.float32) * sin).to(x.dtype)
 
 
@@ -138,9 +141,7 @@ def _prefetch_span(k_cache_ptr, v_cache_ptr, block_table_row, seq_len, split, nu
     """Asks L2 for the cache blocks (every kv head's K and V: one contiguous run each) of program `split`'s span
     of the context. Before the PDL wait: the block table and seq_lens come from the step's input copy, which
     every kernel that can still be running (the one before this) started after, so they are in place."""
-    span = _split_tokens(seq_len, num_splits, PARTITION)
-    start = split * span
-    end = tl.minimum(start + span, seq_len)
+    _, start, end = _program_span(seq_len, split, num_splits, PARTITION)
     k_bytes = kc_sb * (k_cache_ptr.dtype.element_ty.primitive_bitwidth // 8)
     v_bytes = vc_sb * (v_cache_ptr.dtype.element_ty.primitive_bitwidth // 8)
     for b in range(start // block_size, tl.cdiv(end, block_size)):
@@ -172,9 +173,7 @@ def _paged_decode_kernel(
                            split, num_splits, block_size, kc_sb, vc_sb, PARTITION)
     pdl_begin(PDL)
     seq_len = tl.load(seq_lens_ptr + seq)
-    span = _split_tokens(seq_len, num_splits, PARTITION)
-    start = split * span
-    end = tl.minimum(start + span, seq_len)
+    span, start, end = _program_span(seq_len, split, num_splits, PARTITION)
 
     g = tl.arange(0, BLOCK_G)
     heads = kv_head * group + g

@@ -30,6 +30,13 @@ from photoninfer.kernels._checks import (check_cache_dtype, check_dim, check_dty
 
 
 @triton.jit
+def rms_normed(x32, rstd, weight, dtype: tl.constexpr):
+    """x32 (float32) times its row's rstd, rounded to dtype, times the norm weight, rounded: how layers.RMSNorm
+    rounds Qwen3's q/k-norm (here and in the decode attention kernel)."""
+    return ((x32 * rstd).to(dtype).to(tl.float32) * weight.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _rotate_heads(ptr, stride_h, num_heads, cos, sin, norm_ptr, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                   QK_NORM: tl.constexpr):
     """Rotates `num_heads` heads starting at ptr in place (RMS-normalizing each by the weight at norm_ptr first,
@@ -45,9 +52,8 @@ def _rotate_heads(ptr, stride_h, num_heads, cos, sin, norm_ptr, eps, HALF: tl.co
     if QK_NORM:  # per head row, over both halves
         rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1, keep_dims=True) + tl.sum(x2 * x2, axis=1, keep_dims=True))
                         / (2 * HALF) + eps)
-        x1 = (x1 * rstd).to(dtype).to(tl.float32) * tl.load(norm_ptr + cols).to(tl.float32)
-        x2 = (x2 * rstd).to(dtype).to(tl.float32) * tl.load(norm_ptr + HALF + cols).to(tl.float32)
-        x1, x2 = x1.to(dtype).to(tl.float32), x2.to(dtype).to(tl.float32)
+        x1 = rms_normed(x1, rstd, tl.load(norm_ptr + cols), dtype).to(tl.float32)
+        x2 = rms_normed(x2, rstd, tl.load(norm_ptr + HALF + cols), dtype).to(tl.float32)
     out1 = (x1 * cos - x2 * sin).to(dtype)
     out2 = (x2 * cos + x1 * sin).to(dtype)
     tl.store(first, out1, mask=mask)
