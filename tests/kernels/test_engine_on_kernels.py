@@ -199,3 +199,50 @@ def test_decode_steps_run_the_final_norm_inside_the_lm_head(make_tiny_model, dev
             # bf16 roundings apart (up to 0.06 seen on an H200); a wrong norm or head is off by whole units.
             # The prompt-scoring test above holds the fused path to the separate one's accuracy.
             assert abs(la - lb) < 0.15, (step, la, lb)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen3"])
+def test_decode_chain_scores_as_the_fused_kernels(make_tiny_model, device, kind):
+    """bf16, batches of <= 16 tokens: with the persistent decode chain (kernels/decode_chain.py) each layer is
+    its attention plus one chain call, and prompts score as on the fused norm+linear kernels, to bf16 rounding;
+    decode steps run it too and pick the same first tokens."""
+    from photoninfer.kernels.decode_chain import DecodeChain
+
+    path = make_tiny_model(kind)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (16, 9)]
+    small = dict(device=str(device), max_num_seqs=4, enforce_eager=True, num_kv_blocks=64)
+    llm = LLM(path, dtype="bfloat16", **small)
+    on_kernels(llm)
+    model = llm.engine.runner.model
+    for layer in model.layers:
+        layer.decode_linears = True  # as on Hopper, where the chain is turned on
+    chain = DecodeChain(device, 3)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("next_qkv") is not None)
+        return chain(*args, **kwargs)
+
+    model.decode_chain = counted
+    chained = prompt_logprobs(llm, prompts)
+    # every layer but the last also computes the next layer's q/k/v
+    assert calls == ([True] * (len(model.layers) - 1) + [False]) * len(prompts)
+    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=0)
+    chained_steps = llm.generate(prompts, params)
+    model.decode_chain = None
+    fused = prompt_logprobs(llm, prompts)
+    fused_steps = llm.generate(prompts, params)
+    exact = prompt_logprobs(LLM(path, dtype="float32", **small), prompts)
+
+    def mean_error(rows):
+        errors = [abs(a - b) for row, ref in zip(rows, exact) for a, b in zip(row, ref)]
+        assert len(errors) == 15 + 8
+        return sum(errors) / len(errors)
+
+    assert mean_error(chained) < 1.5 * mean_error(fused) + 1e-3, (mean_error(chained), mean_error(fused))
+    for a, b in zip(chained_steps, fused_steps):
+        a, b = a.outputs[0], b.outputs[0]
+        assert a.token_ids[:2] == b.token_ids[:2]
+        la, lb = (next(iter(o.logprobs[1].values())).logprob for o in (a, b))  # a decode step's token
+        assert abs(la - lb) < 0.1

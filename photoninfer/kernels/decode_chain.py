@@ -1,0 +1,359 @@
+"""The linear layers between two attention kernels of a decode step, in one persistent kernel: a layer's o
+projection (+ residual), its post-attention norm + gate/up + SiLU·mul, its down projection (+ residual), and
+the next layer's input norm + q/k/v.
+
+Torch reference: `decode_chain_reference` below, i.e. the decoder's ops one by one (F.linear, the residual
+adds, `layers.rms_norm`, `layers.silu_and_mul`) as `DecoderLayer` runs them.
+
+Why: at one decode row a layer's matmuls are short (Llama-3.2-1B on an H100: o 5.8 us, gate/up 26.7, down
+14.9, q/k/v 6.8 + a 2.5 us norm kernel), and each kernel boundary costs ~3 us above the weights' read time:
+the last programs' tail, the next kernel's launch and its ramp-up. Here the programs stay resident (one per
+SM) and move from one matmul to the next at a grid barrier; before it, each program asks for its next weight
+tile into L2 (`pdl.prefetch_l2`), so DRAM keeps streaming while the slowest programs finish.
+
+Phases (M rows, hidden H, intermediate I; h = residual stream, g = norm weights, P = programs):
+  0  O    h1 = attn @ Wo^T + r;  stores h1, a1 = h1 * g_post and ss1 = per-program sums of h1^2 over its columns
+  1  GU   act = silu(rstd1 * a1 @ Wg^T) * (rstd1 * a1 @ Wu^T),  rstd1 = 1 / sqrt(sum(ss1) / H + eps)
+  2  D    h2 = act @ Wd^T + h1;  stores h2 (and, when a next layer follows, a2 = h2 * g_next and ss2)
+  3  QKV  qkv = rstd2 * a2 @ Wqkv^T (+ bias)
+The norm is a row scale (norm(h) @ W^T = rstd * ((h * g) @ W^T)), so a phase's producer writes h * g
+elementwise and its partial sums of squares, and the consumer's main loop is a plain GEMV whose input feeds
+tl.dot directly (which Triton's pipeliner prefetches). Rounding as kernels/norm_linear.py: the model dtype
+for h, h * g, the outputs (and gate, up, silu); float32 sums scaled by rstd.
+
+Each program takes a contiguous run of ceil(N / P) output columns of each phase, in BLOCK_N-wide tiles. The
+barrier between phases (`_grid_barrier`) spins, which is safe only while all P programs are resident: P is at
+most one program per SM (the wrapper's default), and the kernel launched after this one (PDL) is scheduled only
+once every program here has started. The interpreter runs programs one after another, so there (and with
+PHOTONINFER_DECODE_CHAIN=split, for comparison on a GPU) each phase is a launch of its own.
+
+Shapes: attn [M, Q], residual [M, H] (M <= MAX_M, contiguous); Wo [H, Q], g_post [H], Wgu [2I, H] (gate rows
+then up rows), Wd [H, I], g_next [H], Wqkv [N, H], bias [N]. bf16/fp16 only (tl.dot rounds float32 to tf32).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from photoninfer.kernels import interpreting
+from photoninfer.kernels._checks import check_last_contiguous, check_shape
+from photoninfer.kernels.norm_linear import DTYPES, MAX_M, _dot_t
+from photoninfer.kernels.pdl import begin as pdl_begin, prefetch_l2, prefetches, use_pdl
+
+MODE_ENV = "PHOTONINFER_DECODE_CHAIN"  # "0": the separate kernels (norm_linear.py); "split": a launch per phase
+O, GATE_UP, DOWN, QKV = range(4)
+MAX_BLOCK_N = 64  # a phase's tile width; wider column runs take several tiles
+TILE_ELEMENTS = 16384  # BLOCK_N x BLOCK_K of one weight tile (32 KB in bf16)
+# each program prefetches at most this much of its next phase's weights into L2 before a barrier (all
+# programs together: 132 x 128 KB = 17 MB of an H100's 50 MB L2)
+PREFETCH_LIMIT = 128 << 10
+NUM_STAGES = 3  # the pipeliner's depth in every phase's loop over K
+
+
+def enabled() -> bool:
+    return os.environ.get(MODE_ENV, "1") != "0"
+
+
+def split_phases() -> bool:
+    """Whether each phase is a launch of its own (the interpreter: programs run one after another)."""
+    return interpreting() or os.environ.get(MODE_ENV, "1") == "split"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_programs(device: torch.device) -> int:
+    """One program per SM on a GPU; a few (ragged column runs included) in the interpreter."""
+    if device.type != "cuda":
+        return 3
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def tiles(n: int, k: int, programs: int, gated: bool = False) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of a phase: tiles as wide as a program's run of ceil(n / programs) columns (16 to
+    MAX_BLOCK_N), as deep as a 32 KB weight tile allows (a gated tile is two: gate and up rows), up to 512."""
+    block_n = min(MAX_BLOCK_N, max(16, triton.next_power_of_2(triton.cdiv(n, programs))))
+    depth = TILE_ELEMENTS // block_n // (2 if gated else 1)
+    return block_n, max(16, min(512, depth, triton.next_power_of_2(k)))
+
+
+@triton.jit
+def _grid_barrier(barrier_ptr, num_programs):
+    """Every program waits here until all `num_programs` have arrived; their stores before it are visible to
+    all after it. barrier_ptr[0] counts arrivals, barrier_ptr[1] is the generation: the last program to
+    arrive resets the count and bumps the generation, which the others wait for (so nothing needs
+    resetting between launches)."""
+    tl.debug_barrier()  # this program's stores are issued before thread 0 arrives (release is cumulative)
+    generation = tl.atomic_add(barrier_ptr + 1, 0, sem="relaxed", scope="gpu")
+    arrived = tl.atomic_add(barrier_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_programs - 1:
+        tl.atomic_xchg(barrier_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(barrier_ptr + 1, 1, sem="release", scope="gpu")
+    else:
+        while tl.load(barrier_ptr + 1, volatile=True) == generation:
+            pass
+        tl.atomic_add(barrier_ptr + 1, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _prefetch_run(w_ptr, N, K, up_offset, limit, GATED: tl.constexpr):
+    """L2 prefetch of (the first `limit` bytes of) this program's run of weight rows (and its up rows)."""
+    span = tl.cdiv(N, tl.num_programs(0))
+    first = tl.program_id(0) * span
+    rows = tl.maximum(tl.minimum(N - first, span), 0)
+    nbytes = tl.minimum(rows * K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), limit) // 16 * 16
+    if nbytes > 0:
+        start = w_ptr + first.to(tl.int64) * K
+        prefetch_l2(start, nbytes)
+        if GATED:
+            prefetch_l2(start + up_offset, nbytes)
+
+
+@triton.jit
+def _rstd(ss_ptr, rows_m, m_mask, K, eps, BLOCK_P: tl.constexpr):
+    """1 / sqrt(mean(h^2) + eps) per row, from the producer programs' partial sums ss [M, P]."""
+    P = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_P)
+    partial = tl.load(ss_ptr + rows_m[:, None] * P + cols[None, :], mask=m_mask[:, None] & (cols < P)[None, :],
+                      other=0.0, cache_modifier=".cg")
+    return tl.rsqrt(tl.sum(partial, axis=1) / K + eps)
+
+
+@triton.jit
+def _gemv(x_ptr, w_rows, up_offset, cols_n, n_mask, rows_m, m_mask, K, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr):
+    """x [M, K] @ W[cols_n]^T (and @ U[cols_n]^T when GATED) in float32. x feeds tl.dot directly, so the
+    pipeliner prefetches it with the weights. (x was written by other programs before the barrier: no SM has
+    read it earlier in this kernel, so no stale L1 line can hold it.)"""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_mask = cols < K
+        x = tl.load(x_ptr + rows_m[:, None] * K + cols[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_rows + cols[None, :], mask=w_mask, other=0.0)
+        acc = _dot_t(x, w, acc, UPCAST)
+        if GATED:
+            u = tl.load(w_rows + up_offset + cols[None, :], mask=w_mask, other=0.0)
+            acc_up = _dot_t(x, u, acc_up, UPCAST)
+    return acc, acc_up
+
+
+@triton.jit
+def _residual_phase(x_ptr, w_ptr, res_ptr, h_ptr, g_ptr, a_ptr, ss_ptr, M, N, K, WRITE_NORMED: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """h = x @ W^T + res over this program's columns (o, down); with WRITE_NORMED also h * g and the row sums
+    of h^2 over those columns (ss[m, program]) for the norm of the phase after."""
+    pid = tl.program_id(0)
+    dtype = h_ptr.dtype.element_ty
+    rows_m = tl.arange(0, BLOCK_M)
+    m_mask = rows_m < M
+    span = tl.cdiv(N, tl.num_programs(0))
+    first = pid * span
+    stop = tl.minimum(first + span, N)
+    sum_sq = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(first, stop, BLOCK_N):
+        cols_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = cols_n < stop
+        acc, _ = _gemv(x_ptr, w_ptr + cols_n[:, None].to(tl.int64) * K, 0, cols_n, n_mask, rows_m, m_mask, K,
+                       BLOCK_M, BLOCK_N, BLOCK_K, False, UPCAST)
+        mask = m_mask[:, None] & n_mask[None, :]
+        offsets = rows_m[:, None] * N + cols_n[None, :]
+        r = tl.load(res_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        h = (acc.to(dtype).to(tl.float32) + r).to(dtype)  # the reference rounds the output, then the sum
+        tl.store(h_ptr + offsets, h, mask=mask)
+        if WRITE_NORMED:
+            h32 = h.to(tl.float32)
+            g = tl.load(g_ptr + cols_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(a_ptr + offsets, (h32 * g[None, :]).to(dtype), mask=mask)
+            sum_sq += tl.sum(tl.where(mask, h32 * h32, 0.0), axis=1)
+    if WRITE_NORMED:
+        tl.store(ss_ptr + rows_m * tl.num_programs(0) + pid, sum_sq, mask=m_mask)
+
+
+@triton.jit
+def _normed_phase(a_ptr, ss_ptr, eps, w_ptr, bias_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr,
+                  GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_P: tl.constexpr, UPCAST: tl.constexpr):
+    """y = rstd * (a @ W^T) (+ bias) over this program's columns, a = h * g; GATED: W is [2N, K], gate rows
+    then up rows, and y = silu(gate) * up (gate/up)."""
+    pid = tl.program_id(0)
+    dtype = y_ptr.dtype.element_ty
+    rows_m = tl.arange(0, BLOCK_M)
+    m_mask = rows_m < M
+    rstd = _rstd(ss_ptr, rows_m, m_mask, K, eps, BLOCK_P)[:, None]
+    span = tl.cdiv(N, tl.num_programs(0))
+    first = pid * span
+    stop = tl.minimum(first + span, N)
+    for n0 in range(first, stop, BLOCK_N):
+        cols_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = cols_n < stop
+        acc, acc_up = _gemv(a_ptr, w_ptr + cols_n[:, None].to(tl.int64) * K, N.to(tl.int64) * K, cols_n, n_mask,
+                            rows_m, m_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, GATED, UPCAST)
+        mask = m_mask[:, None] & n_mask[None, :]
+        offsets = rows_m[:, None] * N + cols_n[None, :]
+        if GATED:  # as the reference: gate and up rounded to the dtype, silu rounded, then the product
+            gate = (acc * rstd).to(dtype).to(tl.float32)
+            up = (acc_up * rstd).to(dtype).to(tl.float32)
+            y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+        else:
+            y = acc * rstd
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offsets, y.to(dtype), mask=mask)
+
+
+@triton.jit
+def _decode_chain_kernel(
+    attn_ptr, res_ptr, wo_ptr, g_post_ptr, wgu_ptr, wd_ptr, g_next_ptr, wqkv_ptr, bias_ptr,
+    h1_ptr, a1_ptr, ss1_ptr, act_ptr, h2_ptr, a2_ptr, ss2_ptr, qkv_ptr, barrier_ptr,
+    M, H, Q, I, N_QKV, eps_post, eps_next, prefetch_limit,
+    FIRST: tl.constexpr, LAST: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    BN_O: tl.constexpr, BK_O: tl.constexpr, BN_GU: tl.constexpr, BK_GU: tl.constexpr,
+    BN_D: tl.constexpr, BK_D: tl.constexpr, BN_QKV: tl.constexpr, BK_QKV: tl.constexpr,
+    UPCAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """Phases FIRST..LAST (O, GATE_UP, DOWN, QKV) with a grid barrier between consecutive ones; HAS_NEXT: down
+    writes what the next layer's q/k/v phase reads."""
+    P = tl.num_programs(0)
+    if PREFETCH:  # weights: no earlier kernel writes them, so they may stream in before the PDL wait
+        if FIRST == 0:
+            _prefetch_run(wo_ptr, H, Q, 0, prefetch_limit, False)
+    pdl_begin(PDL)
+    if FIRST <= 0 and LAST >= 0:
+        _residual_phase(attn_ptr, wo_ptr, res_ptr, h1_ptr, g_post_ptr, a1_ptr, ss1_ptr, M, H, Q, True,
+                        BLOCK_M, BN_O, BK_O, UPCAST)
+        if LAST >= 1:
+            if PREFETCH:
+                _prefetch_run(wgu_ptr, I, H, I.to(tl.int64) * H, prefetch_limit, True)
+            _grid_barrier(barrier_ptr, P)
+    if FIRST <= 1 and LAST >= 1:
+        _normed_phase(a1_ptr, ss1_ptr, eps_post, wgu_ptr, wgu_ptr, act_ptr, M, I, H, False, True,
+                      BLOCK_M, BN_GU, BK_GU, BLOCK_P, UPCAST)
+        if LAST >= 2:
+            if PREFETCH:
+                _prefetch_run(wd_ptr, H, I, 0, prefetch_limit, False)
+            _grid_barrier(barrier_ptr, P)
+    if FIRST <= 2 and LAST >= 2:
+        _residual_phase(act_ptr, wd_ptr, h1_ptr, h2_ptr, g_next_ptr, a2_ptr, ss2_ptr, M, H, I, HAS_NEXT,
+                        BLOCK_M, BN_D, BK_D, UPCAST)
+        if LAST >= 3:
+            if PREFETCH:
+                _prefetch_run(wqkv_ptr, N_QKV, H, 0, prefetch_limit, False)
+            _grid_barrier(barrier_ptr, P)
+    if FIRST <= 3 and LAST >= 3:
+        _normed_phase(a2_ptr, ss2_ptr, eps_next, wqkv_ptr, bias_ptr, qkv_ptr, M, N_QKV, H, HAS_BIAS, False,
+                      BLOCK_M, BN_QKV, BK_QKV, BLOCK_P, UPCAST)
+
+
+class DecodeChain:
+    """Runs `_decode_chain_kernel` for a model: holds the barrier words (zeroed once; the barrier resets itself)
+    and the grid size. One per model: two chains must not share a barrier while they may run at once."""
+
+    def __init__(self, device: torch.device, programs: Optional[int] = None):
+        self.device = device
+        self.programs = programs or default_programs(device)
+        self.barrier = torch.zeros(2, dtype=torch.int32, device=device)
+
+    def __call__(self, attn: torch.Tensor, residual: torch.Tensor, o_weight: torch.Tensor,
+                 post_norm: torch.Tensor, post_eps: float, gate_up: torch.Tensor, down: torch.Tensor,
+                 next_norm: Optional[torch.Tensor] = None, next_eps: float = 0.0,
+                 next_qkv: Optional[torch.Tensor] = None, next_bias: Optional[torch.Tensor] = None,
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(h2, qkv): the residual stream after the layer's MLP, and the next layer's q/k/v from it (None
+        when no next layer is given: the last layer, whose h2 the final norm takes)."""
+        _check(attn, residual, o_weight, post_norm, gate_up, down, next_norm, next_qkv, next_bias)
+        m, hidden = residual.shape
+        inter = gate_up.shape[0] // 2
+        n_qkv = next_qkv.shape[0] if next_qkv is not None else 0
+        p = self.programs
+        # h1, a1, h2, a2 [M, H] and act [M, I] in one buffer; the partial sums of squares ss1, ss2 [M, P]
+        work = torch.empty(4 * m * hidden + m * inter, dtype=residual.dtype, device=residual.device)
+        h1, a1, h2, a2 = work[:4 * m * hidden].view(4, m, hidden)
+        act = work[4 * m * hidden:].view(m, inter)
+        ss1, ss2 = torch.empty((2, m, p), dtype=torch.float32, device=residual.device)
+        qkv = torch.empty((m, n_qkv), dtype=residual.dtype, device=residual.device) if next_qkv is not None else None
+        if m == 0:
+            return h2, qkv
+        last = QKV if next_qkv is not None else DOWN
+        pdl = use_pdl(residual.device, m)
+        prefetch = bool(pdl) and prefetches(m) and _prefetchable(o_weight, gate_up, down, next_qkv)
+        tile = dict(zip(("BN_O", "BK_O"), tiles(hidden, attn.shape[1], p)))
+        tile.update(zip(("BN_GU", "BK_GU"), tiles(inter, hidden, p, gated=True)))
+        tile.update(zip(("BN_D", "BK_D"), tiles(hidden, inter, p)))
+        tile.update(zip(("BN_QKV", "BK_QKV"), tiles(max(n_qkv, 1), hidden, p)))
+        launches = [(i, i) for i in range(last + 1)] if split_phases() else [(O, last)]
+        for first, final in launches:
+            _decode_chain_kernel[(p,)](
+                attn, residual, o_weight, post_norm, gate_up, down,
+                next_norm if next_norm is not None else post_norm, next_qkv if next_qkv is not None else o_weight,
+                next_bias if next_bias is not None else post_norm,
+                h1, a1, ss1, act, h2, a2, ss2, qkv if qkv is not None else h2, self.barrier,
+                m, hidden, attn.shape[1], inter, n_qkv, post_eps, next_eps, PREFETCH_LIMIT,
+                FIRST=first, LAST=final, HAS_NEXT=next_qkv is not None, HAS_BIAS=next_bias is not None, BLOCK_M=MAX_M,
+                BLOCK_P=triton.next_power_of_2(p), UPCAST=interpreting(), PDL=pdl, PREFETCH=prefetch, **tile,
+                num_warps=4, num_stages=NUM_STAGES, launch_pdl=pdl > 0,
+            )
+        return h2, qkv
+
+
+def _prefetchable(*weights) -> bool:
+    """Bulk L2 prefetches need 16-byte aligned starts: contiguous weights with rows of a multiple of 16 bytes."""
+    return all(w is None or (w.is_contiguous() and w.data_ptr() % 16 == 0 and w.shape[1] * w.element_size() % 16 == 0)
+               for w in weights)
+
+
+def _check(attn, residual, o_weight, post_norm, gate_up, down, next_norm, next_qkv, next_bias) -> None:
+    for name, t in (("attn", attn), ("residual", residual)):
+        if t.dim() != 2 or not t.is_contiguous():
+            raise ValueError(f"decode chain: {name} must be a contiguous [rows, features] tensor, got "
+                             f"{tuple(t.shape)} with strides {t.stride()}")
+    m, hidden = residual.shape
+    if m > MAX_M:
+        raise ValueError(f"decode chain handles at most {MAX_M} rows, got {m}")
+    tensors = [attn, residual, o_weight, post_norm, gate_up, down, next_norm, next_qkv, next_bias]
+    if residual.dtype not in DTYPES or any(t is not None and t.dtype != residual.dtype for t in tensors):
+        raise TypeError("decode chain takes bfloat16/float16 activations, weights and norm weights of one dtype, got "
+                        + ", ".join(str(t.dtype) for t in tensors if t is not None))
+    check_shape("attn", attn, (m, o_weight.shape[1]))
+    check_shape("o_weight", o_weight, (hidden, attn.shape[1]))
+    check_shape("post_norm", post_norm, (hidden,))
+    if gate_up.dim() != 2 or gate_up.shape[0] % 2 or gate_up.shape[1] != hidden:
+        raise ValueError(f"decode chain: gate_up must be [2 * intermediate, {hidden}], got {tuple(gate_up.shape)}")
+    check_shape("down", down, (hidden, gate_up.shape[0] // 2))
+    if (next_norm is None) != (next_qkv is None) or (next_bias is not None and next_qkv is None):
+        raise ValueError("decode chain: the next layer needs both its input norm and its q/k/v weight")
+    if next_qkv is not None:
+        check_shape("next_norm", next_norm, (hidden,))
+        check_shape("next_qkv", next_qkv, (next_qkv.shape[0], hidden))
+        if next_bias is not None:
+            check_shape("next_bias", next_bias, (next_qkv.shape[0],))
+    for name, t in (("o_weight", o_weight), ("gate_up", gate_up), ("down", down), ("next_qkv", next_qkv)):
+        if t is not None:
+            check_last_contiguous(name, t)
+            if t.stride(0) != t.shape[1]:
+                raise ValueError(f"decode chain: {name} rows must be contiguous, got strides {t.stride()}")
+
+
+def decode_chain_reference(attn, residual, o_weight, post_norm, post_eps, gate_up, down, next_norm=None,
+                           next_eps=0.0, next_qkv=None, next_bias=None):
+    """The decoder's ops one by one: (h2, qkv) as `DecodeChain.__call__` returns them."""
+    from torch.nn.functional import linear
+
+    from photoninfer.model.layers import rms_norm, silu_and_mul
+
+    h1 = linear(attn, o_weight) + residual
+    h2 = linear(silu_and_mul(linear(rms_norm(h1, post_norm, post_eps), gate_up)), down) + h1
+    if next_qkv is None:
+        return h2, None
+    return h2, linear(rms_norm(h2, next_norm, next_eps), next_qkv, next_bias)
