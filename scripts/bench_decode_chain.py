@@ -77,6 +77,22 @@ def bench(shape: str, m: int) -> dict:
     row = {"shape": shape, "m": m, "layers": len(layers), "layer_mbytes": layer_bytes / 1e6, "chain_error": error,
            "separate_us": graph_time_us([lambda lay=lay: separate(attn, residual, lay) for lay in layers]),
            "chain_us": graph_time_us([lambda lay=lay: chain(attn, residual, **lay) for lay in layers])}
+    for phase in range(4):  # each phase alone, launched once per layer, against the kernels it replaces
+        row[f"phase{phase}_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay, phases=(phase, phase))
+                                                 for lay in layers])
+    h1 = residual.clone()
+    act = torch.randn(m, layers[0]["down"].shape[1], device="cuda").to(torch.bfloat16)
+    row["separate_o_us"] = graph_time_us([lambda lay=lay: norm_linear.decode_linear(attn, lay["o_weight"], weights_ahead=True)
+                                          for lay in layers])
+    row["separate_gate_up_us"] = graph_time_us([lambda lay=lay: norm_linear.fused_norm_linear(
+        h1, lay["post_norm"], EPS, lay["gate_up"], residual=residual, gated=True) for lay in layers])
+    row["separate_down_us"] = graph_time_us([lambda lay=lay: norm_linear.decode_linear(act, lay["down"]) for lay in layers])
+    for warps in (8,):
+        decode_chain.NUM_WARPS = warps
+        row[f"chain-warps{warps}_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay) for lay in layers])
+        decode_chain.NUM_WARPS = 4
+    double = decode_chain.DecodeChain(torch.device("cuda"), 2 * chain.programs)
+    row["chain-2perSM_us"] = graph_time_us([lambda lay=lay: double(attn, residual, **lay) for lay in layers])
     os.environ[decode_chain.MODE_ENV] = "split"
     row["split_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay) for lay in layers])
     os.environ[decode_chain.MODE_ENV] = "1"

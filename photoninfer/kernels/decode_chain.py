@@ -54,6 +54,7 @@ TILE_ELEMENTS = 16384  # BLOCK_N x BLOCK_K of one weight tile (32 KB in bf16)
 # programs together: 132 x 128 KB = 17 MB of an H100's 50 MB L2)
 PREFETCH_LIMIT = 128 << 10
 NUM_STAGES = 3  # the pipeliner's depth in every phase's loop over K
+NUM_WARPS = 4
 
 
 def enabled() -> bool:
@@ -86,22 +87,25 @@ def tiles(n: int, k: int, programs: int, gated: bool = False) -> tuple[int, int]
 
 
 @triton.jit
-def _grid_barrier(barrier_ptr, num_programs):
+def _grid_barrier(counter_ptr, num_programs):
     """Every program waits here until all `num_programs` have arrived; their stores before it are visible to
-    all after it. barrier_ptr[0] counts arrivals, barrier_ptr[1] is the generation: the last program to
-    arrive resets the count and bumps the generation, which the others wait for (so nothing needs
-    resetting between launches)."""
+    all after it. counter_ptr is an int64 that only grows: each barrier adds num_programs, so the arrival
+    count a program gets back names its barrier's end (nothing to reset between launches; 2^63 arrivals are
+    centuries of steps). One atomic per program, then polling with acquire loads: two L2 round trips on the
+    critical path."""
     tl.debug_barrier()  # this program's stores are issued before thread 0 arrives (release is cumulative)
-    generation = tl.atomic_add(barrier_ptr + 1, 0, sem="relaxed", scope="gpu")
-    arrived = tl.atomic_add(barrier_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_programs - 1:
-        tl.atomic_xchg(barrier_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_add(barrier_ptr + 1, 1, sem="release", scope="gpu")
-    else:
-        while tl.load(barrier_ptr + 1, volatile=True) == generation:
-            pass
-        tl.atomic_add(barrier_ptr + 1, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
+    arrival = tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    target = (arrival // num_programs + 1) * num_programs
+    while _load_acquire(counter_ptr) < target:
+        pass
+
+
+@triton.jit
+def _load_acquire(ptr):
+    """ptr's int64 value, read with acquire semantics at GPU scope (what other programs stored before their
+    release is visible to this thread's loads after it)."""
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.u64 $0, [$1];", "=l,l", [ptr], dtype=tl.int64,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit
@@ -165,16 +169,17 @@ def _residual_phase(x_ptr, w_ptr, res_ptr, h_ptr, g_ptr, a_ptr, ss_ptr, M, N, K,
     for n0 in range(first, stop, BLOCK_N):
         cols_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = cols_n < stop
-        acc, _ = _gemv(x_ptr, w_ptr + cols_n[:, None].to(tl.int64) * K, 0, cols_n, n_mask, rows_m, m_mask, K,
-                       BLOCK_M, BLOCK_N, BLOCK_K, False, UPCAST)
         mask = m_mask[:, None] & n_mask[None, :]
         offsets = rows_m[:, None] * N + cols_n[None, :]
+        # loaded before the main loop: their latency hides behind it
         r = tl.load(res_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        g = tl.load(g_ptr + cols_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc, _ = _gemv(x_ptr, w_ptr + cols_n[:, None].to(tl.int64) * K, 0, cols_n, n_mask, rows_m, m_mask, K,
+                       BLOCK_M, BLOCK_N, BLOCK_K, False, UPCAST)
         h = (acc.to(dtype).to(tl.float32) + r).to(dtype)  # the reference rounds the output, then the sum
         tl.store(h_ptr + offsets, h, mask=mask)
         if WRITE_NORMED:
             h32 = h.to(tl.float32)
-            g = tl.load(g_ptr + cols_n, mask=n_mask, other=0.0).to(tl.float32)
             tl.store(a_ptr + offsets, (h32 * g[None, :]).to(dtype), mask=mask)
             sum_sq += tl.sum(tl.where(mask, h32 * h32, 0.0), axis=1)
     if WRITE_NORMED:
@@ -198,6 +203,8 @@ def _normed_phase(a_ptr, ss_ptr, eps, w_ptr, bias_ptr, y_ptr, M, N, K, HAS_BIAS:
     for n0 in range(first, stop, BLOCK_N):
         cols_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = cols_n < stop
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols_n, mask=n_mask, other=0.0).to(tl.float32)
         acc, acc_up = _gemv(a_ptr, w_ptr + cols_n[:, None].to(tl.int64) * K, N.to(tl.int64) * K, cols_n, n_mask,
                             rows_m, m_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, GATED, UPCAST)
         mask = m_mask[:, None] & n_mask[None, :]
@@ -209,7 +216,7 @@ def _normed_phase(a_ptr, ss_ptr, eps, w_ptr, bias_ptr, y_ptr, M, N, K, HAS_BIAS:
         else:
             y = acc * rstd
             if HAS_BIAS:
-                y += tl.load(bias_ptr + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                y += bias[None, :]
         tl.store(y_ptr + offsets, y.to(dtype), mask=mask)
 
 
@@ -257,21 +264,22 @@ def _decode_chain_kernel(
 
 
 class DecodeChain:
-    """Runs `_decode_chain_kernel` for a model: holds the barrier words (zeroed once; the barrier resets itself)
-    and the grid size. One per model: two chains must not share a barrier while they may run at once."""
+    """Runs `_decode_chain_kernel` for a model: holds the barrier's counter (zeroed once, never reset) and the
+    grid size. One per model: two chains must not share a barrier while they may run at once."""
 
     def __init__(self, device: torch.device, programs: Optional[int] = None):
         self.device = device
         self.programs = programs or default_programs(device)
-        self.barrier = torch.zeros(2, dtype=torch.int32, device=device)
+        self.barrier = torch.zeros(1, dtype=torch.int64, device=device)
 
     def __call__(self, attn: torch.Tensor, residual: torch.Tensor, o_weight: torch.Tensor,
                  post_norm: torch.Tensor, post_eps: float, gate_up: torch.Tensor, down: torch.Tensor,
                  next_norm: Optional[torch.Tensor] = None, next_eps: float = 0.0,
                  next_qkv: Optional[torch.Tensor] = None, next_bias: Optional[torch.Tensor] = None,
-                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 phases: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(h2, qkv): the residual stream after the layer's MLP, and the next layer's q/k/v from it (None
-        when no next layer is given: the last layer, whose h2 the final norm takes)."""
+        when no next layer is given: the last layer, whose h2 the final norm takes). `phases` (first, last)
+        runs only those (scripts/bench_decode_chain.py times them one by one)."""
         _check(attn, residual, o_weight, post_norm, gate_up, down, next_norm, next_qkv, next_bias)
         m, hidden = residual.shape
         inter = gate_up.shape[0] // 2
@@ -293,6 +301,8 @@ class DecodeChain:
         tile.update(zip(("BN_D", "BK_D"), tiles(hidden, inter, p)))
         tile.update(zip(("BN_QKV", "BK_QKV"), tiles(max(n_qkv, 1), hidden, p)))
         launches = [(i, i) for i in range(last + 1)] if split_phases() else [(O, last)]
+        if phases is not None:
+            launches = [phases]
         for first, final in launches:
             _decode_chain_kernel[(p,)](
                 attn, residual, o_weight, post_norm, gate_up, down,
@@ -302,7 +312,7 @@ class DecodeChain:
                 m, hidden, attn.shape[1], inter, n_qkv, post_eps, next_eps, PREFETCH_LIMIT,
                 FIRST=first, LAST=final, HAS_NEXT=next_qkv is not None, HAS_BIAS=next_bias is not None, BLOCK_M=MAX_M,
                 BLOCK_P=triton.next_power_of_2(p), UPCAST=interpreting(), PDL=pdl, PREFETCH=prefetch, **tile,
-                num_warps=4, num_stages=NUM_STAGES, launch_pdl=pdl > 0,
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl > 0,
             )
         return h2, qkv
 

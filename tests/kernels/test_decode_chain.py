@@ -84,7 +84,8 @@ def test_decode_chain_runs_again_on_the_same_barrier(device):
     for _ in range(3):
         again = chain(**args)
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
-    assert chain.barrier[0].item() == 0  # no program left counted
+    # every barrier counts each program once: no program left waiting or counted twice
+    assert chain.barrier.item() % chain.programs == 0
 
 
 def test_tiles_cover_a_programs_run_of_columns():
