@@ -123,13 +123,20 @@ def _prefetch_run(w_ptr, N, K, up_offset, limit, GATED: tl.constexpr):
 
 
 @triton.jit
-def _rstd(ss_ptr, rows_m, m_mask, K, eps, BLOCK_P: tl.constexpr):
-    """1 / sqrt(mean(h^2) + eps) per row, from the producer programs' partial sums ss [M, P]."""
+def _load_partial_sums(ss_ptr, M, SS_ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The producer programs' partial sums of h^2, ss [M, P], as [SS_ROWS, BLOCK_P] (SS_ROWS: 1 for one row,
+    else BLOCK_M; `_rstd` reduces them after the main loop, so that waiting for them does not delay its loads)."""
     P = tl.num_programs(0)
+    rows = tl.arange(0, SS_ROWS)
     cols = tl.arange(0, BLOCK_P)
-    partial = tl.load(ss_ptr + rows_m[:, None] * P + cols[None, :], mask=m_mask[:, None] & (cols < P)[None, :],
-                      other=0.0, cache_modifier=".cg")
-    return tl.rsqrt(tl.sum(partial, axis=1) / K + eps)
+    return tl.load(ss_ptr + rows[:, None] * P + cols[None, :], mask=(rows < M)[:, None] & (cols < P)[None, :],
+                   other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _rstd(partial_sums, K, eps):
+    """1 / sqrt(mean(h^2) + eps) per row, as a column [SS_ROWS, 1] that broadcasts over the output tile."""
+    return tl.rsqrt(tl.sum(partial_sums, axis=1) / K + eps)[:, None]
 
 
 @triton.jit
@@ -189,14 +196,14 @@ def _residual_phase(x_ptr, w_ptr, res_ptr, h_ptr, g_ptr, a_ptr, ss_ptr, M, N, K,
 @triton.jit
 def _normed_phase(a_ptr, ss_ptr, eps, w_ptr, bias_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                   GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_P: tl.constexpr, UPCAST: tl.constexpr):
+                  SS_ROWS: tl.constexpr, BLOCK_P: tl.constexpr, UPCAST: tl.constexpr):
     """y = rstd * (a @ W^T) (+ bias) over this program's columns, a = h * g; GATED: W is [2N, K], gate rows
     then up rows, and y = silu(gate) * up (gate/up)."""
     pid = tl.program_id(0)
     dtype = y_ptr.dtype.element_ty
     rows_m = tl.arange(0, BLOCK_M)
     m_mask = rows_m < M
-    rstd = _rstd(ss_ptr, rows_m, m_mask, K, eps, BLOCK_P)[:, None]
+    partial_sums = _load_partial_sums(ss_ptr, M, SS_ROWS, BLOCK_P)
     span = tl.cdiv(N, tl.num_programs(0))
     first = pid * span
     stop = tl.minimum(first + span, N)
@@ -207,6 +214,7 @@ def _normed_phase(a_ptr, ss_ptr, eps, w_ptr, bias_ptr, y_ptr, M, N, K, HAS_BIAS:
             bias = tl.load(bias_ptr + cols_n, mask=n_mask, other=0.0).to(tl.float32)
         acc, acc_up = _gemv(a_ptr, w_ptr + cols_n[:, None].to(tl.int64) * K, N.to(tl.int64) * K, cols_n, n_mask,
                             rows_m, m_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, GATED, UPCAST)
+        rstd = _rstd(partial_sums, K, eps)
         mask = m_mask[:, None] & n_mask[None, :]
         offsets = rows_m[:, None] * N + cols_n[None, :]
         if GATED:  # as the reference: gate and up rounded to the dtype, silu rounded, then the product
@@ -225,7 +233,8 @@ def _decode_chain_kernel(
     attn_ptr, res_ptr, wo_ptr, g_post_ptr, wgu_ptr, wd_ptr, g_next_ptr, wqkv_ptr, bias_ptr,
     h1_ptr, a1_ptr, ss1_ptr, act_ptr, h2_ptr, a2_ptr, ss2_ptr, qkv_ptr, barrier_ptr,
     M, H, Q, I, N_QKV, eps_post, eps_next, prefetch_limit,
-    FIRST: tl.constexpr, LAST: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, SS_ROWS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BN_O: tl.constexpr, BK_O: tl.constexpr, BN_GU: tl.constexpr, BK_GU: tl.constexpr,
     BN_D: tl.constexpr, BK_D: tl.constexpr, BN_QKV: tl.constexpr, BK_QKV: tl.constexpr,
     UPCAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
@@ -246,7 +255,7 @@ def _decode_chain_kernel(
             _grid_barrier(barrier_ptr, P)
     if FIRST <= 1 and LAST >= 1:
         _normed_phase(a1_ptr, ss1_ptr, eps_post, wgu_ptr, wgu_ptr, act_ptr, M, I, H, False, True,
-                      BLOCK_M, BN_GU, BK_GU, BLOCK_P, UPCAST)
+                      BLOCK_M, BN_GU, BK_GU, SS_ROWS, BLOCK_P, UPCAST)
         if LAST >= 2:
             if PREFETCH:
                 _prefetch_run(wd_ptr, H, I, 0, prefetch_limit, False)
@@ -260,7 +269,7 @@ def _decode_chain_kernel(
             _grid_barrier(barrier_ptr, P)
     if FIRST <= 3 and LAST >= 3:
         _normed_phase(a2_ptr, ss2_ptr, eps_next, wqkv_ptr, bias_ptr, qkv_ptr, M, N_QKV, H, HAS_BIAS, False,
-                      BLOCK_M, BN_QKV, BK_QKV, BLOCK_P, UPCAST)
+                      BLOCK_M, BN_QKV, BK_QKV, SS_ROWS, BLOCK_P, UPCAST)
 
 
 class DecodeChain:
@@ -310,7 +319,7 @@ class DecodeChain:
                 next_bias if next_bias is not None else post_norm,
                 h1, a1, ss1, act, h2, a2, ss2, qkv if qkv is not None else h2, self.barrier,
                 m, hidden, attn.shape[1], inter, n_qkv, post_eps, next_eps, PREFETCH_LIMIT,
-                FIRST=first, LAST=final, HAS_NEXT=next_qkv is not None, HAS_BIAS=next_bias is not None, BLOCK_M=MAX_M,
+                FIRST=first, LAST=final, HAS_NEXT=next_qkv is not None, HAS_BIAS=next_bias is not None, BLOCK_M=MAX_M, SS_ROWS=1 if m == 1 else MAX_M,
                 BLOCK_P=triton.next_power_of_2(p), UPCAST=interpreting(), PDL=pdl, PREFETCH=prefetch, **tile,
                 num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl > 0,
             )
