@@ -9,7 +9,7 @@ step streams them), all in one CUDA graph, the time per layer of:
              decode_linear, as DecoderLayer.decode_qkv picks)
   chain      DecodeChain: the four phases in one persistent kernel, grid barriers between them
   split      the same phases as four launches (PHOTONINFER_DECODE_CHAIN=split)
-  chain-*    the chain with other L2 prefetch sizes / pipeline depths
+  phaseN      each phase alone (a launch per layer), against separate_* (the kernels it replaces)
 The attention kernels that sit between layers in a real step are left out.
 """
 
@@ -61,6 +61,14 @@ def separate(attn, residual, layer):
     return norm_linear.decode_linear(normed, layer["next_qkv"]), h2
 
 
+def separate_qkv(x, residual, layer):
+    """The next layer's input norm (with the residual add) and q/k/v, as DecoderLayer.decode_qkv runs them."""
+    if residual.shape[1] <= norm_linear.FUSE_QKV_MAX_K:
+        return norm_linear.fused_norm_linear(x, layer["next_norm"], EPS, layer["next_qkv"], residual=residual)
+    normed, h = fused_add_rms_norm(x, residual, layer["next_norm"], EPS)
+    return norm_linear.decode_linear(normed, layer["next_qkv"]), h
+
+
 def bench(shape: str, m: int) -> dict:
     cfg = dict(SHAPES[shape][1])
     cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
@@ -77,7 +85,7 @@ def bench(shape: str, m: int) -> dict:
     row = {"shape": shape, "m": m, "layers": len(layers), "layer_mbytes": layer_bytes / 1e6, "chain_error": error,
            "separate_us": graph_time_us([lambda lay=lay: separate(attn, residual, lay) for lay in layers]),
            "chain_us": graph_time_us([lambda lay=lay: chain(attn, residual, **lay) for lay in layers])}
-    for phase in range(4):  # each phase alone, launched once per layer, against the kernels it replaces
+    for phase in range(4):  # each phase alone (split tiles), launched once per layer, against the kernels it replaces
         row[f"phase{phase}_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay, phases=(phase, phase))
                                                  for lay in layers])
     h1 = residual.clone()
@@ -87,25 +95,14 @@ def bench(shape: str, m: int) -> dict:
     row["separate_gate_up_us"] = graph_time_us([lambda lay=lay: norm_linear.fused_norm_linear(
         h1, lay["post_norm"], EPS, lay["gate_up"], residual=residual, gated=True) for lay in layers])
     row["separate_down_us"] = graph_time_us([lambda lay=lay: norm_linear.decode_linear(act, lay["down"]) for lay in layers])
-    for warps in (8,):
-        decode_chain.NUM_WARPS = warps
-        row[f"chain-warps{warps}_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay) for lay in layers])
-        decode_chain.NUM_WARPS = 4
-    double = decode_chain.DecodeChain(torch.device("cuda"), 2 * chain.programs)
-    row["chain-2perSM_us"] = graph_time_us([lambda lay=lay: double(attn, residual, **lay) for lay in layers])
+    row["separate_qkv_us"] = graph_time_us([lambda lay=lay: separate_qkv(h1, residual, lay) for lay in layers])
     os.environ[decode_chain.MODE_ENV] = "split"
     row["split_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay) for lay in layers])
     os.environ[decode_chain.MODE_ENV] = "1"
-    default_limit, default_stages = decode_chain.PREFETCH_LIMIT, decode_chain.NUM_STAGES
-    for limit in (0, 64 << 10, 256 << 10):
-        decode_chain.PREFETCH_LIMIT = limit
-        row[f"chain-prefetch{limit >> 10}k_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay)
-                                                                 for lay in layers])
+    default_limit = decode_chain.PREFETCH_LIMIT
+    decode_chain.PREFETCH_LIMIT = 0
+    row["chain-prefetch0k_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay) for lay in layers])
     decode_chain.PREFETCH_LIMIT = default_limit
-    for stages in (2, 4):
-        decode_chain.NUM_STAGES = stages
-        row[f"chain-stages{stages}_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay) for lay in layers])
-    decode_chain.NUM_STAGES = default_stages
     row["weights_at_3tbs_us"] = layer_bytes / 3e12 * 1e6
     return row
 

@@ -55,15 +55,11 @@ TILE_ELEMENTS = 16384  # BLOCK_N x BLOCK_K of one weight tile (32 KB in bf16)
 PREFETCH_LIMIT = 128 << 10
 NUM_STAGES = 3  # the pipeliner's depth in every phase's loop over K
 NUM_WARPS = 4
+SPLIT_PREFETCH_BUDGET = 16 << 20  # as norm_linear.L2_PREFETCH_BUDGET
 
 
 def enabled() -> bool:
     return os.environ.get(MODE_ENV, "1") != "0"
-
-
-def split_phases() -> bool:
-    """Whether each phase is a launch of its own (the interpreter: programs run one after another)."""
-    return interpreting() or os.environ.get(MODE_ENV, "1") == "split"
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,12 +74,20 @@ def default_programs(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def tiles(n: int, k: int, programs: int, gated: bool = False) -> tuple[int, int]:
+def tiles(n: int, k: int, programs: int, gated: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K) of a phase: tiles as wide as a program's run of ceil(n / programs) columns (16 to
     MAX_BLOCK_N), as deep as a 32 KB weight tile allows (a gated tile is two: gate and up rows), up to 512."""
     block_n = min(MAX_BLOCK_N, max(16, triton.next_power_of_2(triton.cdiv(n, programs))))
     depth = TILE_ELEMENTS // block_n // (2 if gated else 1)
-    return block_n, max(16, min(512, depth, triton.next_power_of_2(k)))
+    return block_n, max(16, min(512, depth, triton.next_power_of_2(k))), NUM_STAGES
+
+
+def split_tiles(n: int, k: int, gated: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, stages) of a phase launched alone: norm_linear.default_config's measured tiles (32
+    columns a program; 512-deep K steps four stages deep, gate/up 128 deep, three)."""
+    if gated:
+        return 32, min(128, max(16, triton.next_power_of_2(k))), 3
+    return 32, min(512, max(16, triton.next_power_of_2(k))), 4
 
 
 @triton.jit
@@ -109,9 +113,8 @@ def _load_acquire(ptr):
 
 
 @triton.jit
-def _prefetch_run(w_ptr, N, K, up_offset, limit, GATED: tl.constexpr):
+def _prefetch_run(w_ptr, N, K, span, up_offset, limit, GATED: tl.constexpr):
     """L2 prefetch of (the first `limit` bytes of) this program's run of weight rows (and its up rows)."""
-    span = tl.cdiv(N, tl.num_programs(0))
     first = tl.program_id(0) * span
     rows = tl.maximum(tl.minimum(N - first, span), 0)
     nbytes = tl.minimum(rows * K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), limit) // 16 * 16
@@ -123,14 +126,14 @@ def _prefetch_run(w_ptr, N, K, up_offset, limit, GATED: tl.constexpr):
 
 
 @triton.jit
-def _load_partial_sums(ss_ptr, M, SS_ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The producer programs' partial sums of h^2, ss [M, P], as [SS_ROWS, BLOCK_P] (SS_ROWS: 1 for one row,
-    else BLOCK_M; `_rstd` reduces them after the main loop, so that waiting for them does not delay its loads)."""
-    P = tl.num_programs(0)
+def _load_partial_sums(ss_ptr, M, ss_count, ss_stride, SS_ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The producer programs' partial sums of h^2, ss [M, ss_count] (rows ss_stride apart), as [SS_ROWS,
+    BLOCK_P] (SS_ROWS: 1 for one row, else BLOCK_M; `_rstd` reduces them after the main loop, so that waiting
+    for them does not delay its loads)."""
     rows = tl.arange(0, SS_ROWS)
     cols = tl.arange(0, BLOCK_P)
-    return tl.load(ss_ptr + rows[:, None] * P + cols[None, :], mask=(rows < M)[:, None] & (cols < P)[None, :],
-                   other=0.0, cache_modifier=".cg")
+    return tl.load(ss_ptr + rows[:, None] * ss_stride + cols[None, :],
+                   mask=(rows < M)[:, None] & (cols < ss_count)[None, :], other=0.0, cache_modifier=".cg")
 
 
 @triton.jit
@@ -161,7 +164,8 @@ def _gemv(x_ptr, w_rows, up_offset, cols_n, n_mask, rows_m, m_mask, K, BLOCK_M: 
 
 
 @triton.jit
-def _residual_phase(x_ptr, w_ptr, res_ptr, h_ptr, g_ptr, a_ptr, ss_ptr, M, N, K, WRITE_NORMED: tl.constexpr,
+def _residual_phase(x_ptr, w_ptr, res_ptr, h_ptr, g_ptr, a_ptr, ss_ptr, M, N, K, span, ss_stride,
+                    WRITE_NORMED: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """h = x @ W^T + res over this program's columns (o, down); with WRITE_NORMED also h * g and the row sums
     of h^2 over those columns (ss[m, program]) for the norm of the phase after."""
@@ -169,7 +173,6 @@ def _residual_phase(x_ptr, w_ptr, res_ptr, h_ptr, g_ptr, a_ptr, ss_ptr, M, N, K,
     dtype = h_ptr.dtype.element_ty
     rows_m = tl.arange(0, BLOCK_M)
     m_mask = rows_m < M
-    span = tl.cdiv(N, tl.num_programs(0))
     first = pid * span
     stop = tl.minimum(first + span, N)
     sum_sq = tl.zeros([BLOCK_M], tl.float32)
@@ -190,11 +193,12 @@ def _residual_phase(x_ptr, w_ptr, res_ptr, h_ptr, g_ptr, a_ptr, ss_ptr, M, N, K,
             tl.store(a_ptr + offsets, (h32 * g[None, :]).to(dtype), mask=mask)
             sum_sq += tl.sum(tl.where(mask, h32 * h32, 0.0), axis=1)
     if WRITE_NORMED:
-        tl.store(ss_ptr + rows_m * tl.num_programs(0) + pid, sum_sq, mask=m_mask)
+        tl.store(ss_ptr + rows_m * ss_stride + pid, sum_sq, mask=m_mask)
 
 
 @triton.jit
-def _normed_phase(a_ptr, ss_ptr, eps, w_ptr, bias_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr,
+def _normed_phase(a_ptr, ss_ptr, ss_count, ss_stride, eps, w_ptr, bias_ptr, y_ptr, M, N, K, span,
+                  HAS_BIAS: tl.constexpr,
                   GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   SS_ROWS: tl.constexpr, BLOCK_P: tl.constexpr, UPCAST: tl.constexpr):
     """y = rstd * (a @ W^T) (+ bias) over this program's columns, a = h * g; GATED: W is [2N, K], gate rows
@@ -203,8 +207,7 @@ def _normed_phase(a_ptr, ss_ptr, eps, w_ptr, bias_ptr, y_ptr, M, N, K, HAS_BIAS:
     dtype = y_ptr.dtype.element_ty
     rows_m = tl.arange(0, BLOCK_M)
     m_mask = rows_m < M
-    partial_sums = _load_partial_sums(ss_ptr, M, SS_ROWS, BLOCK_P)
-    span = tl.cdiv(N, tl.num_programs(0))
+    partial_sums = _load_partial_sums(ss_ptr, M, ss_count, ss_stride, SS_ROWS, BLOCK_P)
     first = pid * span
     stop = tl.minimum(first + span, N)
     for n0 in range(first, stop, BLOCK_N):
@@ -233,43 +236,50 @@ def _decode_chain_kernel(
     attn_ptr, res_ptr, wo_ptr, g_post_ptr, wgu_ptr, wd_ptr, g_next_ptr, wqkv_ptr, bias_ptr,
     h1_ptr, a1_ptr, ss1_ptr, act_ptr, h2_ptr, a2_ptr, ss2_ptr, qkv_ptr, barrier_ptr,
     M, H, Q, I, N_QKV, eps_post, eps_next, prefetch_limit,
-    FIRST: tl.constexpr, LAST: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, SS_ROWS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    span_o, span_gu, span_d, span_qkv, ss1_count, ss2_count, ss_stride,
+    FIRST: tl.constexpr, LAST: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, SS_ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
     BN_O: tl.constexpr, BK_O: tl.constexpr, BN_GU: tl.constexpr, BK_GU: tl.constexpr,
     BN_D: tl.constexpr, BK_D: tl.constexpr, BN_QKV: tl.constexpr, BK_QKV: tl.constexpr,
     UPCAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Phases FIRST..LAST (O, GATE_UP, DOWN, QKV) with a grid barrier between consecutive ones; HAS_NEXT: down
-    writes what the next layer's q/k/v phase reads."""
+    writes what the next layer's q/k/v phase reads. Each program takes span_* columns of a phase."""
     P = tl.num_programs(0)
     if PREFETCH:  # weights: no earlier kernel writes them, so they may stream in before the PDL wait
         if FIRST == 0:
-            _prefetch_run(wo_ptr, H, Q, 0, prefetch_limit, False)
+            _prefetch_run(wo_ptr, H, Q, span_o, 0, prefetch_limit, False)
+        elif FIRST == 1:
+            _prefetch_run(wgu_ptr, I, H, span_gu, I.to(tl.int64) * H, prefetch_limit, True)
+        elif FIRST == 2:
+            _prefetch_run(wd_ptr, H, I, span_d, 0, prefetch_limit, False)
+        else:
+            _prefetch_run(wqkv_ptr, N_QKV, H, span_qkv, 0, prefetch_limit, False)
     pdl_begin(PDL)
     if FIRST <= 0 and LAST >= 0:
-        _residual_phase(attn_ptr, wo_ptr, res_ptr, h1_ptr, g_post_ptr, a1_ptr, ss1_ptr, M, H, Q, True,
-                        BLOCK_M, BN_O, BK_O, UPCAST)
+        _residual_phase(attn_ptr, wo_ptr, res_ptr, h1_ptr, g_post_ptr, a1_ptr, ss1_ptr, M, H, Q, span_o, ss_stride,
+                        True, BLOCK_M, BN_O, BK_O, UPCAST)
         if LAST >= 1:
             if PREFETCH:
-                _prefetch_run(wgu_ptr, I, H, I.to(tl.int64) * H, prefetch_limit, True)
+                _prefetch_run(wgu_ptr, I, H, span_gu, I.to(tl.int64) * H, prefetch_limit, True)
             _grid_barrier(barrier_ptr, P)
     if FIRST <= 1 and LAST >= 1:
-        _normed_phase(a1_ptr, ss1_ptr, eps_post, wgu_ptr, wgu_ptr, act_ptr, M, I, H, False, True,
-                      BLOCK_M, BN_GU, BK_GU, SS_ROWS, BLOCK_P, UPCAST)
+        _normed_phase(a1_ptr, ss1_ptr, ss1_count, ss_stride, eps_post, wgu_ptr, wgu_ptr, act_ptr, M, I, H, span_gu,
+                      False, True, BLOCK_M, BN_GU, BK_GU, SS_ROWS, BLOCK_P, UPCAST)
         if LAST >= 2:
             if PREFETCH:
-                _prefetch_run(wd_ptr, H, I, 0, prefetch_limit, False)
+                _prefetch_run(wd_ptr, H, I, span_d, 0, prefetch_limit, False)
             _grid_barrier(barrier_ptr, P)
     if FIRST <= 2 and LAST >= 2:
-        _residual_phase(act_ptr, wd_ptr, h1_ptr, h2_ptr, g_next_ptr, a2_ptr, ss2_ptr, M, H, I, HAS_NEXT,
-                        BLOCK_M, BN_D, BK_D, UPCAST)
+        _residual_phase(act_ptr, wd_ptr, h1_ptr, h2_ptr, g_next_ptr, a2_ptr, ss2_ptr, M, H, I, span_d, ss_stride,
+                        HAS_NEXT, BLOCK_M, BN_D, BK_D, UPCAST)
         if LAST >= 3:
             if PREFETCH:
-                _prefetch_run(wqkv_ptr, N_QKV, H, 0, prefetch_limit, False)
+                _prefetch_run(wqkv_ptr, N_QKV, H, span_qkv, 0, prefetch_limit, False)
             _grid_barrier(barrier_ptr, P)
     if FIRST <= 3 and LAST >= 3:
-        _normed_phase(a2_ptr, ss2_ptr, eps_next, wqkv_ptr, bias_ptr, qkv_ptr, M, N_QKV, H, HAS_BIAS, False,
-                      BLOCK_M, BN_QKV, BK_QKV, SS_ROWS, BLOCK_P, UPCAST)
+        _normed_phase(a2_ptr, ss2_ptr, ss2_count, ss_stride, eps_next, wqkv_ptr, bias_ptr, qkv_ptr, M, N_QKV, H,
+                      span_qkv, HAS_BIAS, False, BLOCK_M, BN_QKV, BK_QKV, SS_ROWS, BLOCK_P, UPCAST)
 
 
 class DecodeChain:
@@ -293,35 +303,53 @@ class DecodeChain:
         m, hidden = residual.shape
         inter = gate_up.shape[0] // 2
         n_qkv = next_qkv.shape[0] if next_qkv is not None else 0
-        p = self.programs
-        # h1, a1, h2, a2 [M, H] and act [M, I] in one buffer; the partial sums of squares ss1, ss2 [M, P]
+        # h1, a1, h2, a2 [M, H] and act [M, I] in one buffer
         work = torch.empty(4 * m * hidden + m * inter, dtype=residual.dtype, device=residual.device)
         h1, a1, h2, a2 = work[:4 * m * hidden].view(4, m, hidden)
         act = work[4 * m * hidden:].view(m, inter)
-        ss1, ss2 = torch.empty((2, m, p), dtype=torch.float32, device=residual.device)
         qkv = torch.empty((m, n_qkv), dtype=residual.dtype, device=residual.device) if next_qkv is not None else None
         if m == 0:
             return h2, qkv
         last = QKV if next_qkv is not None else DOWN
         pdl = use_pdl(residual.device, m)
         prefetch = bool(pdl) and prefetches(m) and _prefetchable(o_weight, gate_up, down, next_qkv)
-        tile = dict(zip(("BN_O", "BK_O"), tiles(hidden, attn.shape[1], p)))
-        tile.update(zip(("BN_GU", "BK_GU"), tiles(inter, hidden, p, gated=True)))
-        tile.update(zip(("BN_D", "BK_D"), tiles(hidden, inter, p)))
-        tile.update(zip(("BN_QKV", "BK_QKV"), tiles(max(n_qkv, 1), hidden, p)))
-        launches = [(i, i) for i in range(last + 1)] if split_phases() else [(O, last)]
+        shapes = [(hidden, attn.shape[1], False), (inter, hidden, True), (hidden, inter, False),
+                  (max(n_qkv, 1), hidden, False)]  # (columns, K, gated) of each phase
+        split = os.environ.get(MODE_ENV, "1") == "split" or phases is not None
+        if split:  # a launch per phase, each over as many programs as its tiles
+            layout = [split_tiles(*shape) for shape in shapes]
+            grids = [triton.cdiv(shape[0], tiles_[0]) for shape, tiles_ in zip(shapes, layout)]
+            spans = [tiles_[0] for tiles_ in layout]
+        else:  # one persistent launch, one program per SM, a run of columns each
+            layout = [tiles(n, k, self.programs, gated) for n, k, gated in shapes]
+            grids = [self.programs] * 4
+            spans = [triton.cdiv(n, self.programs) for n, _, _ in shapes]
+        # the partial sums of squares ss1 (from o), ss2 (from down): [M, producer programs]
+        ss_stride = max(grids[O], grids[DOWN])
+        ss1, ss2 = torch.empty((2, m, ss_stride), dtype=torch.float32, device=residual.device)
+        tile = {}
+        for name, (block_n, block_k, _) in zip(("O", "GU", "D", "QKV"), layout):
+            tile[f"BN_{name}"], tile[f"BK_{name}"] = block_n, block_k
+        # the interpreter runs programs one after another, where a barrier would never open
+        launches = [(i, i) for i in range(last + 1)] if split or interpreting() else [(O, last)]
         if phases is not None:
             launches = [phases]
         for first, final in launches:
-            _decode_chain_kernel[(p,)](
+            limit = PREFETCH_LIMIT
+            if split:  # a phase of its own: its whole tile where its whole weight fits the L2 budget
+                n, k, gated = shapes[first]
+                limit = spans[first] * k * 2 if n * k * 2 * (2 if gated else 1) <= SPLIT_PREFETCH_BUDGET else 0
+            _decode_chain_kernel[(grids[first],)](
                 attn, residual, o_weight, post_norm, gate_up, down,
                 next_norm if next_norm is not None else post_norm, next_qkv if next_qkv is not None else o_weight,
                 next_bias if next_bias is not None else post_norm,
                 h1, a1, ss1, act, h2, a2, ss2, qkv if qkv is not None else h2, self.barrier,
-                m, hidden, attn.shape[1], inter, n_qkv, post_eps, next_eps, PREFETCH_LIMIT,
-                FIRST=first, LAST=final, HAS_NEXT=next_qkv is not None, HAS_BIAS=next_bias is not None, BLOCK_M=MAX_M, SS_ROWS=1 if m == 1 else MAX_M,
-                BLOCK_P=triton.next_power_of_2(p), UPCAST=interpreting(), PDL=pdl, PREFETCH=prefetch, **tile,
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl > 0,
+                m, hidden, attn.shape[1], inter, n_qkv, post_eps, next_eps, limit,
+                *spans, grids[O], grids[DOWN], ss_stride,
+                FIRST=first, LAST=final, HAS_NEXT=next_qkv is not None, HAS_BIAS=next_bias is not None,
+                BLOCK_M=MAX_M, SS_ROWS=1 if m == 1 else MAX_M, BLOCK_P=triton.next_power_of_2(ss_stride),
+                UPCAST=interpreting(), PDL=pdl, PREFETCH=prefetch and limit > 0, **tile,
+                num_warps=NUM_WARPS, num_stages=layout[first][2] if split else NUM_STAGES, launch_pdl=pdl > 0,
             )
         return h2, qkv
 
