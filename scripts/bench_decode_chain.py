@@ -99,6 +99,9 @@ def bench(shape: str, m: int) -> dict:
     os.environ[decode_chain.MODE_ENV] = "split"
     row["split_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay) for lay in layers])
     os.environ[decode_chain.MODE_ENV] = "1"
+    decode_chain.MIN_SPAN = 32
+    row["chain-span32_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay) for lay in layers])
+    decode_chain.MIN_SPAN = 0
     default_limit = decode_chain.PREFETCH_LIMIT
     decode_chain.PREFETCH_LIMIT = 0
     row["chain-prefetch0k_us"] = graph_time_us([lambda lay=lay: chain(attn, residual, **lay) for lay in layers])

@@ -48,13 +48,14 @@ from photoninfer.kernels.pdl import begin as pdl_begin, prefetch_l2, prefetches,
 
 MODE_ENV = "PHOTONINFER_DECODE_CHAIN"  # "0": the separate kernels (norm_linear.py); "split": a launch per phase
 O, GATE_UP, DOWN, QKV = range(4)
-MAX_BLOCK_N = 64  # a phase's tile width; wider column runs take several tiles
+MAX_BLOCK_N = 128  # a phase's tile width: a program's run of columns must fit one tile
 TILE_ELEMENTS = 16384  # BLOCK_N x BLOCK_K of one weight tile (32 KB in bf16)
 # each program prefetches at most this much of its next phase's weights into L2 before a barrier (all
 # programs together: 132 x 128 KB = 17 MB of an H100's 50 MB L2)
 PREFETCH_LIMIT = 128 << 10
 NUM_STAGES = 3  # the pipeliner's depth in every phase's loop over K
 NUM_WARPS = 4
+MIN_SPAN = 0  # persistent: at least this many columns a program (fewer programs busy in narrow phases)
 SPLIT_PREFETCH_BUDGET = 16 << 20  # as norm_linear.L2_PREFETCH_BUDGET
 
 
@@ -77,7 +78,10 @@ def default_programs(device: torch.device) -> int:
 def tiles(n: int, k: int, programs: int, gated: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K) of a phase: tiles as wide as a program's run of ceil(n / programs) columns (16 to
     MAX_BLOCK_N), as deep as a 32 KB weight tile allows (a gated tile is two: gate and up rows), up to 512."""
-    block_n = min(MAX_BLOCK_N, max(16, triton.next_power_of_2(triton.cdiv(n, programs))))
+    block_n = max(16, triton.next_power_of_2(triton.cdiv(n, programs)))
+    if block_n > MAX_BLOCK_N:
+        raise ValueError(f"decode chain: {triton.cdiv(n, programs)} columns a program is more than one tile of "
+                         f"{MAX_BLOCK_N}")
     depth = TILE_ELEMENTS // block_n // (2 if gated else 1)
     return block_n, max(16, min(512, depth, triton.next_power_of_2(k))), NUM_STAGES
 
@@ -174,26 +178,22 @@ def _residual_phase(x_ptr, w_ptr, res_ptr, h_ptr, g_ptr, a_ptr, ss_ptr, M, N, K,
     rows_m = tl.arange(0, BLOCK_M)
     m_mask = rows_m < M
     first = pid * span
-    stop = tl.minimum(first + span, N)
-    sum_sq = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(first, stop, BLOCK_N):
-        cols_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = cols_n < stop
-        mask = m_mask[:, None] & n_mask[None, :]
-        offsets = rows_m[:, None] * N + cols_n[None, :]
-        # loaded before the main loop: their latency hides behind it
-        r = tl.load(res_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        g = tl.load(g_ptr + cols_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc, _ = _gemv(x_ptr, w_ptr + cols_n[:, None].to(tl.int64) * K, 0, cols_n, n_mask, rows_m, m_mask, K,
-                       BLOCK_M, BLOCK_N, BLOCK_K, False, UPCAST)
-        h = (acc.to(dtype).to(tl.float32) + r).to(dtype)  # the reference rounds the output, then the sum
-        tl.store(h_ptr + offsets, h, mask=mask)
-        if WRITE_NORMED:
-            h32 = h.to(tl.float32)
-            tl.store(a_ptr + offsets, (h32 * g[None, :]).to(dtype), mask=mask)
-            sum_sq += tl.sum(tl.where(mask, h32 * h32, 0.0), axis=1)
+    stop = tl.minimum(first + span, N)  # one tile: span <= BLOCK_N (the wrapper's tiles)
+    cols_n = first + tl.arange(0, BLOCK_N)
+    n_mask = cols_n < stop
+    mask = m_mask[:, None] & n_mask[None, :]
+    offsets = rows_m[:, None] * N + cols_n[None, :]
+    # loaded before the main loop and used only after it: their latency hides behind it
+    r = tl.load(res_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    g = tl.load(g_ptr + cols_n, mask=n_mask, other=0.0)
+    acc, _ = _gemv(x_ptr, w_ptr + cols_n[:, None].to(tl.int64) * K, 0, cols_n, n_mask, rows_m, m_mask, K,
+                   BLOCK_M, BLOCK_N, BLOCK_K, False, UPCAST)
+    h = (acc.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)  # the reference rounds the output, then the sum
+    tl.store(h_ptr + offsets, h, mask=mask)
     if WRITE_NORMED:
-        tl.store(ss_ptr + rows_m * ss_stride + pid, sum_sq, mask=m_mask)
+        h32 = h.to(tl.float32)
+        tl.store(a_ptr + offsets, (h32 * g.to(tl.float32)[None, :]).to(dtype), mask=mask)
+        tl.store(ss_ptr + rows_m * ss_stride + pid, tl.sum(tl.where(mask, h32 * h32, 0.0), axis=1), mask=m_mask)
 
 
 @triton.jit
@@ -209,26 +209,25 @@ def _normed_phase(a_ptr, ss_ptr, ss_count, ss_stride, eps, w_ptr, bias_ptr, y_pt
     m_mask = rows_m < M
     partial_sums = _load_partial_sums(ss_ptr, M, ss_count, ss_stride, SS_ROWS, BLOCK_P)
     first = pid * span
-    stop = tl.minimum(first + span, N)
-    for n0 in range(first, stop, BLOCK_N):
-        cols_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = cols_n < stop
+    stop = tl.minimum(first + span, N)  # one tile: span <= BLOCK_N (the wrapper's tiles)
+    cols_n = first + tl.arange(0, BLOCK_N)
+    n_mask = cols_n < stop
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols_n, mask=n_mask, other=0.0)
+    acc, acc_up = _gemv(a_ptr, w_ptr + cols_n[:, None].to(tl.int64) * K, N.to(tl.int64) * K, cols_n, n_mask,
+                        rows_m, m_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, GATED, UPCAST)
+    rstd = _rstd(partial_sums, K, eps)
+    mask = m_mask[:, None] & n_mask[None, :]
+    offsets = rows_m[:, None] * N + cols_n[None, :]
+    if GATED:  # as the reference: gate and up rounded to the dtype, silu rounded, then the product
+        gate = (acc * rstd).to(dtype).to(tl.float32)
+        up = (acc_up * rstd).to(dtype).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+    else:
+        y = acc * rstd
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc, acc_up = _gemv(a_ptr, w_ptr + cols_n[:, None].to(tl.int64) * K, N.to(tl.int64) * K, cols_n, n_mask,
-                            rows_m, m_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, GATED, UPCAST)
-        rstd = _rstd(partial_sums, K, eps)
-        mask = m_mask[:, None] & n_mask[None, :]
-        offsets = rows_m[:, None] * N + cols_n[None, :]
-        if GATED:  # as the reference: gate and up rounded to the dtype, silu rounded, then the product
-            gate = (acc * rstd).to(dtype).to(tl.float32)
-            up = (acc_up * rstd).to(dtype).to(tl.float32)
-            y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
-        else:
-            y = acc * rstd
-            if HAS_BIAS:
-                y += bias[None, :]
-        tl.store(y_ptr + offsets, y.to(dtype), mask=mask)
+            y += bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + offsets, y.to(dtype), mask=mask)
 
 
 @triton.jit
@@ -321,9 +320,9 @@ class DecodeChain:
             grids = [triton.cdiv(shape[0], tiles_[0]) for shape, tiles_ in zip(shapes, layout)]
             spans = [tiles_[0] for tiles_ in layout]
         else:  # one persistent launch, one program per SM, a run of columns each
-            layout = [tiles(n, k, self.programs, gated) for n, k, gated in shapes]
+            spans = [max(triton.cdiv(n, self.programs), MIN_SPAN) for n, _, _ in shapes]
+            layout = [tiles(n, k, triton.cdiv(n, span), gated) for (n, k, gated), span in zip(shapes, spans)]
             grids = [self.programs] * 4
-            spans = [triton.cdiv(n, self.programs) for n, _, _ in shapes]
         # the partial sums of squares ss1 (from o), ss2 (from down): [M, producer programs]
         ss_stride = max(grids[O], grids[DOWN])
         ss1, ss2 = torch.empty((2, m, ss_stride), dtype=torch.float32, device=residual.device)
