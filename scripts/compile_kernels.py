@@ -28,8 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from photoninfer.kernels import (activation, argmax, decode_chain, gemv, norm_linear, paged_attention, pdl,  # noqa: E402
-                                 rmsnorm, rope)
+from photoninfer.kernels import activation, argmax, gemv, norm_linear, paged_attention, pdl, rmsnorm, rope  # noqa: E402
 
 PDL_MODE = pdl.mode()  # the trigger placement compiled ($PHOTONINFER_PDL_TRIGGER)
 
@@ -101,9 +100,9 @@ def record_launches() -> list:
                (rope, "_rope_and_cache_kv_kernel"), (paged_attention, "_paged_decode_kernel"),
                (paged_attention, "_paged_prefill_kernel"), (gemv, "_gemv_kernel"), (gemv, "_gemv_reduce_kernel"),
                (argmax, "_chunk_argmax_kernel"), (argmax, "_pick_chunk_kernel"),
-               (norm_linear, "_norm_linear_kernel"), (decode_chain, "_decode_chain_kernel")]
+               (norm_linear, "_norm_linear_kernel")]
     # on the GPU these launch with programmatic dependent launch (kernels/pdl.py): compile that variant
-    kernels += [(module, "use_pdl") for module in (rmsnorm, paged_attention, argmax, norm_linear, decode_chain)]
+    kernels += [(module, "use_pdl") for module in (rmsnorm, paged_attention, argmax, norm_linear)]
     originals = [(module, name, getattr(module, name)) for module, name in kernels]
     for module, name, fn in originals:
         setattr(module, name, (lambda device, rows=1: PDL_MODE) if name == "use_pdl" else Recorder(fn, launches))
@@ -165,11 +164,6 @@ def record_launches() -> list:
                 # o after attention with its weights loaded ahead of the PDL wait (SmolLM2: all of a 576 row)
                 norm_linear.decode_linear(e(m, 576), e(576, 576), weights_ahead=True)
                 norm_linear.decode_linear(x, e(hidden, hidden), config=tiles(32, 512, 4, 4, False, w_ahead=512))
-                # the persistent decode chain over an H100's 132 SMs: Llama-3.2-1B, then SmolLM2-135M's last layer
-                chain = decode_chain.DecodeChain(torch.device("cpu"), 132)
-                chain(e(m, hidden), e(m, hidden), e(hidden, hidden), e(hidden), 1e-5, e(2 * ffn, hidden), e(hidden, ffn),
-                      e(hidden), 1e-5, e(3072, hidden))
-                chain(e(m, 576), e(m, 576), e(576, 576), e(576), 1e-5, e(3072, 576), e(576, 1536))
     finally:
         for module, name, fn in originals:
             setattr(module, name, fn)

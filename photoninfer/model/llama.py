@@ -89,37 +89,20 @@ class DecoderLayer(nn.Module):
         q/k/v only for short rows, where it pays). With `decode_linears` the other projections run on the
         same kernel family, so the whole layer is PDL kernels (kernels/pdl.py)."""
         kernels, attn, mlp = self.norm_linear, self.self_attn, self.mlp
+        fused = kernels.fused_norm_linear
         linear = _decode_linear if self.decode_linears else _module_linear
-        qkv, residual = self.decode_qkv(x, residual)
+        norm = self.input_layernorm
+        if x.shape[-1] <= kernels.FUSE_QKV_MAX_K:
+            qkv, residual = fused(x, norm.weight, norm.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                                  residual=residual)
+        else:
+            x, residual = self._input_norm(x, residual)
+            qkv = linear(kernels, attn.qkv_proj, x)
         x = attn.attention(qkv, positions, rope, kv_cache, backend, meta)
         x = linear(kernels, attn.o_proj, x, weights_ahead=True)  # o's weights load while attention runs
         norm = self.post_attention_layernorm
-        act, residual = kernels.fused_norm_linear(x, norm.weight, norm.eps, mlp.gate_up_proj.weight,
-                                                  residual=residual, gated=True)
+        act, residual = fused(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, residual=residual, gated=True)
         return linear(kernels, mlp.down_proj, act), residual
-
-    def decode_qkv(self, x, residual):
-        """(q/k/v of norm(x + residual), x + residual) on the decode kernels: the norm inside q/k/v for short
-        rows (where it pays), else the norm kernel, then q/k/v."""
-        kernels, qkv_proj, norm = self.norm_linear, self.self_attn.qkv_proj, self.input_layernorm
-        if x.shape[-1] <= kernels.FUSE_QKV_MAX_K:
-            return kernels.fused_norm_linear(x, norm.weight, norm.eps, qkv_proj.weight, qkv_proj.bias,
-                                             residual=residual)
-        x, residual = self._input_norm(x, residual)
-        linear = _decode_linear if self.decode_linears else _module_linear
-        return linear(kernels, qkv_proj, x), residual
-
-    def chain_step(self, chain, attn_out, residual, next_layer: Optional["DecoderLayer"]):
-        """The rest of this layer after its attention, and the next layer's q/k/v, in one persistent kernel
-        (kernels/decode_chain.py): (the residual stream after the MLP, the next layer's q/k/v or None)."""
-        post, mlp = self.post_attention_layernorm, self.mlp
-        following = {}
-        if next_layer is not None:
-            norm, qkv_proj = next_layer.input_layernorm, next_layer.self_attn.qkv_proj
-            following = dict(next_norm=norm.weight, next_eps=norm.eps, next_qkv=qkv_proj.weight,
-                             next_bias=qkv_proj.bias)
-        return chain(attn_out, residual, self.self_attn.o_proj.weight, post.weight, post.eps,
-                     mlp.gate_up_proj.weight, mlp.down_proj.weight, **following)
 
 
 def _decode_linear(kernels, layer: Linear, x, weights_ahead: bool = False):
@@ -158,7 +141,6 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.fast_path = False  # the CPU fast path's forward (cpu_fast.py), set by use_cpu_fast_path()
         self.norm_linear = None  # kernels/norm_linear.py for the final norm + LM head (use_kernels)
-        self.decode_chain = None  # kernels/decode_chain.DecodeChain: decode layers' linears in one kernel (use_kernels)
 
     def use_kernels(self) -> None:
         """Fused Triton kernels for the norms and SiLU·mul (CUDA); the torch code stays their reference."""
@@ -179,13 +161,6 @@ class CausalLM(nn.Module):
                 module.decode_linears = decode_linears and _dense(module.self_attn.o_proj, module.mlp.down_proj)
         if self.lm_head is None or _dense(self.lm_head):
             self.norm_linear = norm_linear
-        if all(layer.decode_linears for layer in self.layers):
-            from photoninfer.kernels import decode_chain
-
-            # where o, down and q/k/v would each be a PDL kernel of their own (Hopper), one persistent kernel
-            # runs them all between two attention kernels
-            if decode_chain.enabled():
-                self.decode_chain = decode_chain.DecodeChain(self.embed_tokens.weight.device)
 
     def use_cpu_fast_path(self) -> None:
         """Run the forward of cpu_fast.py (packed weights on the CPU, torch attention backend)."""
@@ -202,27 +177,15 @@ class CausalLM(nn.Module):
         # a gather over all output elements: nn.Embedding's index_select runs few blocks for a few ids
         # (13 us for 16 ids of Llama-3.2-1B on an H100, against ~2 us)
         x, residual = self._decoder(input_ids, positions, kv_caches, meta)
-        return self.norm(x) if residual is None else self.norm(x, residual)[0]
+        x, _ = self.norm(x, residual)
+        return x
 
     def _decoder(self, input_ids, positions, kv_caches, meta):
-        """(x, residual) after the last layer: the final norm of their sum is what forward returns (residual
-        None: x is the sum already)."""
+        """(x, residual) after the last layer: the final norm of their sum is what forward returns."""
         x, residual = self.embed_tokens.weight[input_ids], None
-        if self.decode_chain is not None and _fuses_norms(self.layers[0].norm_linear, x):
-            return self._chained_decoder(x, positions, kv_caches, meta), None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.rope, kv_cache, self.attention, meta)
         return x, residual
-
-    def _chained_decoder(self, x, positions, kv_caches, meta):
-        """Decode-sized batches: per layer the attention kernel and one persistent kernel for everything
-        between it and the next layer's attention (DecoderLayer.chain_step) -> the residual stream."""
-        qkv, residual = self.layers[0].decode_qkv(x, None)
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
-            attn_out = layer.self_attn.attention(qkv, positions, self.rope, kv_cache, self.attention, meta).contiguous()
-            next_layer = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            residual, qkv = layer.chain_step(self.decode_chain, attn_out, residual, next_layer)
-        return residual
 
     def all_logits(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """raw_logits(forward(...)): every row's logits, as a decode step needs them. Decode-sized batches
@@ -231,7 +194,8 @@ class CausalLM(nn.Module):
             return self.raw_logits(self.forward(input_ids, positions, kv_caches, meta))
         x, residual = self._decoder(input_ids, positions, kv_caches, meta)
         if not _fuses_norms(self.norm_linear, x):
-            return self.raw_logits(self.norm(x) if residual is None else self.norm(x, residual)[0])
+            x, _ = self.norm(x, residual)
+            return self.raw_logits(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits, _ = self.norm_linear.fused_norm_linear(x, self.norm.weight, self.norm.eps, head, residual=residual)
         return logits
