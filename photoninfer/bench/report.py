@@ -9,7 +9,7 @@ logger = logging.getLogger(__name__)
 
 
 def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+    return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
 
 
 def format_report(report: dict) -> str:
@@ -18,10 +18,11 @@ def format_report(report: dict) -> str:
     lines = [f"{meta['device']} ({meta['torch_threads']} threads)  {meta['model']}  {meta['dtype']}  "
              f"workload {workload['name']}  commit {(meta['git']['commit'] or 'unknown')[:10]}"
              f"{' (dirty)' if meta['git']['dirty'] else ''}"]
-    lines.append(f"{'engine':<14} {'start-up':>10} {'TTFT':>10}  error")
+    lines.append(f"{'engine':<14} {'start-up':>10} {'TTFT':>10} {'TTFT min':>10} {'TTFT p90':>10}  error")
     for name, engine in report["engines"].items():
         startup = "-" if engine["startup_s"] is None else f"{engine['startup_s']:.2f} s"
-        lines.append(f"{name:<14} {startup:>10} {_ms(engine['ttft_s']):>10}  {engine['error'] or ''}"[:200])
+        spread = f"{_ms(engine['ttft_min_s']):>10} {_ms(engine['ttft_p90_s']):>10}"
+        lines.append(f"{name:<14} {startup:>10} {_ms(engine['ttft_s']):>10} {spread}  {engine['error'] or ''}"[:200])
     if report["results"]:
         lines.append(f"{'engine':<14} {'batch':>10} {'requests':>9} {'out tokens':>11} {'time s':>9} "
                      f"{'out tok/s':>11} {'agreement':>10}")
