@@ -113,6 +113,8 @@ def record_launches() -> list:
             w = e(hidden)
             rmsnorm.rms_norm(e(16, hidden), w, 1e-5)
             rmsnorm.fused_add_rms_norm(e(16, hidden), e(16, hidden), w, 1e-5)
+            if dtype != torch.float32:  # fused_mlp's float32 output into the next layer's norm
+                rmsnorm.fused_add_rms_norm(torch.empty(16, hidden), e(16, hidden), w, 1e-5)
             qkv = e(16, (hq + 2 * hkv) * d)
             q, k, v = (t.view(16, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
             rmsnorm.rms_norm(q, e(d), 1e-6, out=q)
@@ -164,6 +166,10 @@ def record_launches() -> list:
                 # o after attention with its weights loaded ahead of the PDL wait (SmolLM2: all of a 576 row)
                 norm_linear.decode_linear(e(m, 576), e(576, 576), weights_ahead=True)
                 norm_linear.decode_linear(x, e(hidden, hidden), config=tiles(32, 512, 4, 4, False, w_ahead=512))
+                if m <= norm_linear.FUSED_MLP_MAX_M:  # o clearing the accumulator, then the MLP in one kernel
+                    acc = torch.empty(m, hidden, dtype=torch.float32)
+                    norm_linear.decode_linear(x, e(hidden, hidden), weights_ahead=True, zero=acc)
+                    norm_linear.fused_mlp(x, e(hidden), 1e-5, e(2 * ffn, hidden), e(hidden, ffn), acc, e(m, hidden))
     finally:
         for module, name, fn in originals:
             setattr(module, name, fn)

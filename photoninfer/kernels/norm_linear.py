@@ -66,6 +66,12 @@ WEIGHTS_AHEAD_MAX_K = 1024
 # nothing prefetched is evicted before its program reads it
 L2_PREFETCH_BUDGET = 16 << 20
 DTYPES = (torch.bfloat16, torch.float16)
+# fused_mlp (gate/up, SiLU·mul and down in one kernel) up to this many rows: its float32 atomics grow with the
+# rows (H100, Llama-3.2-1B's down alone as 128 programs of 64 columns: 14.3 / 15.2 / 20.4 us at 1 / 4 / 16 rows
+# against the row-tiled kernel's 14.8 / 16.4 / 14.9)
+FUSED_MLP_MAX_M = 4
+FUSED_MLP = os.environ.get("PHOTONINFER_FUSED_MLP", "1") != "0"  # "0": gate/up and down as two kernels (comparison)
+FUSED_MLP_BLOCK_H = 256  # down's output rows per step of its loop
 # decode steps run q/k/v (where not fused), o and down through decode_linear rather than cuBLAS
 DECODE_LINEARS = os.environ.get("PHOTONINFER_DECODE_LINEARS", "1") != "0"
 
@@ -78,6 +84,9 @@ class NormLinearConfig:
     num_stages: int = 4
     x_ahead: bool = True  # x loaded a step ahead by hand; False: in the loop (where the pipeliner prefetches it)
     w_ahead: int = 0  # leading K columns of the weights loaded before the PDL wait (0 or a power of two)
+
+
+FUSED_MLP_CONFIG = NormLinearConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
 
 
 def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = True,
@@ -114,13 +123,14 @@ def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = Tru
 @triton.jit
 def _norm_linear_kernel(
     x_ptr, res_ptr, res_out_ptr, g_ptr, w_ptr, bias_ptr, y_ptr,
-    M, N, K, eps, x_sm, r_sm, ro_sm, w_sn, y_sm, up_rows, prefetch_bytes,
+    M, N, K, eps, x_sm, r_sm, ro_sm, w_sn, y_sm, up_rows, prefetch_bytes, down_ptr, down_sn, zero_ptr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
     PDL: tl.constexpr, X_AHEAD: tl.constexpr, W_AHEAD: tl.constexpr, PREFETCH: tl.constexpr,
+    DOWN: tl.constexpr, BLOCK_H: tl.constexpr, ZERO: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    dtype = y_ptr.dtype.element_ty
+    dtype = w_ptr.dtype.element_ty  # the model dtype (fused_mlp: y_ptr is its float32 accumulator)
     rows_m = tl.arange(0, BLOCK_M)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rows_m < M
@@ -167,14 +177,35 @@ def _norm_linear_kernel(
         rstd = tl.rsqrt(sum_sq / K + eps)
     else:
         rstd = tl.full([BLOCK_M], 1.0, tl.float32)
+    if ZERO:  # zero_ptr [M, N] float32: cleared for the accumulating kernel after this one (fused_mlp)
+        tl.store(zero_ptr + rows_m[:, None] * N + rows_n[None, :], tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                 mask=m_mask[:, None] & n_mask[None, :])
     if not GATED:
         _store_output(acc * rstd[:, None], bias_ptr, y_ptr, rows_m, rows_n, m_mask, n_mask, y_sm, HAS_BIAS)
         return
     # gated (no bias): as the reference, gate and up rounded to the dtype, silu rounded, then the product
     gate = (acc * rstd[:, None]).to(dtype).to(tl.float32)
     up = (acc_up * rstd[:, None]).to(dtype).to(tl.float32)
-    y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
-    tl.store(y_ptr + rows_m[:, None] * y_sm + rows_n[None, :], y.to(dtype), mask=m_mask[:, None] & n_mask[None, :])
+    act = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype)
+    if DOWN:
+        _down_partial(act, down_ptr, down_sn, y_ptr, rows_m, rows_n, m_mask, n_mask, K, BLOCK_M, BLOCK_H, UPCAST)
+    else:
+        tl.store(y_ptr + rows_m[:, None] * y_sm + rows_n[None, :], act, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _down_partial(act, down_ptr, down_sn, acc_ptr, rows_m, rows_n, m_mask, n_mask, H, BLOCK_M: tl.constexpr,
+                  BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
+    """acc[:, :H] += act @ Wd[:, rows_n]^T (fused_mlp): this program's share of the down projection (its columns
+    of the intermediate dim, rows of Wd down_sn apart), added into the float32 output with atomics."""
+    for h0 in range(0, H, BLOCK_H):
+        rows_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = rows_h < H
+        w = tl.load(down_ptr + rows_h[:, None].to(tl.int64) * down_sn + rows_n[None, :],
+                    mask=h_mask[:, None] & n_mask[None, :], other=0.0)
+        part = _dot_t(act, w, tl.zeros([BLOCK_M, BLOCK_H], tl.float32), UPCAST)
+        tl.atomic_add(acc_ptr + rows_m[:, None] * H + rows_h[None, :], part, mask=m_mask[:, None] & h_mask[None, :],
+                      sem="relaxed")
 
 
 @triton.jit
@@ -268,22 +299,53 @@ def fused_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, we
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                  config: Optional[NormLinearConfig] = None, weights_ahead: bool = False) -> torch.Tensor:
+                  config: Optional[NormLinearConfig] = None, weights_ahead: bool = False,
+                  zero: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight^T (+ bias) for at most MAX_M rows: the same kernel without the norm, so that a decode
     step's o and down projections are PDL kernels like their neighbours (cuBLAS's are not: each would make
     the next kernel wait for a full drain and launch). `weights_ahead` picks tiles that load the weights
-    while the kernel before is still running (default_config)."""
+    while the kernel before is still running (default_config). `zero` (float32, y's shape) is cleared on the
+    way: the accumulator that the fused_mlp after o adds into."""
     _check(x, None, weight, bias, None, False)
+    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()
+                             or tuple(zero.shape) != (x.shape[0], weight.shape[0])):
+        raise ValueError(f"zero must be a contiguous float32 [{x.shape[0]}, {weight.shape[0]}] tensor, got "
+                         f"{zero.dtype} {tuple(zero.shape)}")
     config = config or default_config(weight.shape[0], x.shape[1], False, x.shape[0], norm=False,
                                       weights_ahead=weights_ahead)
-    return _launch(x, None, 0.0, weight, bias, None, x, False, config)
+    return _launch(x, None, 0.0, weight, bias, None, x, False, config, zero=zero)
 
 
-def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config) -> torch.Tensor:
+def fused_mlp(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: torch.Tensor, down: torch.Tensor,
+              out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, h): h = x + residual, out += silu(g) * u @ down^T with [g | u] = rms_norm(h) * norm_weight @
+    gate_up^T: the whole MLP of a decode step in one kernel, for at most FUSED_MLP_MAX_M rows. Each program
+    takes FUSED_MLP_CONFIG.block_n intermediate columns through gate/up and SiLU·mul, then multiplies them by
+    its columns of down and adds the partial result into `out` (float32 [M, hidden], zeroed before: o's
+    decode_linear(zero=out)) with atomics, so down's weights stream without waiting for the whole of gate/up.
+    The sum's order varies from run to run (float32 atomics); the reference rounds down's output to the model
+    dtype, which the next kernel does when it reads `out` (rms_norm with a float32 x)."""
+    _check(x, norm_weight, gate_up, None, residual, True)
+    m, hidden = x.shape
+    if m > FUSED_MLP_MAX_M:
+        raise ValueError(f"fused_mlp handles at most {FUSED_MLP_MAX_M} rows, got {m}")
+    check_shape("down", down, (hidden, gate_up.shape[0] // 2))
+    check_last_contiguous("down", down)
+    if down.dtype != x.dtype:
+        raise TypeError(f"down must have x's dtype {x.dtype}, got {down.dtype}")
+    if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (m, hidden):
+        raise ValueError(f"out must be a contiguous float32 [{m}, {hidden}] tensor, got {out.dtype} {tuple(out.shape)}")
+    h = torch.empty_like(x)
+    _launch(x, norm_weight, eps, gate_up, None, residual, h, True, FUSED_MLP_CONFIG, down=down, out=out)
+    return out, h
+
+
+def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, down=None, out=None,
+            zero=None) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
     n_out = n // 2 if gated else n
-    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    y = out if down is not None else torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0 or n_out == 0:
         return y
     config = config or default_config(n_out, k, gated, m, norm=norm_weight is not None)
@@ -298,9 +360,12 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config) -> to
     _norm_linear_kernel[(programs,)](
         x, res, h, norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight,
         y, m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out, prefetch,
+        down if down is not None else weight, down.stride(0) if down is not None else 0,
+        zero if zero is not None else y,
         NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
         BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k, UPCAST=interpreting(),
         PDL=pdl, X_AHEAD=config.x_ahead, W_AHEAD=config.w_ahead, PREFETCH=prefetch > 0,
+        DOWN=down is not None, BLOCK_H=FUSED_MLP_BLOCK_H, ZERO=zero is not None,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl > 0,
     )
     return y

@@ -6,7 +6,8 @@ float32 and is rounded to the input dtype, then multiplied by the weight and rou
 agrees to ~1e-6 and bfloat16/float16 to one ulp (rsqrt approximations may differ in the last bit).
 
 Shapes: x [rows, width] or [T, H, width] (e.g. Qwen3's per-head q/k-norm on a [T, Hq, D] slice of the
-fused qkv output); any strides with the last dimension contiguous; width <= 8192. weight [width].
+fused qkv output); any strides with the last dimension contiguous; width <= 8192. weight [width]. With a
+residual, x may also be float32 (norm_linear.fused_mlp's output), rounded to the residual's dtype first.
 One program normalizes one row, held entirely in registers.
 """
 
@@ -41,7 +42,10 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + outer * x_s0 + in_ * x_s1 + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + outer * r_s0 + in_ * r_s1 + cols, mask=mask, other=0.0).to(tl.float32)
-        summed = (x + r).to(res_out_ptr.dtype.element_ty)  # torch adds in the input dtype
+        # torch adds in the model dtype; a float32 x (fused_mlp's sum) is rounded to it first, as the reference
+        # rounds its down projection's output
+        x = x.to(res_out_ptr.dtype.element_ty).to(tl.float32)
+        summed = (x + r).to(res_out_ptr.dtype.element_ty)
         tl.store(res_out_ptr + outer * ro_s0 + in_ * ro_s1 + cols, summed, mask=mask)
         x = summed.to(tl.float32)
     pdl_end(PDL)
@@ -69,14 +73,16 @@ def _launch(x, residual, weight, eps, out, residual_out) -> None:
         raise ValueError(f"rms_norm supports rows up to {MAX_WIDTH} wide, got {width}")
     check_shape("weight", weight, (width,))
     check_shape("out", out, tuple(x.shape))
-    if out.dtype != x.dtype:
-        raise TypeError(f"out must have x's dtype {x.dtype}, got {out.dtype}")
+    model_dtype = residual.dtype if residual is not None else x.dtype
+    if out.dtype != model_dtype:
+        raise TypeError(f"out must have the dtype {model_dtype} of {'residual' if residual is not None else 'x'}, "
+                        f"got {out.dtype}")
     _, _, o_s0, o_s1 = _row_layout("out", out)
     r_s0 = r_s1 = ro_s0 = ro_s1 = 0
     if residual is not None:
         check_shape("residual", residual, tuple(x.shape))
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+        if residual.dtype != x.dtype and x.dtype != torch.float32:
+            raise TypeError(f"residual must have x's dtype {x.dtype} (or x float32), got {residual.dtype}")
         _, _, r_s0, r_s1 = _row_layout("residual", residual)
         _, _, ro_s0, ro_s1 = _row_layout("residual_out", residual_out)
     rows = outer * inner
@@ -111,11 +117,13 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
     With `inplace` (the default, no allocation) the normed rows overwrite x and the new residual
     overwrites residual, and the two input tensors are returned; otherwise new tensors are returned.
+    x may be float32 with a residual of the model dtype (fused_mlp's output): x is rounded to that dtype before
+    the add, and the normed rows are a new tensor of that dtype.
     """
-    if inplace:
+    if inplace and x.dtype == residual.dtype:
         out, residual_out = x, residual
     else:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = torch.empty(x.shape, dtype=residual.dtype, device=x.device)
+        residual_out = residual if inplace else torch.empty(x.shape, dtype=residual.dtype, device=x.device)
     _launch(x, residual, weight, eps, out, residual_out)
     return out, residual_out

@@ -68,9 +68,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.norm_linear = None  # kernels/norm_linear.py on CUDA (CausalLM.use_kernels)
         self.decode_linears = False  # q/k/v, o and down through norm_linear.decode_linear too (use_kernels)
+        # the MLP as one norm_linear.fused_mlp kernel for up to FUSED_MLP_MAX_M rows: its float32 output goes to the
+        # next layer's norm kernel (use_kernels: every layer but the last, where that is the rms_norm kernel)
+        self.fused_mlp = False
 
     def forward(self, x, residual, positions, rope, kv_cache, backend, meta):
-        if _fuses_norms(self.norm_linear, x):
+        # (the residual has the model dtype; x may be the previous layer's float32 fused_mlp output)
+        if _fuses_norms(self.norm_linear, x if residual is None else residual):
             return self._forward_fused_norms(x, residual, positions, rope, kv_cache, backend, meta)
         x, residual = self._input_norm(x, residual)
         x = self.self_attn(x, positions, rope, kv_cache, backend, meta)
@@ -99,8 +103,13 @@ class DecoderLayer(nn.Module):
             x, residual = self._input_norm(x, residual)
             qkv = linear(kernels, attn.qkv_proj, x)
         x = attn.attention(qkv, positions, rope, kv_cache, backend, meta)
-        x = linear(kernels, attn.o_proj, x, weights_ahead=True)  # o's weights load while attention runs
         norm = self.post_attention_layernorm
+        if self.fused_mlp and x.shape[0] <= kernels.FUSED_MLP_MAX_M:
+            out = torch.empty((x.shape[0], attn.o_proj.weight.shape[0]), dtype=torch.float32, device=x.device)
+            x = kernels.decode_linear(x, attn.o_proj.weight, weights_ahead=True, zero=out)
+            return kernels.fused_mlp(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight, out,
+                                     residual)
+        x = linear(kernels, attn.o_proj, x, weights_ahead=True)  # o's weights load while attention runs
         act, residual = fused(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, residual=residual, gated=True)
         return linear(kernels, mlp.down_proj, act), residual
 
@@ -161,6 +170,10 @@ class CausalLM(nn.Module):
                 module.decode_linears = decode_linears and _dense(module.self_attn.o_proj, module.mlp.down_proj)
         if self.lm_head is None or _dense(self.lm_head):
             self.norm_linear = norm_linear
+        # fused_mlp's float32 output is read by the next layer's rms_norm kernel: where q/k/v runs its norm apart
+        if norm_linear.FUSED_MLP and self.config.hidden_size > norm_linear.FUSE_QKV_MAX_K:
+            for layer in self.layers[:-1]:
+                layer.fused_mlp = layer.decode_linears and _dense(layer.mlp.down_proj)
 
     def use_cpu_fast_path(self) -> None:
         """Run the forward of cpu_fast.py (packed weights on the CPU, torch attention backend)."""

@@ -199,3 +199,39 @@ def test_decode_steps_run_the_final_norm_inside_the_lm_head(make_tiny_model, dev
             # bf16 roundings apart (up to 0.06 seen on an H200); a wrong norm or head is off by whole units.
             # The prompt-scoring test above holds the fused path to the separate one's accuracy.
             assert abs(la - lb) < 0.15, (step, la, lb)
+
+
+def test_decode_steps_run_each_mlp_as_one_kernel(make_tiny_model, device, monkeypatch):
+    """bf16 decode steps of up to FUSED_MLP_MAX_M rows with fused_mlp on (as use_kernels sets it for wide models on
+    Hopper): every layer but the last runs its MLP as one kernel whose float32 output the next layer's norm kernel
+    reads, and the sampled tokens and their logprobs are those of the separate kernels."""
+    from photoninfer.kernels import norm_linear
+
+    path = make_tiny_model("llama3")
+    g = torch.Generator().manual_seed(21)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (20, 33)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0)
+    llm = LLM(path, dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True, num_kv_blocks=64)
+    on_kernels(llm)
+    layers = llm.engine.runner.model.layers
+    monkeypatch.setattr(norm_linear, "FUSE_QKV_MAX_K", 0)  # q/k/v after the norm kernel, as for Llama-3.2-1B
+    for layer in layers:
+        layer.decode_linears = True
+    separate = llm.generate(prompts, params)
+    for layer in layers[:-1]:
+        layer.fused_mlp = True
+    calls = []
+    original = norm_linear.fused_mlp
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(norm_linear, "fused_mlp", counted)
+    fused = llm.generate(prompts, params)
+    assert calls == [2] * (len(layers) - 1) * 3  # three decode steps of both sequences
+    for a, b in zip(fused, separate):
+        a, b = a.outputs[0], b.outputs[0]
+        assert a.token_ids[:2] == b.token_ids[:2]
+        la, lb = (next(iter(o.logprobs[1].values())).logprob for o in (a, b))  # a decode step's token
+        assert abs(la - lb) < 0.1  # bf16 roundings apart (float32 atomics sum in another order)

@@ -5,7 +5,7 @@ import torch
 from ulp import assert_close_ulps, ulps_for
 
 from photoninfer.kernels.norm_linear import (L2_PREFETCH_BUDGET, NormLinearConfig, decode_linear, default_config,
-                                             fused_norm_linear, fused_norm_linear_reference, prefetch_bytes)
+                                             fused_mlp, fused_norm_linear, fused_norm_linear_reference, prefetch_bytes)
 
 EPS = 1e-5
 
@@ -80,6 +80,48 @@ def test_decode_linear_matches_f_linear(dtype, m, n, k, bias, config, device):
     assert y.shape == (m, n) and y.dtype == dtype
     rtol = 2 * torch.finfo(dtype).eps  # float32 sums, one rounding of the output
     torch.testing.assert_close(y.cpu().double(), want, rtol=rtol, atol=float(want.abs().max()) * rtol / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,hidden,inter", [(1, 64, 128), (3, 80, 96), (4, 320, 64)])  # ragged tiles, several
+def test_fused_mlp_matches_the_ops_one_by_one(dtype, m, hidden, inter, device):
+    """gate/up + SiLU·mul + down in one kernel, down's share of each program added into a float32 output that
+    o's decode_linear cleared on the way: the decoder's ops one by one, to the roundings they make."""
+    from photoninfer.model.layers import rms_norm, silu_and_mul
+
+    gen = torch.Generator().manual_seed(m * hidden + inter)
+    x, res, g, gate_up, _ = make(m, 2 * inter, hidden, dtype, device, seed=m + hidden + inter)
+    down = (torch.randn(hidden, inter, generator=gen) / inter ** 0.5).to(dtype).to(device)
+    attn = torch.randn(m, 48, generator=gen).to(dtype).to(device)
+    o_weight = (torch.randn(hidden, 48, generator=gen) / 48 ** 0.5).to(dtype).to(device)
+    out = torch.full((m, hidden), float("nan"), device=device)
+    o = decode_linear(attn, o_weight, zero=out)  # o clears the accumulator as it runs
+    assert torch.equal(out, torch.zeros_like(out))
+    torch.testing.assert_close(o, decode_linear(attn, o_weight))
+    y, h = fused_mlp(x, g, EPS, gate_up, down, out, res)
+    assert y is out and y.dtype == torch.float32 and h.shape == x.shape
+    ref_h = x + res
+    assert torch.equal(h.cpu(), ref_h.cpu()) or dtype == torch.bfloat16  # the interpreter truncates bf16 sums
+    ref = torch.nn.functional.linear(silu_and_mul(torch.nn.functional.linear(rms_norm(ref_h, g, EPS), gate_up)), down)
+    # the reference rounds gate, up, SiLU, the product and down's output; the kernel all but the last
+    rtol = 6 * torch.finfo(dtype).eps
+    torch.testing.assert_close(y.to(dtype).cpu().double(), ref.cpu().double(), rtol=rtol,
+                               atol=float(ref.abs().max()) * rtol / 2)
+
+
+def test_fused_mlp_rejects_what_it_does_not_handle(device):
+    x = torch.zeros(5, 32, dtype=torch.bfloat16, device=device)
+    g = torch.ones(32, dtype=torch.bfloat16, device=device)
+    gate_up, down = torch.zeros(64, 32, dtype=torch.bfloat16, device=device), torch.zeros(32, 32, dtype=torch.bfloat16, device=device)
+    out = torch.zeros(5, 32, device=device)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        fused_mlp(x, g, EPS, gate_up, down, out, x)
+    with pytest.raises(ValueError, match="float32"):
+        fused_mlp(x[:1], g, EPS, gate_up, down, out[:1].to(torch.bfloat16), x[:1])
+    with pytest.raises(ValueError, match="down"):
+        fused_mlp(x[:1], g, EPS, gate_up, down[:, :16], out[:1], x[:1])
+    with pytest.raises(ValueError, match="zero"):
+        decode_linear(x, down, zero=out.to(torch.bfloat16))
 
 
 def test_decode_linear_rejects_what_it_does_not_handle(device):

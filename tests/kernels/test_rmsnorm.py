@@ -66,6 +66,29 @@ def test_fused_add_rms_norm_out_of_place_keeps_inputs(device):
     assert_matches(normed, expected_normed, rounding_steps=3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_add_rms_norm_takes_a_float32_x(dtype, device):
+    """norm_linear.fused_mlp's float32 output: rounded to the residual's dtype first, as the reference rounds its
+    down projection's output; the normed rows are a new tensor of that dtype, the residual sum is in place."""
+    gen = torch.Generator().manual_seed(13)
+    norm = make_norm(96, dtype, gen, device)
+    x = randn(gen, device, torch.float32, 3, 96)
+    residual = randn(gen, device, dtype, 3, 96, scale=4)
+    expected_normed, expected_residual = norm(x.to(dtype), residual)
+    normed, new_residual = fused_add_rms_norm(x, residual.clone(), norm.weight, EPS)
+    assert normed.dtype == dtype
+    # x's rounding may differ by one of its ulps (the interpreter truncates bf16), which a sum that cancels
+    # shows as several of its own
+    x_ulp = torch.finfo(dtype).eps * float(x.abs().max())
+    assert_close_ulps(new_residual, expected_residual, ulps=ulps_for(dtype, 0), atol=x_ulp)
+    # x already in the dtype's grid: the same roundings as the reference
+    x = x.to(dtype).float()
+    normed, new_residual = fused_add_rms_norm(x, residual, norm.weight, EPS)
+    assert normed.dtype == dtype and new_residual is residual  # the residual sum in place
+    assert_matches(new_residual, expected_residual, rounding_steps=0)
+    assert_matches(normed, expected_normed, rounding_steps=3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_head_norm_in_place_on_a_qkv_slice(dtype, device):
     """Qwen3's q-norm: normalize each head of the q columns of the fused qkv output, in place."""
@@ -87,8 +110,8 @@ def test_rejects_bad_shapes(device):
         rms_norm(x, torch.ones(32, device=device), EPS)
     with pytest.raises(ValueError, match="8192"):
         rms_norm(torch.randn(1, 8193, device=device), torch.ones(8193, device=device), EPS)
-    with pytest.raises(TypeError, match="residual"):
-        fused_add_rms_norm(x, torch.randn(2, 64, dtype=torch.float16, device=device), torch.ones(64, device=device),
-                           EPS)
+    with pytest.raises(TypeError, match="residual"):  # a float32 x goes with any residual; others must match
+        fused_add_rms_norm(x.half(), torch.randn(2, 64, dtype=torch.bfloat16, device=device),
+                           torch.ones(64, device=device), EPS)
     with pytest.raises(ValueError, match="contiguous"):
         rms_norm(torch.randn(64, 2, device=device).t(), torch.ones(64, device=device), EPS)
