@@ -33,6 +33,13 @@ kernel's weights while the kernel before it finishes, and the loads after the wa
 is only a cache hint: what the kernel reads is unchanged. Only weights of at most L2_PREFETCH_BUDGET bytes are
 prefetched, whole (see `prefetch_bytes`).
 
+`fused_mlp` (up to FUSED_MLP_MAX_M rows) is the gated kernel with down inside (DOWN): each program multiplies
+its SiLU·mul columns by its columns of the down weight and adds the [M, hidden] partial into a float32 output
+with atomics, so down's weights stream right after the program's gate/up tile instead of waiting for the whole
+of gate/up to finish (H100, Llama-3.2-1B decode: 862 -> 897 tok/s at 1 row, 3,077 -> 3,206 at 4). The output is
+zeroed by o's decode_linear(zero=...) before, and read (rounded to the model dtype) by the next layer's
+rms_norm kernel. float32 atomics add in no fixed order: the sum can differ in its last bits from run to run.
+
 Shapes: x [M, K] with M <= 16 (last dim contiguous), residual/residual_out [M, K], norm_weight [K],
 weight [N, K] ([2I, K] gate rows then up rows when GATED), optional bias [N]; y [M, N] (or [M, I]).
 bf16/fp16 only: float32 keeps the separate kernels (tl.dot would round float32 operands to tf32).
