@@ -170,6 +170,10 @@ def record_launches() -> list:
                     acc = torch.empty(m, hidden, dtype=torch.float32)
                     norm_linear.decode_linear(x, e(hidden, hidden), weights_ahead=True, zero=acc)
                     norm_linear.fused_mlp(x, e(hidden), 1e-5, e(2 * ffn, hidden), e(hidden, ffn), acc, e(m, hidden))
+                    # its float32 output into the next q/k/v or the LM head with the norm inside
+                    norm_linear.fused_norm_linear(acc, e(hidden), 1e-5, e(128256, hidden), residual=e(m, hidden))
+                    norm_linear.fused_mlp(e(m, 576), e(576), 1e-5, e(3072, 576), e(576, 1536),
+                                          torch.empty(m, 576), e(m, 576))  # SmolLM2's narrow tiles
     finally:
         for module, name, fn in originals:
             setattr(module, name, fn)

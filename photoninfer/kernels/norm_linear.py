@@ -37,8 +37,8 @@ prefetched, whole (see `prefetch_bytes`).
 its SiLU·mul columns by its columns of the down weight and adds the [M, hidden] partial into a float32 output
 with atomics, so down's weights stream right after the program's gate/up tile instead of waiting for the whole
 of gate/up to finish (H100, Llama-3.2-1B decode: 862 -> 897 tok/s at 1 row, 3,077 -> 3,206 at 4). The output is
-zeroed by o's decode_linear(zero=...) before, and read (rounded to the model dtype) by the next layer's
-rms_norm kernel. float32 atomics add in no fixed order: the sum can differ in its last bits from run to run.
+zeroed by o's decode_linear(zero=...) before, and read (rounded to the model dtype) by the next layer's norm
+(the rms_norm kernel, or this kernel's q/k/v or LM head with the norm inside). float32 atomics add in no fixed order: the sum can differ in its last bits from run to run.
 
 Shapes: x [M, K] with M <= 16 (last dim contiguous), residual/residual_out [M, K], norm_weight [K],
 weight [N, K] ([2I, K] gate rows then up rows when GATED), optional bias [N]; y [M, N] (or [M, I]).
@@ -93,7 +93,11 @@ class NormLinearConfig:
     w_ahead: int = 0  # leading K columns of the weights loaded before the PDL wait (0 or a power of two)
 
 
-FUSED_MLP_CONFIG = NormLinearConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
+def fused_mlp_config(inter: int) -> NormLinearConfig:
+    """fused_mlp's tiles: intermediate columns a program so that ~100 programs cover the SMs (Llama-3.2-1B's 8192
+    in 128 programs of 64; Qwen3-0.6B's 3072 and SmolLM2-135M's 1536 in 96 of 32 and 16)."""
+    block_n = 64 if inter >= 8192 else 32 if inter >= 3072 else 16
+    return NormLinearConfig(block_n=block_n, block_k=128, num_warps=4, num_stages=3)
 
 
 def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = True,
@@ -241,9 +245,9 @@ def _accumulate(h, r, g, w, u, acc, acc_up, sum_sq, res_out_ptr, rows_m, cols, m
                 NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr):
     """One step over K: the residual sum h = x + r (program 0 stores it), its squares into sum_sq, and
     (h * g) @ w^T (and @ u^T when GATED) into the accumulators."""
-    dtype = h.dtype
-    if HAS_RESIDUAL:  # the reference adds in the model dtype
-        h = (h.to(tl.float32) + r.to(tl.float32)).to(dtype)
+    dtype = w.dtype  # the model dtype (x may be fused_mlp's float32 output, rounded to it first as the reference
+    if HAS_RESIDUAL:  # rounds its down projection's output; the reference adds in the model dtype)
+        h = (h.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
         mask = m_mask[:, None] & (cols < K)[None, :] & first[:, None]
         tl.store(res_out_ptr + rows_m[:, None] * ro_sm + cols[None, :], h, mask=mask)
     if NORM:
@@ -299,9 +303,10 @@ def fused_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, we
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, h): h = x + residual (x when no residual), y = rms_norm(h) * norm_weight @ weight^T (+ bias),
     and with `gated` y = silu(y[:, :I]) * y[:, I:] for weight [2I, K]. h is a new tensor when residual is
-    given (x and residual are read by every program, so it cannot be written in place)."""
+    given (x and residual are read by every program, so it cannot be written in place). With a residual, x may
+    be float32 (fused_mlp's output): it is rounded to the model dtype before the add."""
     _check(x, norm_weight, weight, bias, residual, gated)
-    h = torch.empty_like(x) if residual is not None else x
+    h = torch.empty_like(residual) if residual is not None else x
     return _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config), h
 
 
@@ -327,7 +332,7 @@ def fused_mlp(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: t
               out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, h): h = x + residual, out += silu(g) * u @ down^T with [g | u] = rms_norm(h) * norm_weight @
     gate_up^T: the whole MLP of a decode step in one kernel, for at most FUSED_MLP_MAX_M rows. Each program
-    takes FUSED_MLP_CONFIG.block_n intermediate columns through gate/up and SiLU·mul, then multiplies them by
+    takes fused_mlp_config's block_n intermediate columns through gate/up and SiLU·mul, then multiplies them by
     its columns of down and adds the partial result into `out` (float32 [M, hidden], zeroed before: o's
     decode_linear(zero=out)) with atomics, so down's weights stream without waiting for the whole of gate/up.
     The sum's order varies from run to run (float32 atomics); the reference rounds down's output to the model
@@ -343,7 +348,8 @@ def fused_mlp(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: t
     if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (m, hidden):
         raise ValueError(f"out must be a contiguous float32 [{m}, {hidden}] tensor, got {out.dtype} {tuple(out.shape)}")
     h = torch.empty_like(x)
-    _launch(x, norm_weight, eps, gate_up, None, residual, h, True, FUSED_MLP_CONFIG, down=down, out=out)
+    _launch(x, norm_weight, eps, gate_up, None, residual, h, True, fused_mlp_config(down.shape[1]), down=down,
+            out=out)
     return out, h
 
 
@@ -352,7 +358,7 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, down=
     m, k = x.shape
     n = weight.shape[0]
     n_out = n // 2 if gated else n
-    y = out if down is not None else torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    y = out if down is not None else torch.empty((m, n_out), dtype=weight.dtype, device=x.device)
     if m == 0 or n_out == 0:
         return y
     config = config or default_config(n_out, k, gated, m, norm=norm_weight is not None)
@@ -400,10 +406,11 @@ def _check(x, norm_weight, weight, bias, residual, gated) -> None:
     m, k = x.shape
     if m > MAX_M:
         raise ValueError(f"fused_norm_linear handles at most {MAX_M} rows, got {m}: run the norm and F.linear")
-    g_dtype = x.dtype if norm_weight is None else norm_weight.dtype
-    if x.dtype not in DTYPES or weight.dtype != x.dtype or g_dtype != x.dtype:
-        raise TypeError(f"fused_norm_linear takes bfloat16/float16 x, weight and norm_weight of one dtype, got "
-                        f"{x.dtype}, {weight.dtype} and {g_dtype}")
+    g_dtype = weight.dtype if norm_weight is None else norm_weight.dtype
+    x_ok = x.dtype == weight.dtype or (x.dtype == torch.float32 and residual is not None)  # fused_mlp's output
+    if weight.dtype not in DTYPES or not x_ok or g_dtype != weight.dtype:
+        raise TypeError(f"fused_norm_linear takes bfloat16/float16 x, weight and norm_weight of one dtype (x may be "
+                        f"float32 with a residual), got {x.dtype}, {weight.dtype} and {g_dtype}")
     if weight.shape[1] != k:
         raise ValueError(f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}: expected [N, {k}]")
     if norm_weight is not None:
@@ -411,8 +418,8 @@ def _check(x, norm_weight, weight, bias, residual, gated) -> None:
     if residual is not None:
         check_shape("residual", residual, (m, k))
         check_last_contiguous("residual", residual)
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+        if residual.dtype != weight.dtype:
+            raise TypeError(f"residual must have the weight's dtype {weight.dtype}, got {residual.dtype}")
     if gated:
         if weight.shape[0] % 2:
             raise ValueError(f"a gated weight stacks gate and up rows: its row count must be even, got "

@@ -69,7 +69,7 @@ class DecoderLayer(nn.Module):
         self.norm_linear = None  # kernels/norm_linear.py on CUDA (CausalLM.use_kernels)
         self.decode_linears = False  # q/k/v, o and down through norm_linear.decode_linear too (use_kernels)
         # the MLP as one norm_linear.fused_mlp kernel for up to FUSED_MLP_MAX_M rows: its float32 output goes to the
-        # next layer's norm kernel (use_kernels: every layer but the last, where that is the rms_norm kernel)
+        # next layer's norm (or the final one), which rounds it to the model dtype (use_kernels)
         self.fused_mlp = False
 
     def forward(self, x, residual, positions, rope, kv_cache, backend, meta):
@@ -170,9 +170,8 @@ class CausalLM(nn.Module):
                 module.decode_linears = decode_linears and _dense(module.self_attn.o_proj, module.mlp.down_proj)
         if self.lm_head is None or _dense(self.lm_head):
             self.norm_linear = norm_linear
-        # fused_mlp's float32 output is read by the next layer's rms_norm kernel: where q/k/v runs its norm apart
-        if norm_linear.FUSED_MLP and self.config.hidden_size > norm_linear.FUSE_QKV_MAX_K:
-            for layer in self.layers[:-1]:
+        if norm_linear.FUSED_MLP:  # o zeroes fused_mlp's accumulator: o on decode_linear too
+            for layer in self.layers:
                 layer.fused_mlp = layer.decode_linears and _dense(layer.mlp.down_proj)
 
     def use_cpu_fast_path(self) -> None:
@@ -206,7 +205,7 @@ class CausalLM(nn.Module):
         if self.fast_path:
             return self.raw_logits(self.forward(input_ids, positions, kv_caches, meta))
         x, residual = self._decoder(input_ids, positions, kv_caches, meta)
-        if not _fuses_norms(self.norm_linear, x):
+        if not _fuses_norms(self.norm_linear, x if residual is None else residual):  # x: maybe fused_mlp's float32
             x, _ = self.norm(x, residual)
             return self.raw_logits(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -201,24 +201,27 @@ def test_decode_steps_run_the_final_norm_inside_the_lm_head(make_tiny_model, dev
             assert abs(la - lb) < 0.15, (step, la, lb)
 
 
-def test_decode_steps_run_each_mlp_as_one_kernel(make_tiny_model, device, monkeypatch):
-    """bf16 decode steps of up to FUSED_MLP_MAX_M rows with fused_mlp on (as use_kernels sets it for wide models on
-    Hopper): every layer but the last runs its MLP as one kernel whose float32 output the next layer's norm kernel
-    reads, and the sampled tokens and their logprobs are those of the separate kernels."""
+@pytest.mark.parametrize("kind,fuse_qkv", [("llama3", False), ("llama3", True), ("qwen3", True)])
+def test_decode_steps_run_each_mlp_as_one_kernel(make_tiny_model, device, monkeypatch, kind, fuse_qkv):
+    """bf16 decode steps of up to FUSED_MLP_MAX_M rows with fused_mlp on (as use_kernels sets it on Hopper): every
+    layer runs its MLP as one kernel whose float32 output the next layer's norm reads (the norm kernel, or the
+    fused norm + q/k/v for short rows), and the last layer's the final norm + LM head; the sampled tokens and
+    their logprobs are those of the separate kernels."""
     from photoninfer.kernels import norm_linear
 
-    path = make_tiny_model("llama3")
+    path = make_tiny_model(kind)
     g = torch.Generator().manual_seed(21)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (20, 33)]
     params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0)
     llm = LLM(path, dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True, num_kv_blocks=64)
     on_kernels(llm)
     layers = llm.engine.runner.model.layers
-    monkeypatch.setattr(norm_linear, "FUSE_QKV_MAX_K", 0)  # q/k/v after the norm kernel, as for Llama-3.2-1B
+    if not fuse_qkv:
+        monkeypatch.setattr(norm_linear, "FUSE_QKV_MAX_K", 0)  # q/k/v after the norm kernel, as for Llama-3.2-1B
     for layer in layers:
         layer.decode_linears = True
     separate = llm.generate(prompts, params)
-    for layer in layers[:-1]:
+    for layer in layers:
         layer.fused_mlp = True
     calls = []
     original = norm_linear.fused_mlp
@@ -229,7 +232,7 @@ def test_decode_steps_run_each_mlp_as_one_kernel(make_tiny_model, device, monkey
 
     monkeypatch.setattr(norm_linear, "fused_mlp", counted)
     fused = llm.generate(prompts, params)
-    assert calls == [2] * (len(layers) - 1) * 3  # three decode steps of both sequences
+    assert calls == [2] * len(layers) * 3  # three decode steps of both sequences
     for a, b in zip(fused, separate):
         a, b = a.outputs[0], b.outputs[0]
         assert a.token_ids[:2] == b.token_ids[:2]

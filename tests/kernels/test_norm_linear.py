@@ -109,6 +109,22 @@ def test_fused_mlp_matches_the_ops_one_by_one(dtype, m, hidden, inter, device):
                                atol=float(ref.abs().max()) * rtol / 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_norm_linear_takes_fused_mlps_float32_output(dtype, device):
+    """x float32 with a residual of the model dtype: x is rounded to that dtype before the add, as the reference
+    rounds its down projection's output."""
+    x, res, g, weight, _ = make(3, 96, 128, dtype, device, seed=5)
+    x32 = x.float() + torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(device) * 1e-3
+    y, h = fused_norm_linear(x32, g, EPS, weight, residual=res)
+    ref_y, ref_h = fused_norm_linear_reference(x32.to(dtype), g, EPS, weight, residual=res)
+    assert y.dtype == h.dtype == dtype
+    x_ulp = torch.finfo(dtype).eps * float(x32.abs().max())  # the interpreter truncates x's rounding
+    assert_close_ulps(h.cpu(), ref_h.cpu(), ulps=ulps_for(dtype, 0), atol=x_ulp)
+    rtol = 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(y.cpu().double(), ref_y.cpu().double(), rtol=rtol,
+                               atol=float(ref_y.abs().max()) * rtol / 2)
+
+
 def test_fused_mlp_rejects_what_it_does_not_handle(device):
     x = torch.zeros(5, 32, dtype=torch.bfloat16, device=device)
     g = torch.ones(32, dtype=torch.bfloat16, device=device)
