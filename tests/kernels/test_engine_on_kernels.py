@@ -141,6 +141,7 @@ def test_fused_norm_linear_layers_score_as_the_separate_kernels(make_tiny_model,
     for layer in layers:
         layer.norm_linear = SimpleNamespace(MAX_M=norm_linear.MAX_M, DTYPES=norm_linear.DTYPES,
                                             FUSE_QKV_MAX_K=norm_linear.FUSE_QKV_MAX_K if fuse_qkv else 0,
+                                            FUSED_MLP_MAX_M=norm_linear.FUSED_MLP_MAX_M,
                                             fused_norm_linear=counted, decode_linear=counted_linear)
         layer.decode_linears = True
     fused = prompt_logprobs(llm, prompts)
@@ -220,6 +221,7 @@ def test_decode_steps_run_each_mlp_as_one_kernel(make_tiny_model, device, monkey
         monkeypatch.setattr(norm_linear, "FUSE_QKV_MAX_K", 0)  # q/k/v after the norm kernel, as for Llama-3.2-1B
     for layer in layers:
         layer.decode_linears = True
+        layer.fused_mlp = False  # (use_kernels turns it on where kernels launch with PDL)
     separate = llm.generate(prompts, params)
     for layer in layers:
         layer.fused_mlp = True
