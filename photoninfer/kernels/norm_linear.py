@@ -36,9 +36,10 @@ prefetched, whole (see `prefetch_bytes`).
 `fused_mlp` (up to FUSED_MLP_MAX_M rows) is the gated kernel with down inside (DOWN): each program multiplies
 its SiLU·mul columns by its columns of the down weight and adds the [M, hidden] partial into a float32 output
 with atomics, so down's weights stream right after the program's gate/up tile instead of waiting for the whole
-of gate/up to finish (H100, Llama-3.2-1B decode: 862 -> 897 tok/s at 1 row, 3,077 -> 3,206 at 4). The output is
+of gate/up to finish (H100, Llama-3.2-1B decode: 860 -> 898 tok/s at 1 row, 2,962 -> 3,133-3,225 at 4). The output is
 zeroed by o's decode_linear(zero=...) before, and read (rounded to the model dtype) by the next layer's norm
-(the rms_norm kernel, or this kernel's q/k/v or LM head with the norm inside). float32 atomics add in no fixed order: the sum can differ in its last bits from run to run.
+(the rms_norm kernel, or this kernel's q/k/v or LM head with the norm inside). float32 atomics add in no fixed
+order: the sum can differ in its last bits from run to run.
 
 Shapes: x [M, K] with M <= 16 (last dim contiguous), residual/residual_out [M, K], norm_weight [K],
 weight [N, K] ([2I, K] gate rows then up rows when GATED), optional bias [N]; y [M, N] (or [M, I]).
@@ -336,7 +337,7 @@ def fused_mlp(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: t
     its columns of down and adds the partial result into `out` (float32 [M, hidden], zeroed before: o's
     decode_linear(zero=out)) with atomics, so down's weights stream without waiting for the whole of gate/up.
     The sum's order varies from run to run (float32 atomics); the reference rounds down's output to the model
-    dtype, which the next kernel does when it reads `out` (rms_norm with a float32 x)."""
+    dtype, which the next kernel does when it reads `out` (rms_norm or fused_norm_linear with a float32 x)."""
     _check(x, norm_weight, gate_up, None, residual, True)
     m, hidden = x.shape
     if m > FUSED_MLP_MAX_M:
@@ -347,7 +348,7 @@ def fused_mlp(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: t
         raise TypeError(f"down must have x's dtype {x.dtype}, got {down.dtype}")
     if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (m, hidden):
         raise ValueError(f"out must be a contiguous float32 [{m}, {hidden}] tensor, got {out.dtype} {tuple(out.shape)}")
-    h = torch.empty_like(x)
+    h = torch.empty_like(residual)
     _launch(x, norm_weight, eps, gate_up, None, residual, h, True, fused_mlp_config(down.shape[1]), down=down,
             out=out)
     return out, h

@@ -91,7 +91,8 @@ class DecoderLayer(nn.Module):
         """Decode-sized batches: the norms (and the residual adds before them) run inside the linear layer
         that follows, and SiLU·mul inside gate/up: up to 3 kernels fewer per layer (kernels/norm_linear.py;
         q/k/v only for short rows, where it pays). With `decode_linears` the other projections run on the
-        same kernel family, so the whole layer is PDL kernels (kernels/pdl.py)."""
+        same kernel family, so the whole layer is PDL kernels (kernels/pdl.py); with `fused_mlp`, up to
+        FUSED_MLP_MAX_M rows, gate/up and down are one kernel whose float32 output the next norm takes."""
         kernels, attn, mlp = self.norm_linear, self.self_attn, self.mlp
         fused = kernels.fused_norm_linear
         linear = _decode_linear if self.decode_linears else _module_linear

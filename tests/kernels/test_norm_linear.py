@@ -128,7 +128,8 @@ def test_fused_norm_linear_takes_fused_mlps_float32_output(dtype, device):
 def test_fused_mlp_rejects_what_it_does_not_handle(device):
     x = torch.zeros(5, 32, dtype=torch.bfloat16, device=device)
     g = torch.ones(32, dtype=torch.bfloat16, device=device)
-    gate_up, down = torch.zeros(64, 32, dtype=torch.bfloat16, device=device), torch.zeros(32, 32, dtype=torch.bfloat16, device=device)
+    gate_up = torch.zeros(64, 32, dtype=torch.bfloat16, device=device)
+    down = torch.zeros(32, 32, dtype=torch.bfloat16, device=device)
     out = torch.zeros(5, 32, device=device)
     with pytest.raises(ValueError, match="at most 4 rows"):
         fused_mlp(x, g, EPS, gate_up, down, out, x)
