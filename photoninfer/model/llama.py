@@ -73,8 +73,7 @@ class DecoderLayer(nn.Module):
         self.fused_mlp = False
 
     def forward(self, x, residual, positions, rope, kv_cache, backend, meta):
-        # (the residual has the model dtype; x may be the previous layer's float32 fused_mlp output)
-        if _fuses_norms(self.norm_linear, x if residual is None else residual):
+        if _fuses_norms(self.norm_linear, x, residual):
             return self._forward_fused_norms(x, residual, positions, rope, kv_cache, backend, meta)
         x, residual = self._input_norm(x, residual)
         x = self.self_attn(x, positions, rope, kv_cache, backend, meta)
@@ -124,9 +123,11 @@ def _module_linear(kernels, layer, x, weights_ahead: bool = False):
     return layer(x)
 
 
-def _fuses_norms(kernels, x) -> bool:
-    """Whether kernels/norm_linear.py (None where not in use) takes this batch: decode-sized, bf16/fp16."""
-    return kernels is not None and x.shape[0] <= kernels.MAX_M and x.dtype in kernels.DTYPES
+def _fuses_norms(kernels, x, residual=None) -> bool:
+    """Whether kernels/norm_linear.py (None where not in use) takes this batch: decode-sized, bf16/fp16 (the model
+    dtype, the residual's: x may be the previous layer's float32 fused_mlp output)."""
+    dtype = x.dtype if residual is None else residual.dtype
+    return kernels is not None and x.shape[0] <= kernels.MAX_M and dtype in kernels.DTYPES
 
 
 def _dense(*linears) -> bool:
@@ -169,11 +170,10 @@ class CausalLM(nn.Module):
             elif isinstance(module, DecoderLayer) and _dense(module.self_attn.qkv_proj, module.mlp.gate_up_proj):
                 module.norm_linear = norm_linear
                 module.decode_linears = decode_linears and _dense(module.self_attn.o_proj, module.mlp.down_proj)
+                # o, on decode_linear, zeroes fused_mlp's accumulator
+                module.fused_mlp = norm_linear.FUSED_MLP and module.decode_linears
         if self.lm_head is None or _dense(self.lm_head):
             self.norm_linear = norm_linear
-        if norm_linear.FUSED_MLP:  # o zeroes fused_mlp's accumulator: o on decode_linear too
-            for layer in self.layers:
-                layer.fused_mlp = layer.decode_linears and _dense(layer.mlp.down_proj)
 
     def use_cpu_fast_path(self) -> None:
         """Run the forward of cpu_fast.py (packed weights on the CPU, torch attention backend)."""
@@ -206,7 +206,7 @@ class CausalLM(nn.Module):
         if self.fast_path:
             return self.raw_logits(self.forward(input_ids, positions, kv_caches, meta))
         x, residual = self._decoder(input_ids, positions, kv_caches, meta)
-        if not _fuses_norms(self.norm_linear, x if residual is None else residual):  # x: maybe fused_mlp's float32
+        if not _fuses_norms(self.norm_linear, x, residual):
             x, _ = self.norm(x, residual)
             return self.raw_logits(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
