@@ -286,9 +286,12 @@ def _project_output(seq, kv_head, worker, consumers, group, out_ptr, o_sb, o_sh,
         if kv_head == 0:
             tl.store(next_ptr + seq * next_sb + rows, tl.zeros([ROWS_O], tl.float32), mask=row_mask)
     ready = ready_ptr + seq * tl.num_programs(1) + kv_head
-    flag = tl.atomic_add(ready, 0, sem="acquire", scope="gpu")
-    while flag == 0:  # the kv head's attention programs were all scheduled before this one (lower block ids)
-        flag = tl.atomic_add(ready, 0, sem="acquire", scope="gpu")
+    # spin on plain (volatile) loads, not read-modify-writes, which would queue at the flag's L2 slice ahead of the
+    # store that sets it; the kv head's attention programs were all scheduled before this one (lower block ids)
+    flag = tl.load(ready, volatile=True)
+    while flag == 0:
+        flag = tl.load(ready, volatile=True)
+    tl.atomic_add(ready, 0, sem="acquire", scope="gpu")  # orders the loads below after the flag
     heads = kv_head * group + c // HEAD_DIM
     a = tl.load(out_ptr + seq * o_sb + heads * o_sh + c % HEAD_DIM, mask=c_mask, other=0.0, cache_modifier=".cg")
     part = tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
