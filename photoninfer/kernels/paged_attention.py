@@ -70,6 +70,7 @@ MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU
 # rows of o's output per program of the folded output projection (OutputProjection): its weight tile
 # (64 x group * head_dim: 32 KB for Llama-3.2-1B) loads into registers before the PDL wait
 O_ROWS_PER_PROGRAM = 64
+O_WEIGHTS_AHEAD = True
 # decode layers of up to FUSED_MLP_MAX_M rows fold o_proj into this kernel (model/llama.py; "0": o runs apart)
 FOLD_O_PROJ = os.environ.get("PHOTONINFER_FOLD_O", "1") != "0"
 
@@ -171,6 +172,7 @@ def _paged_decode_kernel(
     DIRECT: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, DOT_F16: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
     O_FOLD: tl.constexpr, ROWS_O: tl.constexpr, BLOCK_GD: tl.constexpr, ZERO_NEXT: tl.constexpr,
+    O_AHEAD: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -179,7 +181,7 @@ def _paged_decode_kernel(
         if O_FOLD:
             _project_output(seq, kv_head, split - num_splits, tl.num_programs(2) - num_splits, group, out_ptr, o_sb,
                             o_sh, ow_ptr, ow_sn, oacc_ptr, oacc_sb, hidden, ready_ptr, next_ptr, next_sb, HEAD_DIM,
-                            ROWS_O, BLOCK_GD, ZERO_NEXT, PDL)
+                            ROWS_O, BLOCK_GD, ZERO_NEXT, PDL, O_AHEAD)
     else:
         if PREFETCH:
             if kv_head == 0:
@@ -269,7 +271,7 @@ def _publish(ready):
 @triton.jit
 def _project_output(seq, kv_head, worker, consumers, group, out_ptr, o_sb, o_sh, w_ptr, w_sn, acc_ptr, acc_sb, hidden,
                     ready_ptr, next_ptr, next_sb, HEAD_DIM: tl.constexpr, ROWS_O: tl.constexpr,
-                    BLOCK_GD: tl.constexpr, ZERO_NEXT: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_GD: tl.constexpr, ZERO_NEXT: tl.constexpr, PDL: tl.constexpr, O_AHEAD: tl.constexpr):
     """One program of the folded output projection (O_FOLD): acc[seq, rows] += out[seq, the kv head's query heads]
     @ W[rows, their columns]^T for its ROWS_O rows of o's output, in float32 (atomics: the kv heads' shares meet
     there). Its weight tile loads before the PDL wait; it then waits for the (sequence, kv head)'s programs to
@@ -279,9 +281,13 @@ def _project_output(seq, kv_head, worker, consumers, group, out_ptr, o_sb, o_sh,
     row_mask = rows < hidden
     c = tl.arange(0, BLOCK_GD)  # the group's heads side by side: head c // HEAD_DIM, dim c % HEAD_DIM
     c_mask = c < group * HEAD_DIM
-    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * w_sn + kv_head * group * HEAD_DIM + c[None, :],
-                mask=row_mask[:, None] & c_mask[None, :], other=0.0)  # no earlier kernel writes weights
+    w_tile = w_ptr + rows[:, None].to(tl.int64) * w_sn + kv_head * group * HEAD_DIM + c[None, :]
+    w_mask = row_mask[:, None] & c_mask[None, :]
+    if O_AHEAD:  # no earlier kernel writes weights
+        w = tl.load(w_tile, mask=w_mask, other=0.0)
     pdl_begin(PDL)
+    if not O_AHEAD:  # after the wait: streams while the attention programs run, not while q/k/v's kernel does
+        w = tl.load(w_tile, mask=w_mask, other=0.0)
     if ZERO_NEXT:
         if kv_head == 0:
             tl.store(next_ptr + seq * next_sb + rows, tl.zeros([ROWS_O], tl.float32), mask=row_mask)
@@ -614,7 +620,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
         UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=pdl, PREFETCH=prefetch,
         O_FOLD=o_proj is not None, ROWS_O=O_ROWS_PER_PROGRAM,
-        BLOCK_GD=triton.next_power_of_2(group * head_dim), ZERO_NEXT=zero_next,
+        BLOCK_GD=triton.next_power_of_2(group * head_dim), ZERO_NEXT=zero_next, O_AHEAD=O_WEIGHTS_AHEAD,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl > 0,
         **({"maxnreg": max_registers} if max_registers else {}),
     )
