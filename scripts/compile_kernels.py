@@ -135,14 +135,6 @@ def record_launches() -> list:
                         for new in (None, paged_attention.NewTokens(k, v, positions, rotary, rotary, slots), qk_norm):
                             paged_attention.paged_decode_attention(q, cache, cache, tables, lens, 0.125,
                                                                    e(16, hq, head_dim), hint, new_tokens=new)
-                        if dtype != torch.float32:  # o_proj folded in (decode steps of up to 4 rows)
-                            fold = paged_attention.OutputProjection(
-                                e(hidden, hq * head_dim), torch.empty(4, hidden), torch.empty(64, dtype=torch.int32),
-                                torch.empty(4, hidden))
-                            rows = paged_attention.NewTokens(k[:4], v[:4], positions[:4], rotary, rotary, slots[:4])
-                            paged_attention.paged_decode_attention(q[:4], cache, cache, tables, lens[:4], 0.125,
-                                                                   e(4, hq, head_dim), hint, new_tokens=rows,
-                                                                   o_proj=fold)
                     if cache.dtype == torch.float8_e4m3fn:  # a batch that fills the GPU: its own tiles
                         full = 128
                         paged_attention.paged_decode_attention(
@@ -182,11 +174,6 @@ def record_launches() -> list:
                     norm_linear.fused_norm_linear(acc, e(hidden), 1e-5, e(128256, hidden), residual=e(m, hidden))
                     norm_linear.fused_mlp(e(m, 576), e(576), 1e-5, e(3072, 576), e(576, 1536),
                                           torch.empty(m, 576), e(m, 576))  # SmolLM2's narrow tiles
-                    # o folded into the decode kernel: q/k/v clear its accumulator, the MLP takes it float32
-                    norm_linear.decode_linear(x, e(3072, hidden), zero=acc)
-                    norm_linear.fused_norm_linear(e(m, 576), e(576), 1e-5, e(960, 576), residual=e(m, 576),
-                                                  zero=torch.empty(m, 576))
-                    norm_linear.fused_mlp(acc, e(hidden), 1e-5, e(2 * ffn, hidden), e(hidden, ffn), acc, e(m, hidden))
     finally:
         for module, name, fn in originals:
             setattr(module, name, fn)

@@ -135,7 +135,7 @@ def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = Tru
 @triton.jit
 def _norm_linear_kernel(
     x_ptr, res_ptr, res_out_ptr, g_ptr, w_ptr, bias_ptr, y_ptr,
-    M, N, K, eps, x_sm, r_sm, ro_sm, w_sn, y_sm, up_rows, prefetch_bytes, down_ptr, down_sn, zero_ptr, zero_n,
+    M, N, K, eps, x_sm, r_sm, ro_sm, w_sn, y_sm, up_rows, prefetch_bytes, down_ptr, down_sn, zero_ptr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
     PDL: tl.constexpr, X_AHEAD: tl.constexpr, W_AHEAD: tl.constexpr, PREFETCH: tl.constexpr,
@@ -189,9 +189,9 @@ def _norm_linear_kernel(
         rstd = tl.rsqrt(sum_sq / K + eps)
     else:
         rstd = tl.full([BLOCK_M], 1.0, tl.float32)
-    if ZERO:  # zero_ptr [M, zero_n <= N] float32: cleared for an accumulating kernel after this one
-        tl.store(zero_ptr + rows_m[:, None] * zero_n + rows_n[None, :], tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
-                 mask=m_mask[:, None] & (rows_n < zero_n)[None, :])
+    if ZERO:  # zero_ptr [M, N] float32: cleared for the accumulating kernel after this one (fused_mlp)
+        tl.store(zero_ptr + rows_m[:, None] * N + rows_n[None, :], tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                 mask=m_mask[:, None] & n_mask[None, :])
     if not GATED:
         _store_output(acc * rstd[:, None], bias_ptr, y_ptr, rows_m, rows_n, m_mask, n_mask, y_sm, HAS_BIAS)
         return
@@ -301,15 +301,14 @@ def _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, NOR
 def fused_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                       bias: Optional[torch.Tensor] = None, *, residual: Optional[torch.Tensor] = None,
                       gated: bool = False, config: Optional[NormLinearConfig] = None,
-                      zero: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, h): h = x + residual (x when no residual), y = rms_norm(h) * norm_weight @ weight^T (+ bias),
     and with `gated` y = silu(y[:, :I]) * y[:, I:] for weight [2I, K]. h is a new tensor when residual is
     given (x and residual are read by every program, so it cannot be written in place). With a residual, x may
-    be float32 (fused_mlp's output): it is rounded to the model dtype before the add. `zero` as decode_linear's."""
+    be float32 (fused_mlp's output): it is rounded to the model dtype before the add."""
     _check(x, norm_weight, weight, bias, residual, gated)
-    _check_zero(zero, x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
     h = torch.empty_like(residual) if residual is not None else x
-    return _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, zero=zero), h
+    return _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config), h
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -318,11 +317,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """x @ weight^T (+ bias) for at most MAX_M rows: the same kernel without the norm, so that a decode
     step's o and down projections are PDL kernels like their neighbours (cuBLAS's are not: each would make
     the next kernel wait for a full drain and launch). `weights_ahead` picks tiles that load the weights
-    while the kernel before is still running (default_config). `zero` (float32 [M, Z], Z at most y's width) is
-    cleared on the way: the accumulator that a later kernel adds into (fused_mlp after o, or the output projection
-    folded into the decode attention kernel after q/k/v)."""
+    while the kernel before is still running (default_config). `zero` (float32, y's shape) is cleared on the
+    way: the accumulator that the fused_mlp after o adds into."""
     _check(x, None, weight, bias, None, False)
-    _check_zero(zero, x.shape[0], weight.shape[0])
+    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()
+                             or tuple(zero.shape) != (x.shape[0], weight.shape[0])):
+        raise ValueError(f"zero must be a contiguous float32 [{x.shape[0]}, {weight.shape[0]}] tensor, got "
+                         f"{zero.dtype} {tuple(zero.shape)}")
     config = config or default_config(weight.shape[0], x.shape[1], False, x.shape[0], norm=False,
                                       weights_ahead=weights_ahead)
     return _launch(x, None, 0.0, weight, bias, None, x, False, config, zero=zero)
@@ -336,16 +337,15 @@ def fused_mlp(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: t
     its columns of down and adds the partial result into `out` (float32 [M, hidden], zeroed before: o's
     decode_linear(zero=out)) with atomics, so down's weights stream without waiting for the whole of gate/up.
     The sum's order varies from run to run (float32 atomics); the reference rounds down's output to the model
-    dtype, which the next kernel does when it reads `out` (rms_norm or fused_norm_linear with a float32 x). x may
-    itself be float32 (o_proj folded into the decode attention kernel): it is rounded to the model dtype first."""
+    dtype, which the next kernel does when it reads `out` (rms_norm or fused_norm_linear with a float32 x)."""
     _check(x, norm_weight, gate_up, None, residual, True)
     m, hidden = x.shape
     if m > FUSED_MLP_MAX_M:
         raise ValueError(f"fused_mlp handles at most {FUSED_MLP_MAX_M} rows, got {m}")
     check_shape("down", down, (hidden, gate_up.shape[0] // 2))
     check_last_contiguous("down", down)
-    if down.dtype != gate_up.dtype:
-        raise TypeError(f"down must have gate_up's dtype {gate_up.dtype}, got {down.dtype}")
+    if down.dtype != x.dtype:
+        raise TypeError(f"down must have x's dtype {x.dtype}, got {down.dtype}")
     if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (m, hidden):
         raise ValueError(f"out must be a contiguous float32 [{m}, {hidden}] tensor, got {out.dtype} {tuple(out.shape)}")
     h = torch.empty_like(residual)
@@ -375,7 +375,7 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, down=
         x, res, h, norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight,
         y, m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out, prefetch,
         down if down is not None else weight, down.stride(0) if down is not None else 0,
-        zero if zero is not None else y, zero.shape[1] if zero is not None else 0,
+        zero if zero is not None else y,
         NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
         BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k, UPCAST=interpreting(),
         PDL=pdl, X_AHEAD=config.x_ahead, W_AHEAD=config.w_ahead, PREFETCH=prefetch > 0,
@@ -397,13 +397,6 @@ def prefetch_bytes(weight: torch.Tensor, block_n: int) -> int:
             or weight.shape[0] * row_bytes > L2_PREFETCH_BUDGET):
         return 0
     return block_n * row_bytes
-
-
-def _check_zero(zero: Optional[torch.Tensor], m: int, n: int) -> None:
-    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous() or zero.dim() != 2
-                             or zero.shape[0] != m or zero.shape[1] > n):
-        raise ValueError(f"zero must be a contiguous float32 [{m}, <= {n}] tensor, got {zero.dtype} "
-                         f"{tuple(zero.shape)}")
 
 
 def _check(x, norm_weight, weight, bias, residual, gated) -> None:

@@ -37,7 +37,6 @@ Rows that see no key (seq_len 0: CUDA-graph padding) get zeros, never NaN, and r
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -67,12 +66,6 @@ FP8_WIDE_TILES_MIN_PROGRAMS = 512
 DEFAULT_BLOCK_N = 64  # keys per tile (prefill; decode picks its own: decode_tiles)
 DEFAULT_BLOCK_M = 64  # query rows per prefill program
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU
-# rows of o's output per program of the folded output projection (OutputProjection): its weight tile
-# (64 x group * head_dim: 32 KB for Llama-3.2-1B) loads into registers before the PDL wait
-O_ROWS_PER_PROGRAM = 64
-O_WEIGHTS_AHEAD = True
-# decode layers of up to FUSED_MLP_MAX_M rows fold o_proj into this kernel (model/llama.py; "0": o runs apart)
-FOLD_O_PROJ = os.environ.get("PHOTONINFER_FOLD_O", "1") != "0"
 
 
 @triton.jit
@@ -167,143 +160,84 @@ def _paged_decode_kernel(
     kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, bt_stride,
     po_sb, po_sh, po_sp, pm_sb, pm_sh, done_sb,
     kn_sb, kn_sh, vn_sb, vn_sh, cos_stride, sin_stride,
-    ow_ptr, oacc_ptr, ready_ptr, next_ptr, hidden, ow_sn, oacc_sb, next_sb,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
     DIRECT: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, DOT_F16: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-    O_FOLD: tl.constexpr, ROWS_O: tl.constexpr, BLOCK_GD: tl.constexpr, ZERO_NEXT: tl.constexpr,
-    O_AHEAD: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if split >= num_splits:  # the output projection's programs (O_FOLD grids only have them)
-        if O_FOLD:
-            _project_output(seq, kv_head, split - num_splits, tl.num_programs(2) - num_splits, group, out_ptr, o_sb,
-                            o_sh, ow_ptr, ow_sn, oacc_ptr, oacc_sb, hidden, ready_ptr, next_ptr, next_sb, HEAD_DIM,
-                            ROWS_O, BLOCK_GD, ZERO_NEXT, PDL, O_AHEAD)
-    else:
-        if PREFETCH:
-            if kv_head == 0:
-                _prefetch_span(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * bt_stride,
-                               tl.load(seq_lens_ptr + seq), split, num_splits, block_size, kc_sb, vc_sb, PARTITION)
-        pdl_begin(PDL)
-        seq_len = tl.load(seq_lens_ptr + seq)
-        span, start, end = _program_span(seq_len, split, num_splits, PARTITION)
-
-        g = tl.arange(0, BLOCK_G)
-        heads = kv_head * group + g
-        g_mask = g < group
-        d = tl.arange(0, HEAD_DIM)
-        q_rows = q_ptr + seq * q_sb + heads[:, None] * q_sh
-        block_table_row = block_tables_ptr + seq * bt_stride
-        if ROPE:  # q and the new k arrive unrotated; this step's K/V are written here, not by the RoPE kernel
-            pos = tl.load(pos_ptr + seq).to(tl.int64)
-            cos = tl.load(cos_ptr + pos * cos_stride + d % (HEAD_DIM // 2))
-            sin = tl.load(sin_ptr + pos * sin_stride + d % (HEAD_DIM // 2)) * tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
-            q = _rotated(q_rows, d[None, :], cos[None, :], sin[None, :], g_mask[:, None], q_norm_ptr, norm_eps,
-                         HEAD_DIM, QK_NORM)
-            slot = tl.load(slot_ptr + seq)
-            if (start < seq_len) & (seq_len <= start + span) & (slot >= 0):  # this program's span ends the context
-                k = _rotated(k_new_ptr + seq * kn_sb + kv_head * kn_sh, d, cos, sin, d < HEAD_DIM, k_norm_ptr,
-                             norm_eps, HEAD_DIM, QK_NORM)
-                v = tl.load(v_new_ptr + seq * vn_sb + kv_head * vn_sh + d)
-                block, offset = slot // block_size, slot % block_size
-                tl.store(k_cache_ptr + block * kc_sb + offset * kc_so + kv_head * kc_sh + d,
-                         k.to(k_cache_ptr.dtype.element_ty))
-                tl.store(v_cache_ptr + block * vc_sb + offset * vc_so + kv_head * vc_sh + d,
-                         v.to(v_cache_ptr.dtype.element_ty))
-            tl.debug_barrier()  # the block's threads see the new K/V before they load the tiles holding it
-        else:
-            q = tl.load(q_rows + d[None, :], mask=g_mask[:, None], other=0.0)
-        if DOT_F16:  # FP8 K/V widen to float16 in one instruction (to bf16 in several, with twice the registers)
-            q = q.to(tl.float16)
-
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        for n0 in range(start, end, BLOCK_N):  # every tile holds at least one valid key
-            toks = n0 + tl.arange(0, BLOCK_N)
-            valid = toks < end
-            k = _load_kv_tile(k_cache_ptr, block_table_row, toks, valid, kv_head, block_size, kc_sb, kc_so, kc_sh,
-                              HEAD_DIM)
-            s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST,
-                     PRECISION) * qk_scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
-                              HEAD_DIM).to(q.dtype)
-            m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
-
-        pdl_end(PDL)
-        result = _normalized(acc, l_i)
-        out_rows = out_ptr + seq * o_sb + heads[:, None] * o_sh + d[None, :]
-        num_parts = tl.cdiv(seq_len, span)  # the programs that see part of the context
-        if DIRECT or num_parts <= 1:  # one program holds the whole context (or none: zeros for padding)
-            if split == 0:
-                tl.store(out_rows, result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-                if O_FOLD:
-                    _publish(ready_ptr + seq * tl.num_programs(1) + kv_head)
-        elif start < seq_len:
-            parts_out = part_out_ptr + seq * po_sb + heads[:, None] * po_sh + d[None, :]
-            parts_max = part_max_ptr + seq * pm_sb + heads * pm_sh
-            parts_sum = part_sum_ptr + seq * pm_sb + heads * pm_sh
-            tl.store(parts_out + split * po_sp, result, mask=g_mask[:, None])
-            tl.store(parts_max + split, m_i, mask=g_mask)
-            tl.store(parts_sum + split, l_i, mask=g_mask)
-            tl.debug_barrier()  # all of this program's partials are stored before it counts itself done
-            done = done_ptr + seq * done_sb + kv_head
-            if tl.atomic_add(done, 1, sem="acq_rel", scope="gpu") == num_parts - 1:
-                # the last of them merges everyone's partials and re-arms the counter for the next call
-                _merge_partials(out_rows, parts_out, parts_max, parts_sum, num_parts, po_sp, g_mask, BLOCK_G,
-                                HEAD_DIM)
-                tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
-                if O_FOLD:
-                    _publish(ready_ptr + seq * tl.num_programs(1) + kv_head)
-
-
-@triton.jit
-def _publish(ready):
-    """Tells the output projection's programs of this (sequence, kv head) that its heads' output is stored."""
-    tl.debug_barrier()  # every thread's stores are issued before the flag (released at GPU scope)
-    tl.atomic_xchg(ready, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _project_output(seq, kv_head, worker, consumers, group, out_ptr, o_sb, o_sh, w_ptr, w_sn, acc_ptr, acc_sb, hidden,
-                    ready_ptr, next_ptr, next_sb, HEAD_DIM: tl.constexpr, ROWS_O: tl.constexpr,
-                    BLOCK_GD: tl.constexpr, ZERO_NEXT: tl.constexpr, PDL: tl.constexpr, O_AHEAD: tl.constexpr):
-    """One program of the folded output projection (O_FOLD): acc[seq, rows] += out[seq, the kv head's query heads]
-    @ W[rows, their columns]^T for its ROWS_O rows of o's output, in float32 (atomics: the kv heads' shares meet
-    there). Its weight tile loads before the PDL wait; it then waits for the (sequence, kv head)'s programs to
-    store their output (`_publish`). The last of the kv head's `consumers` programs re-arms the flag. With
-    ZERO_NEXT the kv-head-0 programs also clear their rows of `next` (the fused MLP's accumulator, read after)."""
-    rows = worker * ROWS_O + tl.arange(0, ROWS_O)
-    row_mask = rows < hidden
-    c = tl.arange(0, BLOCK_GD)  # the group's heads side by side: head c // HEAD_DIM, dim c % HEAD_DIM
-    c_mask = c < group * HEAD_DIM
-    w_tile = w_ptr + rows[:, None].to(tl.int64) * w_sn + kv_head * group * HEAD_DIM + c[None, :]
-    w_mask = row_mask[:, None] & c_mask[None, :]
-    if O_AHEAD:  # no earlier kernel writes weights
-        w = tl.load(w_tile, mask=w_mask, other=0.0)
-    pdl_begin(PDL)
-    if not O_AHEAD:  # after the wait: streams while the attention programs run, not while q/k/v's kernel does
-        w = tl.load(w_tile, mask=w_mask, other=0.0)
-    if ZERO_NEXT:
+    if PREFETCH:
         if kv_head == 0:
-            tl.store(next_ptr + seq * next_sb + rows, tl.zeros([ROWS_O], tl.float32), mask=row_mask)
-    ready = ready_ptr + seq * tl.num_programs(1) + kv_head
-    # spin on plain (volatile) loads, not read-modify-writes, which would queue at the flag's L2 slice ahead of the
-    # store that sets it; the kv head's attention programs were all scheduled before this one (lower block ids)
-    flag = tl.load(ready, volatile=True)
-    while flag == 0:
-        flag = tl.load(ready, volatile=True)
-    tl.atomic_add(ready, 0, sem="acquire", scope="gpu")  # orders the loads below after the flag
-    heads = kv_head * group + c // HEAD_DIM
-    a = tl.load(out_ptr + seq * o_sb + heads * o_sh + c % HEAD_DIM, mask=c_mask, other=0.0, cache_modifier=".cg")
-    part = tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
-    tl.atomic_add(acc_ptr + seq * acc_sb + rows, part, mask=row_mask, sem="relaxed")
-    if tl.atomic_add(ready, 1, sem="relaxed", scope="gpu") == consumers:  # the last reader: 0 for the next call
-        tl.atomic_xchg(ready, 0, sem="relaxed", scope="gpu")
+            _prefetch_span(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * bt_stride, tl.load(seq_lens_ptr + seq),
+                           split, num_splits, block_size, kc_sb, vc_sb, PARTITION)
+    pdl_begin(PDL)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    span, start, end = _program_span(seq_len, split, num_splits, PARTITION)
+
+    g = tl.arange(0, BLOCK_G)
+    heads = kv_head * group + g
+    g_mask = g < group
+    d = tl.arange(0, HEAD_DIM)
+    q_rows = q_ptr + seq * q_sb + heads[:, None] * q_sh
+    block_table_row = block_tables_ptr + seq * bt_stride
+    if ROPE:  # q and the new k arrive unrotated; this step's K/V are written here, not by the RoPE kernel
+        pos = tl.load(pos_ptr + seq).to(tl.int64)
+        cos = tl.load(cos_ptr + pos * cos_stride + d % (HEAD_DIM // 2))
+        sin = tl.load(sin_ptr + pos * sin_stride + d % (HEAD_DIM // 2)) * tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
+        q = _rotated(q_rows, d[None, :], cos[None, :], sin[None, :], g_mask[:, None], q_norm_ptr, norm_eps, HEAD_DIM,
+                     QK_NORM)
+        slot = tl.load(slot_ptr + seq)
+        if (start < seq_len) & (seq_len <= start + span) & (slot >= 0):  # this program's span ends the context
+            k = _rotated(k_new_ptr + seq * kn_sb + kv_head * kn_sh, d, cos, sin, d < HEAD_DIM, k_norm_ptr, norm_eps,
+                         HEAD_DIM, QK_NORM)
+            v = tl.load(v_new_ptr + seq * vn_sb + kv_head * vn_sh + d)
+            block, offset = slot // block_size, slot % block_size
+            tl.store(k_cache_ptr + block * kc_sb + offset * kc_so + kv_head * kc_sh + d,
+                     k.to(k_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + block * vc_sb + offset * vc_so + kv_head * vc_sh + d,
+                     v.to(v_cache_ptr.dtype.element_ty))
+        tl.debug_barrier()  # the block's threads see the new K/V before they load the tiles holding it
+    else:
+        q = tl.load(q_rows + d[None, :], mask=g_mask[:, None], other=0.0)
+    if DOT_F16:  # FP8 K/V widen to float16 in one instruction (to bf16 in several, with twice the registers)
+        q = q.to(tl.float16)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):  # every tile holds at least one valid key
+        toks = n0 + tl.arange(0, BLOCK_N)
+        valid = toks < end
+        k = _load_kv_tile(k_cache_ptr, block_table_row, toks, valid, kv_head, block_size, kc_sb, kc_so, kc_sh,
+                          HEAD_DIM)
+        s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST,
+                 PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
+                          HEAD_DIM).to(q.dtype)
+        m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
+
+    pdl_end(PDL)
+    result = _normalized(acc, l_i)
+    out_rows = out_ptr + seq * o_sb + heads[:, None] * o_sh + d[None, :]
+    num_parts = tl.cdiv(seq_len, span)  # the programs that see part of the context
+    if DIRECT or num_parts <= 1:  # one program holds the whole context (or none: zeros for padding)
+        if split == 0:
+            tl.store(out_rows, result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    elif start < seq_len:
+        parts_out = part_out_ptr + seq * po_sb + heads[:, None] * po_sh + d[None, :]
+        parts_max = part_max_ptr + seq * pm_sb + heads * pm_sh
+        parts_sum = part_sum_ptr + seq * pm_sb + heads * pm_sh
+        tl.store(parts_out + split * po_sp, result, mask=g_mask[:, None])
+        tl.store(parts_max + split, m_i, mask=g_mask)
+        tl.store(parts_sum + split, l_i, mask=g_mask)
+        tl.debug_barrier()  # all of this program's partials are stored before it counts itself done
+        done = done_ptr + seq * done_sb + kv_head
+        if tl.atomic_add(done, 1, sem="acq_rel", scope="gpu") == num_parts - 1:
+            # the last of them merges everyone's partials and re-arms the counter for the next call
+            _merge_partials(out_rows, parts_out, parts_max, parts_sum, num_parts, po_sp, g_mask, BLOCK_G, HEAD_DIM)
+            tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -398,41 +332,6 @@ class NewTokens:
                 t = getattr(self, name)
                 check_shape(name, t, (head_dim,))
                 check_dtype(name, t, (self.k.dtype,))
-
-
-@dataclass
-class OutputProjection:
-    """The attention layer's output projection (o_proj, no bias), folded into the decode kernel: out += attention
-    output [B, Hq * D] @ weight^T, for small decode batches whose next kernel takes a float32 input (the fused MLP).
-
-    weight [hidden, Hq * D] in q's dtype, last dim contiguous. out [B, hidden] float32, last dim contiguous, zero
-    on entry (the kernel before clears it: norm_linear's `zero=`). ready: int32 [>= B * Hkv], zero between calls
-    (the kernel re-arms it). zero: optional float32 [B, hidden] (last dim contiguous) the kernel clears on the way
-    (the accumulator of the fused MLP after it)."""
-
-    weight: torch.Tensor
-    out: torch.Tensor
-    ready: torch.Tensor
-    zero: Optional[torch.Tensor] = None
-
-    def check(self, q: torch.Tensor, num_kv_heads: int) -> None:
-        batch, heads, dim = q.shape
-        check_dim("o_proj.weight", self.weight, 2)
-        check_last_contiguous("o_proj.weight", self.weight)
-        if self.weight.dtype != q.dtype or self.weight.shape[1] != heads * dim:
-            raise ValueError(f"o_proj.weight must be [hidden, {heads * dim}] in q's dtype {q.dtype}, got "
-                             f"{self.weight.dtype} {tuple(self.weight.shape)}")
-        hidden = self.weight.shape[0]
-        for name in ("out", "zero"):
-            t = getattr(self, name)
-            if t is not None:
-                check_shape(f"o_proj.{name}", t, (batch, hidden))
-                check_dtype(f"o_proj.{name}", t, (torch.float32,))
-                check_last_contiguous(f"o_proj.{name}", t)
-        check_dtype("o_proj.ready", self.ready, (torch.int32,))
-        if not self.ready.is_contiguous() or self.ready.numel() < batch * num_kv_heads:
-            raise ValueError(f"o_proj.ready must be a contiguous int32 tensor of at least {batch * num_kv_heads} "
-                             f"(batch x kv heads) elements, got {tuple(self.ready.shape)}")
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -536,8 +435,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            max_num_partitions: Optional[int] = None, workspace: Optional[DecodeWorkspace] = None,
                            block_n: Optional[int] = None, num_warps: Optional[int] = None,
                            num_stages: Optional[int] = None, new_tokens: Optional[NewTokens] = None,
-                           max_registers: Optional[int] = None,
-                           o_proj: Optional["OutputProjection"] = None) -> torch.Tensor:
+                           max_registers: Optional[int] = None) -> torch.Tensor:
     """One query per sequence: q [B, Hq, D] attends to its sequence's seq_lens[b] cached tokens; writes out.
     With `new_tokens`, q is unrotated: the kernel rotates it and stores the step's rotated K and V itself
     (one launch instead of the RoPE kernel's and its own).
@@ -548,8 +446,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_model_len as the hint so P never changes for a captured batch size; in eager mode the batch's
     longest context saves idle programs. The hint only sizes the grid: a longer context is still attended
     whole (each program then covers several partitions). A row with seq_len 0 gets zeros.
-
-    With `o_proj` the kernel also applies the output projection (OutputProjection): o_proj.out += out @ W^T.
 
     block_n, num_warps, num_stages and max_registers (a cap on registers a thread) default to `decode_tiles`;
     given any of the first three, the cap is only what the caller gives.
@@ -568,8 +464,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     check_power_of_two("partition_size", partition_size, block_n, 1 << 20)
     if new_tokens is not None:
         new_tokens.check(batch, num_kv_heads, head_dim)
-    if o_proj is not None:
-        o_proj.check(q, num_kv_heads)
     if batch == 0:
         return out
     num_splits = decode_splits(max_seq_len_hint, partition_size,
@@ -600,12 +494,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # a lone sequence's programs ask L2 for their span's cache blocks before the PDL wait (H100, with the
     # linears' prefetch: Llama-3.2-1B 843 -> 860 tok/s, SmolLM2-135M 1,599 -> 1,618; at 16 SmolLM2 lost 22%)
     prefetch = bool(pdl) and prefetches(batch) and _whole_blocks(k_cache) and _whole_blocks(v_cache)
-    o = o_proj or OutputProjection(q, out, seq_lens)  # unused without O_FOLD
-    hidden = o.weight.shape[0] if o_proj else 0
-    workers = triton.cdiv(hidden, O_ROWS_PER_PROGRAM)  # the output projection's programs per (sequence, kv head)
-    zero_next = o_proj is not None and o_proj.zero is not None
-    next_out = o.zero if zero_next else o.out
-    _paged_decode_kernel[(batch, num_kv_heads, num_splits + workers)](
+    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, ws_out, ws_max, ws_sum, ws_done,
         new.k, new.v, new.positions, new.cos, new.sin, new.slot_mapping,
         new.q_norm_weight if qk_norm else q, new.k_norm_weight if qk_norm else q, new.norm_eps,
@@ -614,13 +503,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         *po_strides, *pm_strides, done_stride, *new_strides,
-        o.weight, o.out, o.ready, next_out, hidden, o.weight.stride(0), o.out.stride(0), next_out.stride(0),
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
-        ROPE=new_tokens is not None, QK_NORM=qk_norm,
-        DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
+        ROPE=new_tokens is not None, QK_NORM=qk_norm, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
         UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=pdl, PREFETCH=prefetch,
-        O_FOLD=o_proj is not None, ROWS_O=O_ROWS_PER_PROGRAM,
-        BLOCK_GD=triton.next_power_of_2(group * head_dim), ZERO_NEXT=zero_next, O_AHEAD=O_WEIGHTS_AHEAD,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl > 0,
         **({"maxnreg": max_registers} if max_registers else {}),
     )

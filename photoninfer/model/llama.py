@@ -34,9 +34,8 @@ class Attention(nn.Module):
         """The layer after its q/k/v projection: qkv [T, q_size + 2 kv_size] -> o_proj's output."""
         return self.o_proj(self.attention(qkv, positions, rope, kv_cache, backend, meta))
 
-    def attention(self, qkv, positions, rope: RotaryEmbedding, kv_cache, backend, meta, o_proj=None):
-        """qkv [T, q_size + 2 kv_size] -> the heads' outputs [T, q_size], o_proj's input. `o_proj` (where
-        backend.folds_o(meta)): (weight, out, zero) for the backend to add the projection into `out` too."""
+    def attention(self, qkv, positions, rope: RotaryEmbedding, kv_cache, backend, meta):
+        """qkv [T, q_size + 2 kv_size] -> the heads' outputs [T, q_size], o_proj's input."""
         num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -44,8 +43,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         # Qwen3 normalizes each head before rotating it: the backend does it (decode kernels fuse it)
         qk_norm = (self.q_norm, self.k_norm) if self.q_norm is not None else None
-        # rotates q and k, writes K/V, attends (and with o_proj projects)
-        out = backend.forward(q, k, v, positions, rope, kv_cache, meta, qk_norm, o_proj=o_proj)
+        out = backend.forward(q, k, v, positions, rope, kv_cache, meta, qk_norm)  # rotates, writes K/V, attends
         return out.reshape(num_tokens, self.q_size)
 
 
@@ -73,8 +71,6 @@ class DecoderLayer(nn.Module):
         # the MLP as one norm_linear.fused_mlp kernel for up to FUSED_MLP_MAX_M rows: its float32 output goes to the
         # next layer's norm (or the final one), which rounds it to the model dtype (use_kernels)
         self.fused_mlp = False
-        # with fused_mlp, o_proj inside the decode attention kernel, whose float32 output fused_mlp takes (use_kernels)
-        self.fold_o = False
 
     def forward(self, x, residual, positions, rope, kv_cache, backend, meta):
         if _fuses_norms(self.norm_linear, x, residual):
@@ -99,42 +95,31 @@ class DecoderLayer(nn.Module):
         kernels, attn, mlp = self.norm_linear, self.self_attn, self.mlp
         fused = kernels.fused_norm_linear
         linear = _decode_linear if self.decode_linears else _module_linear
-        rows, hidden = x.shape[0], attn.o_proj.weight.shape[0]
-        fused_mlp = self.fused_mlp and rows <= kernels.FUSED_MLP_MAX_M
-        # float32 accumulators: the fused MLP's (cleared by o), and o's where the decode kernel folds o in (cleared
-        # by q/k/v; the decode kernel then clears the MLP's)
-        mlp_out = torch.empty((rows, hidden), dtype=torch.float32, device=x.device) if fused_mlp else None
-        o_out = torch.empty_like(mlp_out) if fused_mlp and self.fold_o and backend.folds_o(meta) else None
         norm = self.input_layernorm
         if x.shape[-1] <= kernels.FUSE_QKV_MAX_K:
             qkv, residual = fused(x, norm.weight, norm.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                                  residual=residual, zero=o_out)
+                                  residual=residual)
         else:
             x, residual = self._input_norm(x, residual)
-            qkv = linear(kernels, attn.qkv_proj, x, zero=o_out)
-        if o_out is not None:
-            attn.attention(qkv, positions, rope, kv_cache, backend, meta, o_proj=(attn.o_proj.weight, o_out, mlp_out))
-            x = o_out
-        else:
-            x = attn.attention(qkv, positions, rope, kv_cache, backend, meta)
-            # o's weights load while attention runs; o clears the fused MLP's accumulator
-            x = linear(kernels, attn.o_proj, x, weights_ahead=True, zero=mlp_out)
+            qkv = linear(kernels, attn.qkv_proj, x)
+        x = attn.attention(qkv, positions, rope, kv_cache, backend, meta)
         norm = self.post_attention_layernorm
-        if fused_mlp:
-            return kernels.fused_mlp(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight, mlp_out,
+        if self.fused_mlp and x.shape[0] <= kernels.FUSED_MLP_MAX_M:
+            out = torch.empty((x.shape[0], attn.o_proj.weight.shape[0]), dtype=torch.float32, device=x.device)
+            x = kernels.decode_linear(x, attn.o_proj.weight, weights_ahead=True, zero=out)
+            return kernels.fused_mlp(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight, out,
                                      residual)
+        x = linear(kernels, attn.o_proj, x, weights_ahead=True)  # o's weights load while attention runs
         act, residual = fused(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, residual=residual, gated=True)
         return linear(kernels, mlp.down_proj, act), residual
 
 
-def _decode_linear(kernels, layer: Linear, x, weights_ahead: bool = False, zero=None):
-    """`weights_ahead` after a latency-bound kernel (attention): the weights load while it runs. `zero`: an
-    accumulator a later kernel adds into, cleared on the way."""
-    return kernels.decode_linear(x, layer.weight, layer.bias, weights_ahead=weights_ahead, zero=zero)
+def _decode_linear(kernels, layer: Linear, x, weights_ahead: bool = False):
+    """`weights_ahead` after a latency-bound kernel (attention): the weights load while it runs."""
+    return kernels.decode_linear(x, layer.weight, layer.bias, weights_ahead=weights_ahead)
 
 
-def _module_linear(kernels, layer, x, weights_ahead: bool = False, zero=None):
-    assert zero is None, "only decode_linear clears accumulators (fused_mlp and fold_o need decode_linears)"
+def _module_linear(kernels, layer, x, weights_ahead: bool = False):
     return layer(x)
 
 
@@ -170,7 +155,7 @@ class CausalLM(nn.Module):
 
     def use_kernels(self) -> None:
         """Fused Triton kernels for the norms and SiLU·mul (CUDA); the torch code stays their reference."""
-        from photoninfer.kernels import norm_linear, paged_attention
+        from photoninfer.kernels import norm_linear
         from photoninfer.kernels.pdl import use_pdl
         from photoninfer.kernels.activation import silu_and_mul as silu_and_mul_kernel
 
@@ -187,10 +172,6 @@ class CausalLM(nn.Module):
                 module.decode_linears = decode_linears and _dense(module.self_attn.o_proj, module.mlp.down_proj)
                 # o, on decode_linear, zeroes fused_mlp's accumulator
                 module.fused_mlp = norm_linear.FUSED_MLP and module.decode_linears
-                # q/k/v clear o's accumulator: no narrower than o's output
-                attn = module.self_attn
-                module.fold_o = (paged_attention.FOLD_O_PROJ and module.fused_mlp and attn.o_proj.bias is None
-                                 and attn.qkv_proj.weight.shape[0] >= attn.o_proj.weight.shape[0])
         if self.lm_head is None or _dense(self.lm_head):
             self.norm_linear = norm_linear
 

@@ -105,16 +105,10 @@ class TorchPagedAttention:
             meta.prefills.append(PrefillSlice(int(query_start[i]), int(query_start[i + 1]), slots))
         return meta
 
-    def folds_o(self, meta: TorchAttentionMetadata) -> bool:
-        """Whether forward can take the output projection (o_proj=...) for this batch: never here."""
-        return False
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rope,
-                kv_cache: torch.Tensor, meta: TorchAttentionMetadata, qk_norm=None, o_proj=None) -> torch.Tensor:
+                kv_cache: torch.Tensor, meta: TorchAttentionMetadata, qk_norm=None) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]. `qk_norm`: (q_norm, k_norm) RMSNorm modules applied
-        to each head before the rotation (Qwen3), or None. (`o_proj`: see TritonPagedAttention; folds_o.)"""
-        if o_proj is not None:
-            raise ValueError("the torch attention backend does not fold the output projection (folds_o)")
+        to each head before the rotation (Qwen3), or None."""
         if qk_norm is not None:
             q, k = qk_norm[0](q), qk_norm[1](k)
         q, k = rope(positions, q, k)
@@ -183,7 +177,6 @@ class TritonPagedAttention:
         self._attention, self._rope = paged_attention, rope
         self.num_sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 8
         self._partials: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # the decode workspace's storage
-        self._ready: Optional[torch.Tensor] = None  # the folded output projection's flags (ready_flags)
         self._retired: list = []  # storage that captured CUDA graphs may still write to: never freed
 
     def decode_partitions(self, num_seqs: int, num_kv_heads: int) -> int:
@@ -213,28 +206,12 @@ class TritonPagedAttention:
             storage[need_out + stats:need_out + 2 * stats].view(rows, heads, splits),
             done[:need_done].view(rows, num_kv_heads))
 
-    def ready_flags(self, count: int, device) -> torch.Tensor:
-        """The folded output projection's flags (paged_attention.OutputProjection.ready): zero between calls, one
-        storage whose address a CUDA graph keeps (a larger need retires it, never freed)."""
-        if self._ready is None or self._ready.numel() < count:
-            if self._ready is not None:
-                self._retired.append(self._ready)
-            self._ready = torch.zeros(max(count, 64), dtype=torch.int32, device=device)
-        return self._ready
-
-    def folds_o(self, batch: ForwardBatch) -> bool:
-        """Whether forward can take the output projection (o_proj=...): decode steps, whose kernel applies it."""
-        return batch.is_decode_only
-
     def prepare(self, batch: ForwardBatch) -> ForwardBatch:
         """The kernels read the flat batch as it is. Its max_seq_len sizes the decode grid (a CUDA graph's
         static batch carries the graph's context limit there, so one grid serves every replay)."""
         return batch
 
-    def forward(self, q, k, v, positions, rope, kv_cache, batch: ForwardBatch, qk_norm=None, o_proj=None):
-        """As TorchPagedAttention.forward. With o_proj = (weight, out, zero) on a decode step (folds_o), the decode
-        kernel also adds the output projection into `out` (float32, cleared before) and clears `zero`
-        (paged_attention.OutputProjection)."""
+    def forward(self, q, k, v, positions, rope, kv_cache, batch: ForwardBatch, qk_norm=None):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         norms = () if qk_norm is None else (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps)
@@ -243,17 +220,10 @@ class TritonPagedAttention:
             num_kv_heads = k_cache.shape[2]
             cap = self.decode_partitions(q.shape[0], num_kv_heads)
             splits = self._attention.decode_splits(batch.max_seq_len, max_num_partitions=cap)
-            fold = None
-            if o_proj is not None:
-                weight, o_out, zero = o_proj
-                ready = self.ready_flags(q.shape[0] * num_kv_heads, q.device)
-                fold = self._attention.OutputProjection(weight, o_out, ready, zero)
             self._attention.paged_decode_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale, out, batch.max_seq_len,
                 max_num_partitions=cap, new_tokens=new_tokens,
-                workspace=self.decode_workspace(q, num_kv_heads, splits) if splits > 1 else None, o_proj=fold)
-        elif o_proj is not None:
-            raise ValueError("only decode steps fold the output projection (folds_o)")
+                workspace=self.decode_workspace(q, num_kv_heads, splits) if splits > 1 else None)
         else:  # the RoPE kernel normalizes (Qwen3), rotates q and k in place and writes K/V
             self._rope.rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache,
                                          batch.slot_mapping, *norms)

@@ -202,15 +202,12 @@ def test_decode_steps_run_the_final_norm_inside_the_lm_head(make_tiny_model, dev
             assert abs(la - lb) < 0.15, (step, la, lb)
 
 
-@pytest.mark.parametrize("kind,fuse_qkv,fold_o", [("llama3", False, False), ("llama3", True, False),
-                                                   ("qwen3", True, False), ("llama3", False, True),
-                                                   ("qwen3", True, True)])
-def test_decode_steps_run_each_mlp_as_one_kernel(make_tiny_model, device, monkeypatch, kind, fuse_qkv, fold_o):
+@pytest.mark.parametrize("kind,fuse_qkv", [("llama3", False), ("llama3", True), ("qwen3", True)])
+def test_decode_steps_run_each_mlp_as_one_kernel(make_tiny_model, device, monkeypatch, kind, fuse_qkv):
     """bf16 decode steps of up to FUSED_MLP_MAX_M rows with fused_mlp on (as use_kernels sets it on Hopper): every
     layer runs its MLP as one kernel whose float32 output the next layer's norm reads (the norm kernel, or the
-    fused norm + q/k/v for short rows), and the last layer's the final norm + LM head; with fold_o the decode
-    attention kernel applies o_proj too, into the float32 input of the fused MLP (q/k/v clearing it). The sampled
-    tokens and their logprobs are those of the separate kernels."""
+    fused norm + q/k/v for short rows), and the last layer's the final norm + LM head; the sampled tokens and
+    their logprobs are those of the separate kernels."""
     from photoninfer.kernels import norm_linear
 
     path = make_tiny_model(kind)
@@ -224,29 +221,20 @@ def test_decode_steps_run_each_mlp_as_one_kernel(make_tiny_model, device, monkey
         monkeypatch.setattr(norm_linear, "FUSE_QKV_MAX_K", 0)  # q/k/v after the norm kernel, as for Llama-3.2-1B
     for layer in layers:
         layer.decode_linears = True
-        layer.fused_mlp = layer.fold_o = False  # (use_kernels turns them on where kernels launch with PDL)
+        layer.fused_mlp = False  # (use_kernels turns it on where kernels launch with PDL)
     separate = llm.generate(prompts, params)
     for layer in layers:
-        layer.fused_mlp, layer.fold_o = True, fold_o
-    calls, folded = [], []
+        layer.fused_mlp = True
+    calls = []
     original = norm_linear.fused_mlp
-    backend = llm.engine.runner.model.attention
-    forward = backend.forward
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape[0])
         return original(*args, **kwargs)
 
-    def attention(*args, o_proj=None, **kwargs):
-        folded.append(o_proj is not None)
-        return forward(*args, o_proj=o_proj, **kwargs)
-
     monkeypatch.setattr(norm_linear, "fused_mlp", counted)
-    monkeypatch.setattr(backend, "forward", attention)
     fused = llm.generate(prompts, params)
     assert calls == [2] * len(layers) * 3  # three decode steps of both sequences
-    # the prefill never folds; every decode step's layers do with fold_o
-    assert folded == [False] * len(layers) + [fold_o] * len(layers) * 3
     for a, b in zip(fused, separate):
         a, b = a.outputs[0], b.outputs[0]
         assert a.token_ids[:2] == b.token_ids[:2]

@@ -7,8 +7,7 @@ from paged_batch import make_paged_batch, tolerance
 from ulp import poisoned
 
 from photoninfer.kernels import paged_attention
-from photoninfer.kernels.paged_attention import (DecodeWorkspace, OutputProjection, paged_decode_attention,
-                                                paged_prefill_attention)
+from photoninfer.kernels.paged_attention import DecodeWorkspace, paged_decode_attention, paged_prefill_attention
 
 # Small tiles and partitions so that tiny contexts still span several blocks, tiles and partitions.
 TILES = dict(block_n=16)
@@ -226,49 +225,6 @@ def test_split_decode_re_arms_its_counters_for_the_next_call(device):
         out = decode(batch, max_seq_len_hint=160, workspace=workspace)
         torch.testing.assert_close(out, batch.expected, **tolerance(torch.float32))
         assert not workspace.done.any()
-
-
-@pytest.mark.parametrize("q_heads,kv_heads,hidden", [(8, 2, 200), (6, 2, 64), (4, 4, 130)],
-                         ids=["group4", "group3", "group1"])
-@pytest.mark.parametrize("hint,cap", [(128, None), (128, 1)], ids=["split", "direct"])
-def test_decode_folds_the_output_projection(q_heads, kv_heads, hidden, hint, cap, device):
-    """o_proj folded into the decode kernel: the attention output is unchanged; o_proj.out holds it times the
-    weight (float32 sums of each kv head's share), `zero` comes back cleared and the flags re-armed, call after
-    call (as a CUDA graph replays it); a padding row (seq_len 0) projects zeros."""
-    dtype = torch.bfloat16
-    batch = make_paged_batch([1, 37, 100], [1] * 3, q_heads, kv_heads, 64, 16, dtype, seed=hidden, device=device)
-    q = torch.cat([batch.q, torch.randn_like(batch.q[:1])])
-    tables = torch.cat([batch.block_tables, torch.zeros_like(batch.block_tables[:1])])
-    seq_lens = torch.cat([batch.seq_lens, torch.zeros_like(batch.seq_lens[:1])])
-    weight = (0.1 * torch.randn(hidden, q_heads * 64, generator=torch.Generator().manual_seed(3))).to(dtype).to(device)
-    ready = torch.zeros(4 * kv_heads + 3, dtype=torch.int32, device=device)
-    for _ in range(2):
-        projected = torch.zeros(4, hidden, device=device)
-        zero = torch.full((4, hidden), 7.0, device=device)
-        out = poisoned(tuple(q.shape), dtype, device)
-        paged_decode_attention(q, batch.k_cache, batch.v_cache, tables, seq_lens, batch.scale, out, hint,
-                               max_num_partitions=cap, partition_size=PARTITION, **TILES,
-                               o_proj=OutputProjection(weight, projected, ready, zero))
-        torch.testing.assert_close(out[:3], batch.expected, **tolerance(dtype))
-        assert torch.equal(out[3], torch.zeros_like(out[3]))
-        expected = out.reshape(4, -1).float() @ weight.float().T
-        torch.testing.assert_close(projected, expected, rtol=1e-5, atol=1e-4)
-        assert not zero.any() and not ready.any()
-
-
-def test_decode_rejects_an_output_projection_of_the_wrong_shape(device):
-    batch = make_paged_batch([5], [1], 4, 2, 64, 16, torch.bfloat16, seed=1, device=device)
-    weight = torch.zeros(32, 256, dtype=torch.bfloat16, device=device)
-    ready = torch.zeros(2, dtype=torch.int32, device=device)
-    good = dict(weight=weight, out=torch.zeros(1, 32, device=device), ready=ready)
-    for bad, match in ((dict(weight=weight[:, :128]), "hidden, 256"), (dict(weight=weight.float()), "dtype"),
-                       (dict(out=torch.zeros(1, 33, device=device)), "out"),
-                       (dict(zero=torch.zeros(1, 32, dtype=torch.bfloat16, device=device)), "zero"),
-                       (dict(ready=ready[:1]), "ready")):
-        with pytest.raises((ValueError, TypeError), match=match):
-            paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
-                                   batch.scale, torch.empty_like(batch.q), 16,
-                                   o_proj=OutputProjection(**{**good, **bad}))
 
 
 def test_backend_decode_workspace_is_one_storage_sized_once(device):
