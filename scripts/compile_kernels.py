@@ -172,9 +172,6 @@ def record_launches() -> list:
                     norm_linear.fused_mlp(x, e(hidden), 1e-5, e(2 * ffn, hidden), e(hidden, ffn), acc, e(m, hidden))
                     # its float32 output into the next q/k/v or the LM head with the norm inside
                     norm_linear.fused_norm_linear(acc, e(hidden), 1e-5, e(128256, hidden), residual=e(m, hidden))
-                    # ... which finds the greedy tokens too (each program's best column, then argmax.pick_best)
-                    norm_linear.fused_norm_linear(acc, e(hidden), 1e-5, e(128256, hidden), residual=e(m, hidden),
-                                                  argmax_out=torch.empty(m, dtype=torch.int64))
                     norm_linear.fused_mlp(e(m, 576), e(576), 1e-5, e(3072, 576), e(576, 1536),
                                           torch.empty(m, 576), e(m, 576))  # SmolLM2's narrow tiles
     finally:

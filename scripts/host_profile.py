@@ -101,12 +101,7 @@ def stub_model(runner, width: int = 64) -> None:
     table = torch.randn(vocab, min(width, vocab), generator=torch.Generator().manual_seed(0)).to(runner.device)
     runner.model.forward = lambda input_ids, positions, kv_caches, meta: input_ids
     runner.model.raw_logits = lambda hidden: table[hidden]
-
-    def logits_and_greedy(input_ids, positions, kv_caches, meta, argmax=None):  # decode steps
-        logits = table[input_ids]
-        return logits, (argmax(logits) if argmax else None)
-
-    runner.model.logits_and_greedy = logits_and_greedy
+    runner.model.all_logits = lambda input_ids, positions, kv_caches, meta: table[input_ids]  # decode steps
     runner.model.attention.prepare = lambda batch: None
     runner.graphs = None
 

@@ -85,16 +85,7 @@ def argmax_rows(logits: torch.Tensor, out: Optional[torch.Tensor] = None) -> tor
     block = min(BLOCK, triton.next_power_of_2(vocab))
     _chunk_argmax_kernel[(rows, num_chunks)](logits, best_val, best_idx, vocab, logits.stride(0), num_chunks,
                                              CHUNK=CHUNK, BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
-    return pick_best(best_val, best_idx, out)
-
-
-def pick_best(best_val: torch.Tensor, best_idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The second stage: out[r] = best_idx[r, c] of the chunk c with the largest best_val[r, c], the earliest on
-    ties (chunks hold increasing columns). best_val float32, best_idx int32: [rows, chunks], contiguous; out
-    int64 [rows]. Also the end of the LM head's arg-max (norm_linear.fused_norm_linear's argmax_out)."""
-    rows, num_chunks = best_val.shape
-    block = max(2, triton.next_power_of_2(num_chunks))
-    pdl = use_pdl(out.device, rows)
-    _pick_chunk_kernel[(rows,)](best_val, best_idx, out, num_chunks, BLOCK_C=block, PDL=pdl,
-                                num_warps=min(max(block // 512, 1), 8), launch_pdl=pdl > 0)
+    _pick_chunk_kernel[(rows,)](best_val, best_idx, out, num_chunks,
+                                BLOCK_C=max(2, triton.next_power_of_2(num_chunks)), PDL=pdl, num_warps=1,
+                                launch_pdl=pdl > 0)
     return out

@@ -59,7 +59,6 @@ import triton.language as tl
 from photoninfer.kernels import interpreting
 from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, prefetch_l2, prefetches, use_pdl
 from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
-from photoninfer.kernels.argmax import pick_best
 
 MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
 # The input norm fused into q/k/v pays for rows up to 1024 wide: on an H100 at 1 / 16 rows, SmolLM2 (576)
@@ -137,11 +136,10 @@ def default_config(n_out: int, k: int, gated: bool, m: int = 1, norm: bool = Tru
 def _norm_linear_kernel(
     x_ptr, res_ptr, res_out_ptr, g_ptr, w_ptr, bias_ptr, y_ptr,
     M, N, K, eps, x_sm, r_sm, ro_sm, w_sn, y_sm, up_rows, prefetch_bytes, down_ptr, down_sn, zero_ptr,
-    best_val_ptr, best_idx_ptr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
     PDL: tl.constexpr, X_AHEAD: tl.constexpr, W_AHEAD: tl.constexpr, PREFETCH: tl.constexpr,
-    DOWN: tl.constexpr, BLOCK_H: tl.constexpr, ZERO: tl.constexpr, ARGMAX: tl.constexpr,
+    DOWN: tl.constexpr, BLOCK_H: tl.constexpr, ZERO: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = w_ptr.dtype.element_ty  # the model dtype (fused_mlp: y_ptr is its float32 accumulator)
@@ -195,9 +193,7 @@ def _norm_linear_kernel(
         tl.store(zero_ptr + rows_m[:, None] * N + rows_n[None, :], tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
                  mask=m_mask[:, None] & n_mask[None, :])
     if not GATED:
-        y = _store_output(acc * rstd[:, None], bias_ptr, y_ptr, rows_m, rows_n, m_mask, n_mask, y_sm, HAS_BIAS)
-        if ARGMAX:
-            _best_column(y, rows_n, n_mask, rows_m, m_mask, best_val_ptr, best_idx_ptr, pid, tl.num_programs(0))
+        _store_output(acc * rstd[:, None], bias_ptr, y_ptr, rows_m, rows_n, m_mask, n_mask, y_sm, HAS_BIAS)
         return
     # gated (no bias): as the reference, gate and up rounded to the dtype, silu rounded, then the product
     gate = (acc * rstd[:, None]).to(dtype).to(tl.float32)
@@ -277,24 +273,11 @@ def _dot_t(a, w, acc, UPCAST: tl.constexpr):
 
 @triton.jit
 def _store_output(y, bias_ptr, y_ptr, rows_m, rows_n, m_mask, n_mask, y_sm, HAS_BIAS: tl.constexpr):
-    """y (+ bias) rounded to the output's dtype, stored to the valid rows and columns; returns what it stored."""
+    """y (+ bias) rounded to the output's dtype, stored to the valid rows and columns."""
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rows_m[:, None] * y_sm + rows_n[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
-    return y
-
-
-@triton.jit
-def _best_column(y, rows_n, n_mask, rows_m, m_mask, best_val_ptr, best_idx_ptr, chunk, num_chunks):
-    """Each row's largest stored value among this program's columns and its first column (ARGMAX: the first
-    stage of kernels/argmax.py's arg-max, so that a greedy step needs no pass over the logits; NaN is skipped,
-    as there). best_val, best_idx: [M, num_chunks]."""
-    v = tl.where(n_mask[None, :], y.to(tl.float32), float("-inf"))
-    value = tl.max(v, 1)
-    index = tl.min(tl.where(v == value[:, None], rows_n[None, :], 2**31 - 1), 1)
-    tl.store(best_val_ptr + rows_m * num_chunks + chunk, value, mask=m_mask)
-    tl.store(best_idx_ptr + rows_m * num_chunks + chunk, index, mask=m_mask)
+    tl.store(y_ptr + rows_m[:, None] * y_sm + rows_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -318,24 +301,14 @@ def _load_inputs(x_ptr, res_ptr, g_ptr, rows_m, cols, m_mask, K, x_sm, r_sm, NOR
 def fused_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                       bias: Optional[torch.Tensor] = None, *, residual: Optional[torch.Tensor] = None,
                       gated: bool = False, config: Optional[NormLinearConfig] = None,
-                      argmax_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, h): h = x + residual (x when no residual), y = rms_norm(h) * norm_weight @ weight^T (+ bias),
     and with `gated` y = silu(y[:, :I]) * y[:, I:] for weight [2I, K]. h is a new tensor when residual is
     given (x and residual are read by every program, so it cannot be written in place). With a residual, x may
-    be float32 (fused_mlp's output): it is rounded to the model dtype before the add.
-
-    argmax_out (int64 [M], not gated): also each row's arg-max of y, as kernels/argmax.py's argmax_rows gives it
-    (the LM head of a decode step: each program finds its columns' best, and one small kernel picks among them,
-    instead of a pass over the logits after the head)."""
+    be float32 (fused_mlp's output): it is rounded to the model dtype before the add."""
     _check(x, norm_weight, weight, bias, residual, gated)
-    if argmax_out is not None:
-        if gated:
-            raise ValueError("argmax_out is for the plain (not gated) layer, whose output is y")
-        check_shape("argmax_out", argmax_out, (x.shape[0],))
-        if argmax_out.dtype != torch.int64:
-            raise TypeError(f"argmax_out must be int64, got {argmax_out.dtype}")
     h = torch.empty_like(residual) if residual is not None else x
-    return _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, argmax_out=argmax_out), h
+    return _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config), h
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -382,7 +355,7 @@ def fused_mlp(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: t
 
 
 def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, down=None, out=None,
-            zero=None, argmax_out=None) -> torch.Tensor:
+            zero=None) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
     n_out = n // 2 if gated else n
@@ -398,24 +371,17 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, down=
     pdl = use_pdl(x.device, m)
     programs = triton.cdiv(n_out, config.block_n)
     prefetch = prefetch_bytes(weight, config.block_n) if pdl and prefetches(m) else 0
-    if argmax_out is not None:  # each program's best column of each row, then argmax.pick_best
-        best_val = torch.empty((m, programs), dtype=torch.float32, device=x.device)
-        best_idx = torch.empty((m, programs), dtype=torch.int32, device=x.device)
-    else:
-        best_val = best_idx = y  # unused
     _norm_linear_kernel[(programs,)](
         x, res, h, norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight,
         y, m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out, prefetch,
         down if down is not None else weight, down.stride(0) if down is not None else 0,
-        zero if zero is not None else y, best_val, best_idx,
+        zero if zero is not None else y,
         NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
         BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k, UPCAST=interpreting(),
         PDL=pdl, X_AHEAD=config.x_ahead, W_AHEAD=config.w_ahead, PREFETCH=prefetch > 0,
-        DOWN=down is not None, BLOCK_H=FUSED_MLP_BLOCK_H, ZERO=zero is not None, ARGMAX=argmax_out is not None,
+        DOWN=down is not None, BLOCK_H=FUSED_MLP_BLOCK_H, ZERO=zero is not None,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl > 0,
     )
-    if argmax_out is not None:
-        pick_best(best_val, best_idx, argmax_out)
     return y
 
 

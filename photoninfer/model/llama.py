@@ -201,26 +201,17 @@ class CausalLM(nn.Module):
         return x, residual
 
     def all_logits(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        """raw_logits(forward(...)): every row's logits, as a decode step needs them."""
-        return self.logits_and_greedy(input_ids, positions, kv_caches, meta)[0]
-
-    def logits_and_greedy(self, input_ids, positions, kv_caches, meta, argmax=None):
-        """(all_logits(...), each row's arg-max by `argmax`, or None without it). Decode-sized batches run the
-        final norm inside the LM head (kernels/norm_linear.py), which then finds the arg-max too: no pass over the
-        logits after the head (H100, Llama-3.2-1B: 20 us a step for its 128,256 logits)."""
+        """raw_logits(forward(...)): every row's logits, as a decode step needs them. Decode-sized batches
+        run the final norm inside the LM head (kernels/norm_linear.py)."""
         if self.fast_path:
-            logits = self.raw_logits(self.forward(input_ids, positions, kv_caches, meta))
-            return logits, (argmax(logits) if argmax else None)
+            return self.raw_logits(self.forward(input_ids, positions, kv_caches, meta))
         x, residual = self._decoder(input_ids, positions, kv_caches, meta)
         if not _fuses_norms(self.norm_linear, x, residual):
             x, _ = self.norm(x, residual)
-            logits = self.raw_logits(x)
-            return logits, (argmax(logits) if argmax else None)
+            return self.raw_logits(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        greedy = torch.empty(x.shape[0], dtype=torch.int64, device=x.device) if argmax else None
-        logits, _ = self.norm_linear.fused_norm_linear(x, self.norm.weight, self.norm.eps, head, residual=residual,
-                                                       argmax_out=greedy)
-        return logits, greedy
+        logits, _ = self.norm_linear.fused_norm_linear(x, self.norm.weight, self.norm.eps, head, residual=residual)
+        return logits
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, hidden] -> float32 logits [T, vocab]."""

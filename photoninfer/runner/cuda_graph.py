@@ -50,9 +50,10 @@ class StepGraphs:
         batch = self.builder.graph_batch(size) if kind == "decode" else self.builder.prefill_graph_batch(size)
         meta = self.attention.prepare(batch)
         if kind == "decode":
-            return self.model.logits_and_greedy(batch.input_ids, batch.positions, self.kv_caches, meta, self.argmax)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
-        logits = self.model.raw_logits(hidden[batch.logits_indices])
+            logits = self.model.all_logits(batch.input_ids, batch.positions, self.kv_caches, meta)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
+            logits = self.model.raw_logits(hidden[batch.logits_indices])
         return logits, self.argmax(logits)
 
     @torch.inference_mode()

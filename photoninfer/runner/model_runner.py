@@ -87,12 +87,12 @@ class ModelRunner:
             batch.positions = torch.cat([torch.arange(n, device=self.device) for n in q_lens])
             batch.input_ids = torch.zeros(total, dtype=torch.long, device=self.device)
             meta = self.model.attention.prepare(batch)
-            if max(q_lens) == 1:  # decode-shaped: the logits and arg-max as a decode step computes them (launch())
-                self.model.logits_and_greedy(batch.input_ids, batch.positions, self.kv_caches, meta,
-                                             self.sampler.argmax)
+            if max(q_lens) == 1:  # decode-shaped: the logits as a decode step computes them (launch())
+                logits = self.model.all_logits(batch.input_ids, batch.positions, self.kv_caches, meta)
             else:
                 hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
-                self.sampler.argmax(self.model.raw_logits(hidden[query_start[1:] - 1]))
+                logits = self.model.raw_logits(hidden[query_start[1:] - 1])
+            self.sampler.argmax(logits)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         logger.info("warmed up the kernels in %.1f s", time.perf_counter() - start)
@@ -180,8 +180,7 @@ class ModelRunner:
             meta = self.model.attention.prepare(batch)
             if not prompt_logprobs and len(sampling_seqs) == batch.num_tokens == batch.num_seqs:
                 # a decode step (every row sampled), eagerly: the same ops as its graph
-                logits, greedy_ids = self.model.logits_and_greedy(batch.input_ids, batch.positions, self.kv_caches,
-                                                                  meta, self.sampler.argmax)
+                logits = self.model.all_logits(batch.input_ids, batch.positions, self.kv_caches, meta)
             else:
                 hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
                 if prompt_logprobs:

@@ -164,41 +164,34 @@ def test_fused_norm_linear_layers_score_as_the_separate_kernels(make_tiny_model,
 
 
 def test_decode_steps_run_the_final_norm_inside_the_lm_head(make_tiny_model, device):
-    """bf16 decode steps (eager here; the graphs run the same `logits_and_greedy`): the LM head is a fused
-    norm+linear call that also finds the greedy tokens; the sampled tokens and their logprobs are those of the
-    separate final norm, head and arg-max kernel."""
+    """bf16 decode steps (eager here; the graphs run the same `all_logits`): the LM head is a fused
+    norm+linear call, and the sampled tokens' logprobs are those of the separate final norm and head."""
     from photoninfer.kernels import norm_linear
 
     path = make_tiny_model("llama3")
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (20, 33)]
     params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0)
-    plain = SamplingParams(temperature=0.0, max_tokens=4)  # greedy ids straight from the head's arg-max
     llm = LLM(path, dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True, num_kv_blocks=64)
     on_kernels(llm)
     model = llm.engine.runner.model
     heads = []
     original = norm_linear.fused_norm_linear
 
-    def counted(x, norm_weight, eps, weight, *args, argmax_out=None, **kwargs):
-        if weight is model.embed_tokens.weight or (model.lm_head is not None and weight is model.lm_head.weight):
-            heads.append(argmax_out is not None)
-        return original(x, norm_weight, eps, weight, *args, argmax_out=argmax_out, **kwargs)
+    def counted(x, norm_weight, eps, weight, *args, **kwargs):
+        heads.append(weight is model.embed_tokens.weight or (model.lm_head is not None and weight is model.lm_head.weight))
+        return original(x, norm_weight, eps, weight, *args, **kwargs)
 
     norm_linear.fused_norm_linear = counted
     try:
         fused = llm.generate(prompts, params)
-        fused_plain = llm.generate(prompts, plain)
     finally:
         norm_linear.fused_norm_linear = original
-    assert heads == [True] * 6  # three decode steps of both sequences, twice (the first tokens come from the prefill)
+    assert sum(heads) == 3  # three decode steps of both sequences (the first tokens come from the prefill)
     for layer in model.layers:
         layer.norm_linear = None
     model.norm_linear = None
     separate = llm.generate(prompts, params)
-    separate_plain = llm.generate(prompts, plain)
-    for a, b in zip(fused_plain, separate_plain):
-        assert a.outputs[0].token_ids[:2] == b.outputs[0].token_ids[:2]
     for a, b in zip(fused, separate):
         a, b = a.outputs[0], b.outputs[0]
         assert a.token_ids[:2] == b.token_ids[:2]

@@ -110,31 +110,6 @@ def test_fused_mlp_matches_the_ops_one_by_one(dtype, m, hidden, inter, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bias", [False, True])
-def test_lm_head_finds_each_rows_arg_max(dtype, bias, device):
-    """argmax_out: each row's arg-max of the stored logits, as argmax_rows finds it over them, first index on ties:
-    the best value sits in two columns of one program and of two programs (rows of the weight repeated), and in a
-    ragged last tile."""
-    from photoninfer.kernels.argmax import argmax_rows
-
-    x, res, g, weight, b = make(3, 200, 64, dtype, device, seed=17, bias=bias)
-    h = (x + res).float()
-    top = (h / h.norm(dim=1, keepdim=True)).to(dtype)  # a row of the weight along each input row scores highest
-    weight[70], weight[90], weight[199] = 4 * top[0], 4 * top[0], 4 * top[2]  # ties inside a program (32 columns)
-    weight[20], weight[150] = 4 * top[1], 4 * top[1]  # ties across programs
-    if bias:
-        b.zero_()
-    ids = torch.full((3,), -1, dtype=torch.int64, device=device)
-    y, _ = fused_norm_linear(x, g, EPS, weight, b, residual=res, argmax_out=ids,
-                             config=NormLinearConfig(block_n=32, block_k=64))
-    assert ids.tolist() == argmax_rows(y).tolist() == torch.argmax(y.float(), dim=1).tolist() == [70, 20, 199]
-    with pytest.raises(ValueError, match="gated"):
-        fused_norm_linear(x, g, EPS, weight, residual=res, gated=True, argmax_out=ids)
-    with pytest.raises(TypeError, match="int64"):
-        fused_norm_linear(x, g, EPS, weight, residual=res, argmax_out=ids.int())
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_norm_linear_takes_fused_mlps_float32_output(dtype, device):
     """x float32 with a residual of the model dtype: x is rounded to that dtype before the add, as the reference
     rounds its down projection's output."""
