@@ -27,9 +27,6 @@ directly, with no partials. Given the step's unrotated q, k, v (`NewTokens`), th
 RoPE kernel's work (saving a launch per layer): every program rotates its q heads, and the program whose
 span ends the context rotates k and stores K/V into the cache before it reads its tiles. For a lone sequence
 (pdl.prefetches) the kv-head-0 programs first ask L2 for their span's cache blocks, before the PDL wait.
-In batches of up to FIRST_TILE_AHEAD_MAX_ROWS (with new tokens) each program also loads its span's first K/V
-tile before the wait: only q and this step's K/V come from the kernel before (the new token's row is patched into
-the tile after it), so the tile's chain of loads (length, block table, tile) overlaps the q/k/v projection.
 
 Prefill: grid (S, ceil(max_query_len / BLOCK_M), Hq). Program (i, m, h) takes query rows
 [m * BLOCK_M, (m + 1) * BLOCK_M) of sequence i (positions seq_len - q_len + row) against keys
@@ -69,8 +66,6 @@ FP8_WIDE_TILES_MIN_PROGRAMS = 512
 DEFAULT_BLOCK_N = 64  # keys per tile (prefill; decode picks its own: decode_tiles)
 DEFAULT_BLOCK_M = 64  # query rows per prefill program
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU
-# decode batches of up to this many rows load each program's first K/V tile before the PDL wait (FIRST_TILE_AHEAD)
-FIRST_TILE_AHEAD_MAX_ROWS = 16
 
 
 @triton.jit
@@ -167,7 +162,7 @@ def _paged_decode_kernel(
     kn_sb, kn_sh, vn_sb, vn_sh, cos_stride, sin_stride,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
     DIRECT: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, DOT_F16: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, FIRST_TILE_AHEAD: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -176,33 +171,23 @@ def _paged_decode_kernel(
         if kv_head == 0:
             _prefetch_span(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * bt_stride, tl.load(seq_lens_ptr + seq),
                            split, num_splits, block_size, kc_sb, vc_sb, PARTITION)
-    # the step's inputs (lengths, tables, positions, slots) and the cache as earlier steps left it were written
-    # before any kernel that can still be running: they load before the PDL wait
+    pdl_begin(PDL)
     seq_len = tl.load(seq_lens_ptr + seq)
     span, start, end = _program_span(seq_len, split, num_splits, PARTITION)
+
     g = tl.arange(0, BLOCK_G)
     heads = kv_head * group + g
     g_mask = g < group
     d = tl.arange(0, HEAD_DIM)
     q_rows = q_ptr + seq * q_sb + heads[:, None] * q_sh
     block_table_row = block_tables_ptr + seq * bt_stride
-    if ROPE:
+    if ROPE:  # q and the new k arrive unrotated; this step's K/V are written here, not by the RoPE kernel
         pos = tl.load(pos_ptr + seq).to(tl.int64)
         cos = tl.load(cos_ptr + pos * cos_stride + d % (HEAD_DIM // 2))
         sin = tl.load(sin_ptr + pos * sin_stride + d % (HEAD_DIM // 2)) * tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
-        slot = tl.load(slot_ptr + seq)
-    if FIRST_TILE_AHEAD:  # the span's first tile, but for this step's token (patched in below)
-        first_toks = start + tl.arange(0, BLOCK_N)
-        first_valid = first_toks < end
-        k_first = _load_kv_tile(k_cache_ptr, block_table_row, first_toks, first_valid, kv_head, block_size, kc_sb,
-                                kc_so, kc_sh, HEAD_DIM)
-        v_first = _load_kv_tile(v_cache_ptr, block_table_row, first_toks, first_valid, kv_head, block_size, vc_sb,
-                                vc_so, vc_sh, HEAD_DIM)
-    pdl_begin(PDL)
-
-    if ROPE:  # q and the new k arrive unrotated; this step's K/V are written here, not by the RoPE kernel
         q = _rotated(q_rows, d[None, :], cos[None, :], sin[None, :], g_mask[:, None], q_norm_ptr, norm_eps, HEAD_DIM,
                      QK_NORM)
+        slot = tl.load(slot_ptr + seq)
         if (start < seq_len) & (seq_len <= start + span) & (slot >= 0):  # this program's span ends the context
             k = _rotated(k_new_ptr + seq * kn_sb + kv_head * kn_sh, d, cos, sin, d < HEAD_DIM, k_norm_ptr, norm_eps,
                          HEAD_DIM, QK_NORM)
@@ -221,26 +206,17 @@ def _paged_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    first_loaded = start
-    if FIRST_TILE_AHEAD:
-        if start < end:
-            # this step's K/V (rotated and stored above by the span-end program) into its row of the early tile
-            new_row = ((first_toks == seq_len - 1) & (slot >= 0))[:, None]
-            k_new = _rotated(k_new_ptr + seq * kn_sb + kv_head * kn_sh, d, cos, sin, d < HEAD_DIM, k_norm_ptr,
-                             norm_eps, HEAD_DIM, QK_NORM).to(k_cache_ptr.dtype.element_ty)
-            v_new = tl.load(v_new_ptr + seq * vn_sb + kv_head * vn_sh + d).to(v_cache_ptr.dtype.element_ty)
-            k_first = tl.where(new_row, k_new[None, :], k_first)
-            v_first = tl.where(new_row, v_new[None, :], v_first)
-            m_i, l_i, acc = _attend_tile(q, k_first, v_first, first_valid, m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
-        first_loaded = start + BLOCK_N
-    for n0 in range(first_loaded, end, BLOCK_N):  # every tile holds at least one valid key
+    for n0 in range(start, end, BLOCK_N):  # every tile holds at least one valid key
         toks = n0 + tl.arange(0, BLOCK_N)
         valid = toks < end
         k = _load_kv_tile(k_cache_ptr, block_table_row, toks, valid, kv_head, block_size, kc_sb, kc_so, kc_sh,
                           HEAD_DIM)
+        s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST,
+                 PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
         v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
-                          HEAD_DIM)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
+                          HEAD_DIM).to(q.dtype)
+        m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
 
     pdl_end(PDL)
     result = _normalized(acc, l_i)
@@ -262,14 +238,6 @@ def _paged_decode_kernel(
             # the last of them merges everyone's partials and re-arms the counter for the next call
             _merge_partials(out_rows, parts_out, parts_max, parts_sum, num_parts, po_sp, g_mask, BLOCK_G, HEAD_DIM)
             tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One tile of keys k [N, D] and values v [N, D] (rows not `valid` masked out) into the running softmax."""
-    s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([q.shape[0], k.shape[0]], tl.float32), UPCAST, PRECISION) * qk_scale
-    s = tl.where(valid[None, :], s, float("-inf"))
-    return _online_softmax_step(s, m_i, l_i, acc, v.to(q.dtype), UPCAST, PRECISION)
 
 
 @triton.jit
@@ -538,7 +506,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
         ROPE=new_tokens is not None, QK_NORM=qk_norm, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
         UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=pdl, PREFETCH=prefetch,
-        FIRST_TILE_AHEAD=new_tokens is not None and batch <= FIRST_TILE_AHEAD_MAX_ROWS,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl > 0,
         **({"maxnreg": max_registers} if max_registers else {}),
     )
