@@ -83,7 +83,8 @@ def test_decode_linear_matches_f_linear(dtype, m, n, k, bias, config, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,hidden,inter", [(1, 64, 128), (3, 80, 96), (4, 320, 64)])  # ragged tiles, several
+@pytest.mark.parametrize("m,hidden,inter", [(1, 64, 128), (3, 80, 96), (4, 320, 64),  # ragged tiles, several
+                                           (2, 256, 8192)])  # the widest models' tiles (fused_mlp_config)
 def test_fused_mlp_matches_the_ops_one_by_one(dtype, m, hidden, inter, device):
     """gate/up + SiLU·mul + down in one kernel, down's share of each program added into a float32 output that
     o's decode_linear cleared on the way: the decoder's ops one by one, to the roundings they make."""
