@@ -9,7 +9,8 @@ random weights of `--shape`, runs one request of 100 + 256 tokens so that the gr
 decode step (a context of ~355 tokens), then for each variant sets its module constants (`module.NAME=value`,
 modules of photoninfer.kernels or photoninfer.model; several joined by ","), captures the `--rows`-row decode graph
 again and times 5 x 200 back-to-back replays (the median). Variants run in the order given and then once more in
-reverse, so drift shows. `--trace N` prints, per variant, the first N kernels of a replay (CUPTI: start and
+reverse, so drift shows. `--prefill N` times the lone-prefill graph of N tokens instead (its static inputs then hold
+the last real prefill). `--trace N` prints, per variant, the first N kernels of a replay (CUPTI: start and
 duration in us, from the step's first kernel; with PDL a kernel starts before the one before it ends).
 """
 
@@ -53,14 +54,14 @@ def parse_variant(text: str) -> tuple[str, list[tuple[object, str, object]]]:
     return name, changes
 
 
-def capture(graphs, rows: int) -> torch.cuda.CUDAGraph:
+def capture(graphs, key) -> torch.cuda.CUDAGraph:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        graphs._forward(("decode", rows))  # compiles what the variant changed, outside the capture
+        graphs._forward(key)  # compiles what the variant changed, outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            graphs._forward(("decode", rows))
+            graphs._forward(key)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     return graph
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--rows", type=int, default=1, help="decode batch size (a captured graph size)")
     parser.add_argument("--variant", action="append", default=[], help="name[:module.NAME=value,...]")
+    parser.add_argument("--prefill", type=int, default=0,
+                        help="time the lone-prefill graph of this many tokens instead of a decode graph")
     parser.add_argument("--trace", type=int, default=0, help="print the first N kernels of a replay per variant")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -110,17 +113,18 @@ def main() -> None:
     prompts = [[rng.randrange(2, 1000) for _ in range(100)] for _ in range(args.rows)]
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True))
     graphs = llm.engine.runner.graphs
-    if graphs is None or ("decode", args.rows) not in graphs.graphs:
-        raise SystemExit(f"no captured decode graph of {args.rows} rows")
+    key = ("prefill", args.prefill) if args.prefill else ("decode", args.rows)
+    if graphs is None or key not in graphs.graphs:
+        raise SystemExit(f"no captured graph {key}")
     defaults = {(module, attr): getattr(module, attr) for _, changes in variants for module, attr, _ in changes}
     for name, changes in variants + variants[::-1]:
         for (module, attr), value in defaults.items():
             setattr(module, attr, value)
         for module, attr, value in changes:
             setattr(module, attr, value)
-        graph = capture(graphs, args.rows)
+        graph = capture(graphs, key)
         us = replay_us(graph)
-        print(f"{args.shape} rows {args.rows} {name:32s} {us:8.1f} us a step  {1e6 * args.rows / us:9.1f} tok/s",
+        print(f"{args.shape} {key[0]} {key[1]} {name:32s} {us:8.1f} us a step  {1e6 * args.rows / us:9.1f} tok/s",
               flush=True)
         if args.trace:
             print("\n".join(trace(graph, args.trace)), flush=True)

@@ -200,12 +200,17 @@ class CausalLM(nn.Module):
             x, residual = layer(x, residual, positions, self.rope, kv_cache, self.attention, meta)
         return x, residual
 
-    def all_logits(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        """raw_logits(forward(...)): every row's logits, as a decode step needs them. Decode-sized batches
-        run the final norm inside the LM head (kernels/norm_linear.py)."""
+    def all_logits(self, input_ids, positions, kv_caches, meta, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """raw_logits(forward(...)): every row's logits, as a decode step needs them, or with `rows` those rows'
+        only (a prefill's last tokens). Decode-sized batches (of rows) run the final norm inside the LM head
+        (kernels/norm_linear.py); for a lone prefill, norming only its last row there took Llama-3.2-1B's
+        128-token prefill graph from 1,443 to 1,429 us (H100)."""
         if self.fast_path:
-            return self.raw_logits(self.forward(input_ids, positions, kv_caches, meta))
+            hidden = self.forward(input_ids, positions, kv_caches, meta)
+            return self.raw_logits(hidden if rows is None else hidden[rows])
         x, residual = self._decoder(input_ids, positions, kv_caches, meta)
+        if rows is not None:
+            x, residual = x[rows], residual[rows]
         if not _fuses_norms(self.norm_linear, x, residual):
             x, _ = self.norm(x, residual)
             return self.raw_logits(x)

@@ -49,11 +49,8 @@ class StepGraphs:
         kind, size = key
         batch = self.builder.graph_batch(size) if kind == "decode" else self.builder.prefill_graph_batch(size)
         meta = self.attention.prepare(batch)
-        if kind == "decode":
-            logits = self.model.all_logits(batch.input_ids, batch.positions, self.kv_caches, meta)
-        else:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
-            logits = self.model.raw_logits(hidden[batch.logits_indices])
+        rows = None if kind == "decode" else batch.logits_indices  # a prefill: its last token's logits
+        logits = self.model.all_logits(batch.input_ids, batch.positions, self.kv_caches, meta, rows=rows)
         return logits, self.argmax(logits)
 
     @torch.inference_mode()
