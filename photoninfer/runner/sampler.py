@@ -53,7 +53,6 @@ class Sampler:
         """argmax: the row-wise arg-max of greedy batches (the Triton kernel on CUDA)."""
         self.rng = random.Random(seed)
         self.argmax = argmax
-        self.landing = HostLanding()
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
         """logits: [S, V], one row per entry of `rows`."""
@@ -65,7 +64,7 @@ class Sampler:
         head's dtype (widened to float32 here when a row needs more than an arg-max); greedy_ids: their
         arg-max if already computed (a CUDA graph computes it with the logits)."""
         if all([r.plain for r in rows]):  # the common greedy batch: what the general path below reduces to
-            return SampledTokens(greedy_ids if greedy_ids is not None else self.argmax(logits), landing=self.landing)
+            return SampledTokens(greedy_ids if greedy_ids is not None else self.argmax(logits))
         logits = logits.float()
         want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
@@ -80,9 +79,9 @@ class Sampler:
                 logits[index[:, 0], index[:, 1]] = -float("inf")
         token_ids = self._choose(logits, rows)
         if raw is None:
-            return SampledTokens(token_ids, landing=self.landing)
+            return SampledTokens(token_ids)
         return SampledTokens(token_ids, *self._logprob_tensors(token_ids, raw, want_logprobs, rows), want_logprobs,
-                             [rows[i].params.logprobs for i in want_logprobs], landing=self.landing)
+                             [rows[i].params.logprobs for i in want_logprobs])
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         chosen = torch.argmax(logits, dim=-1)
@@ -112,53 +111,24 @@ class Sampler:
         return chosen.squeeze(1), ranks, top_values, top_ids
 
 
-class HostLanding:
-    """Pinned host buffers, each with an event, that steps copy their sampled ids into: a buffer is handed out
-    by `take` and comes back by `give_back` once its ids are read, so none is written while still unread.
-
-    Why: a pinned allocation and a new event per step cost ~50 us of host time on the H100 machine (more than
-    the rest of a lone prompt's sampling), on every step's critical path. The engine keeps at most two steps'
-    ids unread (async scheduling), so two or three buffers serve it; a step whose ids are never read just
-    keeps its buffer until it is dropped."""
-
-    def __init__(self):
-        self.free: list[tuple[torch.Tensor, torch.cuda.Event]] = []
-
-    def take(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """A free buffer (at least `like`'s size and of its dtype, else a new one) and its event."""
-        numel = like.numel()
-        for i, (buffer, event) in enumerate(self.free):
-            if buffer.dtype == like.dtype and buffer.numel() >= numel:
-                return self.free.pop(i)
-        return torch.empty(max(numel, 256), dtype=like.dtype, pin_memory=True), torch.cuda.Event()
-
-    def give_back(self, slot: tuple[torch.Tensor, torch.cuda.Event]) -> None:
-        self.free.append(slot)
-
-
 class SampledTokens:
     """One step's sampled ids (and logprobs), still on the device until `results()` copies them back.
 
     `token_ids` stays on the device so that the next step can take its inputs from it without a host trip;
-    `copy_to_host()` starts the only transfer the step needs (pinned, non-blocking, into a buffer of `landing`,
-    given back once the ids are read)."""
+    `copy_to_host()` starts the only transfer the step needs (pinned, non-blocking)."""
 
     def __init__(self, token_ids: torch.Tensor, chosen=None, ranks=None, top_values=None, top_ids=None,
-                 logprob_rows: Optional[list[int]] = None, num_logprobs: Optional[list[int]] = None,
-                 *, landing: HostLanding):
+                 logprob_rows: Optional[list[int]] = None, num_logprobs: Optional[list[int]] = None):
         self.token_ids = token_ids
         self.logprobs = (chosen, ranks, top_values, top_ids)
         self.logprob_rows, self.num_logprobs = logprob_rows or [], num_logprobs or []
-        self.landing = landing
-        self._host, self._ready, self._slot = None, None, None
-        self._ids: Optional[list[int]] = None  # the ids once read
+        self._host, self._ready = None, None
 
     def copy_to_host(self) -> None:
         if self.token_ids.device.type == "cuda":
-            self._slot = self.landing.take(self.token_ids)
-            buffer, self._ready = self._slot
-            self._host = buffer[:self.token_ids.numel()].view(self.token_ids.shape)
+            self._host = torch.empty(self.token_ids.shape, dtype=self.token_ids.dtype, pin_memory=True)
             self._host.copy_(self.token_ids, non_blocking=True)
+            self._ready = torch.cuda.Event()
             self._ready.record()
 
     def results(self) -> list[SampleResult]:
@@ -169,14 +139,9 @@ class SampledTokens:
     def host_results(self) -> tuple[list[int], dict[int, SampleResult]]:
         """Waits for the device. The chosen id of every row, and the full result (logprobs) of the rows that
         asked for one, by row: most rows need no result object."""
-        if self._ids is None:
-            if self._ready is not None:
-                self._ready.synchronize()
-            self._ids = (self._host if self._host is not None else self.token_ids).tolist()
-            if self._slot is not None:  # read: the buffer may take another step's ids
-                self.landing.give_back(self._slot)
-                self._slot = self._host = None
-        ids = self._ids
+        if self._ready is not None:
+            self._ready.synchronize()
+        ids = (self._host if self._host is not None else self.token_ids).tolist()
         detailed = {}
         if self.logprob_rows:
             chosen, ranks, top_values, top_ids = (t.tolist() for t in self.logprobs)
