@@ -240,3 +240,42 @@ def test_decode_steps_run_each_mlp_as_one_kernel(make_tiny_model, device, monkey
         assert a.token_ids[:2] == b.token_ids[:2]
         la, lb = (next(iter(o.logprobs[1].values())).logprob for o in (a, b))  # a decode step's token
         assert abs(la - lb) < 0.1  # bf16 roundings apart (float32 atomics sum in another order)
+
+
+def test_lone_prefill_graph_norms_only_its_last_row_inside_the_lm_head(make_tiny_model, device, monkeypatch):
+    """bf16 lone prompts laid out for the prefill graphs (replayed eagerly here): the graph's LM head is one fused
+    norm + linear call over the sampled row alone, and the first token and its logprob are those of the separate
+    final norm and head."""
+    from photoninfer.kernels import norm_linear
+    from photoninfer.kernels.argmax import argmax_rows
+    from photoninfer.runner.cuda_graph import StepGraphs
+
+    path = make_tiny_model("llama3")
+    g = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (30, 9)]
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=0)
+    llm = LLM(path, dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True, num_kv_blocks=64)
+    on_kernels(llm)
+    runner, model = llm.engine.runner, llm.engine.runner.model
+    graphs = StepGraphs(model, runner.kv_caches, model.attention, runner.batch_builder, 4, 64, argmax_rows)
+    runner.batch_builder.clear_graph_rows()
+    runner.batch_builder.use_graphs(graphs.sizes, graphs.prefill_tokens)
+    runner.graphs = EagerReplay(graphs)
+    rows = []
+    original = norm_linear.fused_norm_linear
+
+    def counted(x, norm_weight, eps, weight, *args, **kwargs):
+        if weight is model.embed_tokens.weight or (model.lm_head is not None and weight is model.lm_head.weight):
+            rows.append(x.shape[0])
+        return original(x, norm_weight, eps, weight, *args, **kwargs)
+
+    monkeypatch.setattr(norm_linear, "fused_norm_linear", counted)
+    fused = [llm.generate([prompt], params)[0].outputs[0] for prompt in prompts]
+    assert runner.graphs.replays == [("prefill", 30, 32), ("prefill", 9, 16)]
+    assert rows == [1, 1]  # the head took the sampled row only, with the final norm inside
+    model.norm_linear = None  # the final norm kernel (on that row: it is row-wise), then the head
+    separate = [llm.generate([prompt], params)[0].outputs[0] for prompt in prompts]
+    for a, b in zip(fused, separate):
+        assert a.token_ids == b.token_ids
+        la, lb = (next(iter(o.logprobs[0].values())).logprob for o in (a, b))
+        assert abs(la - lb) < 0.15, (la, lb)  # bf16 roundings apart
