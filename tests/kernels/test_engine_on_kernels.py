@@ -25,6 +25,16 @@ def on_kernels(llm) -> None:
     model.use_kernels()
 
 
+def bf16_llama_on_kernels(make_tiny_model, device, seed: int, prompt_lens):
+    """A tiny bf16 Llama on the Triton kernels (eager steps), and random prompts of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in prompt_lens]
+    llm = LLM(make_tiny_model("llama3"), dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True,
+              num_kv_blocks=64)
+    on_kernels(llm)
+    return llm, prompts
+
+
 @pytest.mark.parametrize("kind", ["llama3", "qwen3"])
 @pytest.mark.parametrize("budget", [2048, 16], ids=["whole-prefill", "chunked"])
 def test_triton_backend_gives_the_reference_tokens(make_tiny_model, device, kind, budget):
@@ -168,12 +178,8 @@ def test_decode_steps_run_the_final_norm_inside_the_lm_head(make_tiny_model, dev
     norm+linear call, and the sampled tokens' logprobs are those of the separate final norm and head."""
     from photoninfer.kernels import norm_linear
 
-    path = make_tiny_model("llama3")
-    g = torch.Generator().manual_seed(8)
-    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (20, 33)]
+    llm, prompts = bf16_llama_on_kernels(make_tiny_model, device, 8, (20, 33))
     params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0)
-    llm = LLM(path, dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True, num_kv_blocks=64)
-    on_kernels(llm)
     model = llm.engine.runner.model
     heads = []
     original = norm_linear.fused_norm_linear
@@ -250,12 +256,8 @@ def test_lone_prefill_graph_norms_only_its_last_row_inside_the_lm_head(make_tiny
     from photoninfer.kernels.argmax import argmax_rows
     from photoninfer.runner.cuda_graph import StepGraphs
 
-    path = make_tiny_model("llama3")
-    g = torch.Generator().manual_seed(13)
-    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (30, 9)]
+    llm, prompts = bf16_llama_on_kernels(make_tiny_model, device, 13, (30, 9))
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=0)
-    llm = LLM(path, dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True, num_kv_blocks=64)
-    on_kernels(llm)
     runner, model = llm.engine.runner, llm.engine.runner.model
     graphs = StepGraphs(model, runner.kv_caches, model.attention, runner.batch_builder, 4, 64, argmax_rows)
     runner.batch_builder.clear_graph_rows()
