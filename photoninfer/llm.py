@@ -72,7 +72,7 @@ class LLM:
         request_id = str(next(self._ids))
         # n > 1: independent sequences; seeded ones get seed, seed+1, ... (mod 2**64) so they differ
         for i in range(params.n):
-            # (one choice: the request's own parameters, as they are: a copy costs ~5 us of a lone prompt's TTFT)
+            # n == 1: the request's own parameters (a copy costs ~5 us of a lone prompt's host time)
             sub = params if params.n == 1 else dataclasses.replace(params, n=1, seed=_choice_seed(params.seed, i))
             self.engine.add_request(f"{request_id}.{i}", prompt, sub, add_special_tokens=add_special_tokens)
         return request_id

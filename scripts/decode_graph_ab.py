@@ -124,8 +124,8 @@ def main() -> None:
             setattr(module, attr, value)
         graph = capture(graphs, key)
         us = replay_us(graph)
-        print(f"{args.shape} {key[0]} {key[1]} {name:32s} {us:8.1f} us a step  {1e6 * args.rows / us:9.1f} tok/s",
-              flush=True)
+        rate = f"  {1e6 * args.rows / us:9.1f} tok/s" if key[0] == "decode" else ""
+        print(f"{args.shape} {key[0]} {key[1]} {name:32s} {us:8.1f} us a step{rate}", flush=True)
         if args.trace:
             print("\n".join(trace(graph, args.trace)), flush=True)
     for (module, attr), value in defaults.items():
