@@ -55,13 +55,11 @@ def parse_variant(text: str) -> tuple[str, list[tuple[object, str, object]]]:
 
 
 def capture(graphs, key) -> torch.cuda.CUDAGraph:
+    """The step of `key` captured again with the variant's constants (compiling what they changed first)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        graphs._forward(key)  # compiles what the variant changed, outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            graphs._forward(key)
+        graph, _ = graphs.record(key, stream)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     return graph

@@ -53,6 +53,15 @@ class StepGraphs:
         logits = self.model.all_logits(batch.input_ids, batch.positions, self.kv_caches, meta, rows=rows)
         return logits, self.argmax(logits)
 
+    def record(self, key: tuple[str, int], stream: torch.cuda.Stream, pool=None):
+        """(graph, its (logits, greedy ids) outputs): one step of `key` captured on `stream`, which the caller has
+        made current, after a warm-up forward (Triton compiles outside the capture). The graph is not kept."""
+        self._forward(key)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            outputs = self._forward(key)
+        return graph, outputs
+
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
@@ -64,11 +73,7 @@ class StepGraphs:
         with torch.cuda.stream(stream):
             keys = [("prefill", t) for t in reversed(self.prefill_tokens)] + [("decode", s) for s in reversed(self.sizes)]
             for key in keys:
-                self._forward(key)  # warm-up: Triton compiles outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.outputs[key] = self._forward(key)
-                self.graphs[key] = graph
+                self.graphs[key], self.outputs[key] = self.record(key, stream, pool)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         self.builder.use_graphs(self.sizes, self.prefill_tokens)
