@@ -72,13 +72,29 @@ class EagerReplay:
         return self.graphs._forward(("prefill", batch.graph_tokens))
 
 
+def replay_eagerly(runner, max_num_seqs: int, max_context: int) -> EagerReplay:
+    """The runner's steps laid out for graphs of up to `max_num_seqs` rows and `max_context` tokens (as capture()
+    leaves the builder), each run eagerly by an EagerReplay that becomes the runner's graphs."""
+    from photoninfer.kernels.argmax import argmax_rows
+    from photoninfer.runner.cuda_graph import StepGraphs
+
+    model = runner.model
+    graphs = StepGraphs(model, runner.kv_caches, model.attention, runner.batch_builder, max_num_seqs, max_context,
+                        argmax_rows)
+    runner.batch_builder.clear_graph_rows()
+    runner.batch_builder.use_graphs(graphs.sizes, graphs.prefill_tokens)
+    runner.graphs = EagerReplay(graphs)
+    return runner.graphs
+
+
+def is_lm_head(model, weight) -> bool:
+    return weight is model.embed_tokens.weight or (model.lm_head is not None and weight is model.lm_head.weight)
+
+
 def test_steps_laid_out_for_graphs_give_the_reference_tokens(make_tiny_model, device):
     """Decode batches padded to the captured sizes and lone prefills padded to the captured token counts,
     block tables at the graphs' fixed width, inputs read from the builder's static buffers, tokens taken from
     the previous step on the device (async)."""
-    from photoninfer.kernels.argmax import argmax_rows
-    from photoninfer.runner.cuda_graph import StepGraphs
-
     path = make_tiny_model("llama3")
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 30, 7, 12, 50)]
@@ -93,11 +109,7 @@ def test_steps_laid_out_for_graphs_give_the_reference_tokens(make_tiny_model, de
     on_kernels(fast)
     runner = fast.engine.runner
     runner._warm_up(40)  # the start-up warm-up (CUDA) writes no K/V: the tokens below must not change
-    graphs = StepGraphs(runner.model, runner.kv_caches, runner.model.attention, runner.batch_builder, 8, 96,
-                        argmax_rows)
-    runner.batch_builder.clear_graph_rows()
-    runner.batch_builder.use_graphs(graphs.sizes, graphs.prefill_tokens)
-    runner.graphs = EagerReplay(graphs)
+    graphs = replay_eagerly(runner, 8, 96).graphs
     assert (generate(fast, prompts)[0], generate(fast, prompts[1:2])[0]) == expected
     assert [o.outputs[0].token_ids for o in fast.generate(prompts, plain)] == expected_plain
     assert graphs.sizes == [1, 2, 4, 8] and graphs.prefill_tokens == [16, 32, 64]
@@ -185,7 +197,7 @@ def test_decode_steps_run_the_final_norm_inside_the_lm_head(make_tiny_model, dev
     original = norm_linear.fused_norm_linear
 
     def counted(x, norm_weight, eps, weight, *args, **kwargs):
-        heads.append(weight is model.embed_tokens.weight or (model.lm_head is not None and weight is model.lm_head.weight))
+        heads.append(is_lm_head(model, weight))
         return original(x, norm_weight, eps, weight, *args, **kwargs)
 
     norm_linear.fused_norm_linear = counted
@@ -253,27 +265,22 @@ def test_lone_prefill_graph_norms_only_its_last_row_inside_the_lm_head(make_tiny
     norm + linear call over the sampled row alone, and the first token and its logprob are those of the separate
     final norm and head."""
     from photoninfer.kernels import norm_linear
-    from photoninfer.kernels.argmax import argmax_rows
-    from photoninfer.runner.cuda_graph import StepGraphs
 
     llm, prompts = bf16_llama_on_kernels(make_tiny_model, device, 13, (30, 9))
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=0)
     runner, model = llm.engine.runner, llm.engine.runner.model
-    graphs = StepGraphs(model, runner.kv_caches, model.attention, runner.batch_builder, 4, 64, argmax_rows)
-    runner.batch_builder.clear_graph_rows()
-    runner.batch_builder.use_graphs(graphs.sizes, graphs.prefill_tokens)
-    runner.graphs = EagerReplay(graphs)
+    replay = replay_eagerly(runner, 4, 64)
     rows = []
     original = norm_linear.fused_norm_linear
 
     def counted(x, norm_weight, eps, weight, *args, **kwargs):
-        if weight is model.embed_tokens.weight or (model.lm_head is not None and weight is model.lm_head.weight):
+        if is_lm_head(model, weight):
             rows.append(x.shape[0])
         return original(x, norm_weight, eps, weight, *args, **kwargs)
 
     monkeypatch.setattr(norm_linear, "fused_norm_linear", counted)
     fused = [llm.generate([prompt], params)[0].outputs[0] for prompt in prompts]
-    assert runner.graphs.replays == [("prefill", 30, 32), ("prefill", 9, 16)]
+    assert replay.replays == [("prefill", 30, 32), ("prefill", 9, 16)]
     assert rows == [1, 1]  # the head took the sampled row only, with the final norm inside
     model.norm_linear = None  # the final norm kernel (on that row: it is row-wise), then the head
     separate = [llm.generate([prompt], params)[0].outputs[0] for prompt in prompts]
