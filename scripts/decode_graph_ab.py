@@ -7,7 +7,7 @@ Why: separate bench processes of the same code differ by up to 5% on the lent H1
 session), which hides most kernel changes; re-capturing the graph in one process does not. Starts the engine on
 random weights of `--shape`, runs one request of 100 + 256 tokens so that the graph's static inputs hold a real
 decode step (a context of ~355 tokens), then for each variant sets its module constants (`module.NAME=value`,
-modules of photoninfer.kernels or photoninfer.model; several joined by ","), captures the `--rows`-row decode graph
+modules of photoninfer.kernels or photoninfer.model; several joined by ","; values are Python literals), captures the `--rows`-row decode graph
 again and times 5 x 200 back-to-back replays (the median). Variants run in the order given and then once more in
 reverse, so drift shows. `--prefill N` times the lone-prefill graph of N tokens instead (its static inputs then hold
 the last real prefill). `--trace N` prints, per variant, the first N kernels of a replay (CUPTI: start and
@@ -21,6 +21,7 @@ import ast
 import importlib
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -37,7 +38,7 @@ def parse_variant(text: str) -> tuple[str, list[tuple[object, str, object]]]:
     """"name:module.NAME=value,module.NAME=value" -> (name, [(module, NAME, value)])."""
     name, _, sets = text.partition(":")
     changes = []
-    for item in filter(None, sets.split(",")):
+    for item in filter(None, re.split(r",(?=[\w.]+=)", sets)):  # a value may hold commas: "(16, 512)"
         target, _, value = item.partition("=")
         module_name, _, attr = target.rpartition(".")
         for package in ("photoninfer.kernels", "photoninfer.model"):

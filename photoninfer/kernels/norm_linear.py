@@ -31,7 +31,9 @@ PREFETCH (launches with PDL on Hopper): before its PDL wait, each program asks t
 of its weight tile into L2 (`cp.async.bulk.prefetch.L2`, one instruction, no registers), so DRAM streams this
 kernel's weights while the kernel before it finishes, and the loads after the wait start from L2. The prefetch
 is only a cache hint: what the kernel reads is unchanged. Only weights of at most L2_PREFETCH_BUDGET bytes are
-prefetched, whole (see `prefetch_bytes`).
+prefetched, whole (see `prefetch_bytes`). Larger weights get the start of each row instead, the part the loop reads first
+(ROW_PREFETCH: fused_mlp's gate/up, while o finishes), and o also asks for the start of each of the MLP's rows
+while attention runs where its own weights leave room (NEXT_BYTES, `next_rows_bytes`).
 
 `fused_mlp` (up to FUSED_MLP_MAX_M rows) is the gated kernel with down inside (DOWN): each program multiplies
 its SiLU·mul columns by its columns of the down weight and adds the [M, hidden] partial into a float32 output
@@ -57,7 +59,7 @@ import triton
 import triton.language as tl
 
 from photoninfer.kernels import interpreting
-from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, prefetch_l2, prefetches, use_pdl
+from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, prefetch_l2, prefetch_l2_each, prefetches, use_pdl
 from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
 
 MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
@@ -80,6 +82,17 @@ DTYPES = (torch.bfloat16, torch.float16)
 FUSED_MLP_MAX_M = 4
 FUSED_MLP = os.environ.get("PHOTONINFER_FUSED_MLP", "1") != "0"  # "0": gate/up and down as two kernels (comparison)
 FUSED_MLP_BLOCK_H = 256  # down's output rows per step of its loop
+# Row starts asked of L2 before a PDL wait (pdl.prefetch_l2_each; one-row steps, pdl.prefetches), H100 decode graphs
+# at 1 row (scripts/decode_graph_ab.py, docs/benchmarks.md, eleventh session):
+# - fused_mlp's programs: the first MLP_ROW_PREFETCH bytes of each of their gate and up rows, which their loop reads
+#   first, while o finishes. Llama-3.2-1B 1,102-1,107 -> 1,086-1,088 us a step (384 and 640 alike; 256: 1,091;
+#   1,024: 1,115 and 2,048: 1,180, where the prefetch slows o); Qwen3-0.6B and SmolLM2-135M within noise.
+MLP_ROW_PREFETCH = 512
+# - o's programs, while attention runs: besides their own weights (PREFETCH), an equal share of each of the MLP's
+#   gate/up rows, within NEXT_ROWS_BUDGET bytes in all (next_rows_bytes). Qwen3-0.6B 955-966 -> 930 us (1,024 bytes a
+#   row; 512: 935, 2,048: 942). Llama-3.2-1B's o alone is 8.4 MB and leaves it none (512 bytes a row: 1,084 ->
+#   1,093); whole rows lost for SmolLM2-135M (578-580 -> 582-583 us), so at most half of each.
+NEXT_ROWS_BUDGET = 11 << 20
 # decode steps run q/k/v (where not fused), o and down through decode_linear rather than cuBLAS
 DECODE_LINEARS = os.environ.get("PHOTONINFER_DECODE_LINEARS", "1") != "0"
 
@@ -142,7 +155,8 @@ def _norm_linear_kernel(
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
     PDL: tl.constexpr, X_AHEAD: tl.constexpr, W_AHEAD: tl.constexpr, PREFETCH: tl.constexpr,
-    DOWN: tl.constexpr, BLOCK_H: tl.constexpr, ZERO: tl.constexpr,
+    DOWN: tl.constexpr, BLOCK_H: tl.constexpr, ZERO: tl.constexpr, ROW_PREFETCH: tl.constexpr,
+    next_ptr, next_sn, next_rows, NEXT_ROWS: tl.constexpr, NEXT_BYTES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = w_ptr.dtype.element_ty  # the model dtype (fused_mlp: y_ptr is its float32 accumulator)
@@ -159,6 +173,16 @@ def _norm_linear_kernel(
         prefetch_l2(tile, nbytes)
         if GATED:
             prefetch_l2(tile + up_rows * w_sn, nbytes)
+    if ROW_PREFETCH > 0:  # the start of each of its weight rows: what its loop reads first
+        starts = w_ptr + tl.where(n_mask, rows_n, 0).to(tl.int64) * w_sn
+        nbytes = tl.zeros_like(rows_n) + ROW_PREFETCH
+        prefetch_l2_each(starts, nbytes)
+        if GATED:
+            prefetch_l2_each(starts + up_rows * w_sn, nbytes)
+    if NEXT_BYTES > 0:  # the start of NEXT_ROWS rows of a later kernel's weight (o: the MLP's gate/up)
+        rows = pid * NEXT_ROWS + tl.arange(0, NEXT_ROWS)
+        rows = tl.where(rows < next_rows, rows, 0).to(tl.int64)
+        prefetch_l2_each(next_ptr + rows * next_sn, tl.zeros_like(rows).to(tl.int32) + NEXT_BYTES)
     if W_AHEAD > 0:  # no earlier kernel writes the weights: their first columns load while this one waits
         w_first, u_first = _load_weights(w_rows, up_rows * w_sn, tl.arange(0, W_AHEAD), n_mask, K, GATED)
     pdl_begin(PDL)
@@ -316,12 +340,13 @@ def fused_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, we
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                   config: Optional[NormLinearConfig] = None, weights_ahead: bool = False,
-                  zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  zero: Optional[torch.Tensor] = None, next_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight^T (+ bias) for at most MAX_M rows: the same kernel without the norm, so that a decode
     step's o and down projections are PDL kernels like their neighbours (cuBLAS's are not: each would make
     the next kernel wait for a full drain and launch). `weights_ahead` picks tiles that load the weights
     while the kernel before is still running (default_config). `zero` (float32, y's shape) is cleared on the
-    way: the accumulator that the fused_mlp after o adds into."""
+    way: the accumulator that the fused_mlp after o adds into. `next_weight` (the fused_mlp's gate/up): the
+    start of each of its rows is asked of L2 with this kernel's own weights (next_rows_bytes), a cache hint only."""
     _check(x, None, weight, bias, None, False)
     if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()
                              or tuple(zero.shape) != (x.shape[0], weight.shape[0])):
@@ -329,7 +354,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                          f"{zero.dtype} {tuple(zero.shape)}")
     config = config or default_config(weight.shape[0], x.shape[1], False, x.shape[0], norm=False,
                                       weights_ahead=weights_ahead)
-    return _launch(x, None, 0.0, weight, bias, None, x, False, config, zero=zero)
+    return _launch(x, None, 0.0, weight, bias, None, x, False, config, zero=zero, next_weight=next_weight)
 
 
 def fused_mlp(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: torch.Tensor, down: torch.Tensor,
@@ -353,12 +378,12 @@ def fused_mlp(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: t
         raise ValueError(f"out must be a contiguous float32 [{m}, {hidden}] tensor, got {out.dtype} {tuple(out.shape)}")
     h = torch.empty_like(residual)
     _launch(x, norm_weight, eps, gate_up, None, residual, h, True, fused_mlp_config(down.shape[1]), down=down,
-            out=out)
+            out=out, row_prefetch=MLP_ROW_PREFETCH)
     return out, h
 
 
 def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, down=None, out=None,
-            zero=None) -> torch.Tensor:
+            zero=None, row_prefetch=0, next_weight=None) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
     n_out = n // 2 if gated else n
@@ -374,6 +399,8 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, down=
     pdl = use_pdl(x.device, m)
     programs = triton.cdiv(n_out, config.block_n)
     prefetch = prefetch_bytes(weight, config.block_n) if pdl and prefetches(m) else 0
+    hints = pdl and prefetches(m)
+    next_bytes = next_rows_bytes(next_weight, NEXT_ROWS_BUDGET - prefetch * programs) if hints else 0
     _norm_linear_kernel[(programs,)](
         x, res, h, norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight,
         y, m, n_out, k, eps, x.stride(0), res.stride(0), h.stride(0), weight.stride(0), y.stride(0), n_out, prefetch,
@@ -383,9 +410,32 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, down=
         BLOCK_M=MAX_M, BLOCK_N=config.block_n, BLOCK_K=config.block_k, UPCAST=interpreting(),
         PDL=pdl, X_AHEAD=config.x_ahead, W_AHEAD=config.w_ahead, PREFETCH=prefetch > 0,
         DOWN=down is not None, BLOCK_H=FUSED_MLP_BLOCK_H, ZERO=zero is not None,
+        ROW_PREFETCH=_row_start_bytes(weight, row_prefetch) if hints else 0,
+        next_ptr=next_weight if next_bytes else weight, next_sn=next_weight.stride(0) if next_bytes else 0,
+        next_rows=next_weight.shape[0] if next_bytes else 0,
+        NEXT_ROWS=triton.next_power_of_2(triton.cdiv(next_weight.shape[0], programs)) if next_bytes else 1,
+        NEXT_BYTES=next_bytes,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl > 0,
     )
     return y
+
+
+def _row_start_bytes(weight: torch.Tensor, nbytes: int) -> int:
+    """nbytes at the start of each row, at most the row, in 16-byte units; 0 where the rows are not each one 16-byte
+    aligned run (what a bulk prefetch needs)."""
+    row_bytes = weight.shape[1] * weight.element_size()
+    if weight.stride(1) != 1 or weight.data_ptr() % 16 or (weight.stride(0) * weight.element_size()) % 16:
+        return 0
+    return min(nbytes, row_bytes) // 16 * 16
+
+
+def next_rows_bytes(weight: Optional[torch.Tensor], budget: int) -> int:
+    """Bytes at the start of each row of `weight` prefetched by the kernel before it (NEXT_ROWS_BUDGET): the most
+    that fits `budget`, at most half a row, a power of two and at least 256 (else 0: none)."""
+    if weight is None:
+        return 0
+    share = min(max(budget, 0) // weight.shape[0], weight.shape[1] * weight.element_size() // 2)
+    return _row_start_bytes(weight, 1 << (share.bit_length() - 1)) if share >= 256 else 0
 
 
 def prefetch_bytes(weight: torch.Tensor, block_n: int) -> int:

@@ -104,3 +104,12 @@ def prefetch_l2(start, nbytes):
         "setp.eq.u32 %pf_first, %pf_tid, 0;\n"
         "@%pf_first cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
         "=r,l,r", [start, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_l2_each(starts, nbytes):
+    """prefetch_l2 for every address of the tensor `starts` (each 16-byte aligned, `nbytes` a multiple of 16), issued
+    by the threads that hold them (a thread holding several issues each; copies held by several threads repeat)."""
+    tl.inline_asm_elementwise(
+        "{\ncp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
+        "=r,l,r", [starts, nbytes], dtype=tl.int32, is_pure=False, pack=1)

@@ -106,7 +106,8 @@ class DecoderLayer(nn.Module):
         norm = self.post_attention_layernorm
         if self.fused_mlp and x.shape[0] <= kernels.FUSED_MLP_MAX_M:
             out = torch.empty((x.shape[0], attn.o_proj.weight.shape[0]), dtype=torch.float32, device=x.device)
-            x = kernels.decode_linear(x, attn.o_proj.weight, weights_ahead=True, zero=out)
+            x = kernels.decode_linear(x, attn.o_proj.weight, weights_ahead=True, zero=out,
+                                      next_weight=mlp.gate_up_proj.weight)
             return kernels.fused_mlp(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight, out,
                                      residual)
         x = linear(kernels, attn.o_proj, x, weights_ahead=True)  # o's weights load while attention runs

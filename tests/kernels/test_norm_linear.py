@@ -4,8 +4,12 @@ import pytest
 import torch
 from ulp import assert_close_ulps, ulps_for
 
-from photoninfer.kernels.norm_linear import (L2_PREFETCH_BUDGET, NormLinearConfig, decode_linear, default_config,
-                                             fused_mlp, fused_norm_linear, fused_norm_linear_reference, prefetch_bytes)
+from conftest import ON_GPU
+
+from photoninfer.kernels import norm_linear
+from photoninfer.kernels.norm_linear import (L2_PREFETCH_BUDGET, NEXT_ROWS_BUDGET, NormLinearConfig, decode_linear,
+                                             default_config, fused_mlp, fused_norm_linear, fused_norm_linear_reference,
+                                             next_rows_bytes, prefetch_bytes)
 
 EPS = 1e-5
 
@@ -183,6 +187,44 @@ def test_prefetch_takes_whole_tiles_of_weights_that_fit_and_nothing_of_larger_on
     assert down.numel() * 2 > L2_PREFETCH_BUDGET and prefetch_bytes(down, 32) == 0
     assert prefetch_bytes(torch.empty(4096, 2048, dtype=torch.bfloat16)[:, :1000], 32) == 0  # rows not contiguous
     assert prefetch_bytes(torch.empty(64, 36, dtype=torch.bfloat16), 32) == 0  # 72-byte rows: not 16-byte runs
+
+
+def test_o_prefetches_the_mlps_row_starts_only_where_its_own_weights_leave_room():
+    """o asks L2 for its own weights and, within NEXT_ROWS_BUDGET, the start of each gate/up row (decode_linear's
+    next_weight): Qwen3-0.6B gets 1 KB of each row, Llama-3.2-1B none, SmolLM2-135M at most half a row."""
+    bf16 = torch.bfloat16
+    budget = lambda o: NEXT_ROWS_BUDGET - o.numel() * o.element_size()  # noqa: E731  (o prefetched whole)
+    qwen_o, qwen_gate_up = torch.empty(1024, 2048, dtype=bf16), torch.empty(6144, 1024, dtype=bf16)
+    assert next_rows_bytes(qwen_gate_up, budget(qwen_o)) == 1024
+    llama_o, llama_gate_up = torch.empty(2048, 2048, dtype=bf16), torch.empty(16384, 2048, dtype=bf16)
+    assert next_rows_bytes(llama_gate_up, budget(llama_o)) == 0  # 192 bytes a row: not worth a prefetch
+    smol_o, smol_gate_up = torch.empty(576, 576, dtype=bf16), torch.empty(3072, 576, dtype=bf16)
+    assert next_rows_bytes(smol_gate_up, budget(smol_o)) == 512  # half of its 1,152-byte rows, a power of two
+    assert next_rows_bytes(None, budget(qwen_o)) == 0
+    assert next_rows_bytes(torch.empty(6144, 1100, dtype=bf16)[:, :1024], budget(qwen_o)) == 0  # 2,200-byte stride
+    assert next_rows_bytes(qwen_gate_up, -1) == 0
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the L2 prefetches are PTX: compiled kernels only (the interpreter has no PDL)")
+def test_row_start_prefetches_leave_the_results_as_they_were(device):
+    """The prefetches are cache hints: o's output with the MLP's row starts prefetched is bit for bit the same, and
+    the fused MLP with its own row starts prefetched matches it without (to float32 atomics' order)."""
+    dtype = torch.bfloat16
+    x, res, g, gate_up, _ = make(1, 2 * 512, 256, dtype, device, seed=3)
+    attn, _, _, o_weight, _ = make(1, 256, 192, dtype, device, seed=4, residual=False)
+    assert next_rows_bytes(gate_up, NEXT_ROWS_BUDGET - o_weight.numel() * 2) == 256  # half of each 512-byte row
+    torch.testing.assert_close(decode_linear(attn, o_weight, next_weight=gate_up), decode_linear(attn, o_weight),
+                               rtol=0, atol=0)
+    down = make(1, 256, 512, dtype, device, seed=5, residual=False)[3]
+    results = []
+    for row_prefetch in (norm_linear.MLP_ROW_PREFETCH, 0):
+        old, norm_linear.MLP_ROW_PREFETCH = norm_linear.MLP_ROW_PREFETCH, row_prefetch
+        try:
+            results.append(fused_mlp(x, g, EPS, gate_up, down, torch.zeros(1, 256, device=device), res)[0])
+        finally:
+            norm_linear.MLP_ROW_PREFETCH = old
+    assert norm_linear.MLP_ROW_PREFETCH > 0
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
 
 
 def test_fused_norm_linear_rejects_what_it_does_not_handle(device):
