@@ -31,9 +31,9 @@ PREFETCH (launches with PDL on Hopper): before its PDL wait, each program asks t
 of its weight tile into L2 (`cp.async.bulk.prefetch.L2`, one instruction, no registers), so DRAM streams this
 kernel's weights while the kernel before it finishes, and the loads after the wait start from L2. The prefetch
 is only a cache hint: what the kernel reads is unchanged. Only weights of at most L2_PREFETCH_BUDGET bytes are
-prefetched, whole (see `prefetch_bytes`). Larger weights get the start of each row instead, the part the loop reads first
-(ROW_PREFETCH: fused_mlp's gate/up, while o finishes), and o also asks for the start of each of the MLP's rows
-while attention runs where its own weights leave room (NEXT_BYTES, `next_rows_bytes`).
+prefetched, whole (see `prefetch_bytes`). Larger weights get the start of each row instead, the part the loop
+reads first (ROW_PREFETCH: fused_mlp's gate/up, while o finishes), and o also asks for the start of each of the
+MLP's rows while attention runs where its own weights leave room (NEXT_BYTES, `next_rows_bytes`).
 
 `fused_mlp` (up to FUSED_MLP_MAX_M rows) is the gated kernel with down inside (DOWN): each program multiplies
 its SiLU·mul columns by its columns of the down weight and adds the [M, hidden] partial into a float32 output
@@ -59,7 +59,8 @@ import triton
 import triton.language as tl
 
 from photoninfer.kernels import interpreting
-from photoninfer.kernels.pdl import begin as pdl_begin, end as pdl_end, prefetch_l2, prefetch_l2_each, prefetches, use_pdl
+from photoninfer.kernels.pdl import (begin as pdl_begin, end as pdl_end, prefetch_l2, prefetch_l2_each, prefetches,
+                                     use_pdl)
 from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
 
 MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
@@ -398,8 +399,8 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, down=
     res = residual if residual is not None else x
     pdl = use_pdl(x.device, m)
     programs = triton.cdiv(n_out, config.block_n)
-    prefetch = prefetch_bytes(weight, config.block_n) if pdl and prefetches(m) else 0
-    hints = pdl and prefetches(m)
+    hints = pdl and prefetches(m)  # cache hints before the PDL wait
+    prefetch = prefetch_bytes(weight, config.block_n) if hints else 0
     next_bytes = next_rows_bytes(next_weight, NEXT_ROWS_BUDGET - prefetch * programs) if hints else 0
     _norm_linear_kernel[(programs,)](
         x, res, h, norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight,
