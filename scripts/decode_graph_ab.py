@@ -9,9 +9,10 @@ random weights of `--shape`, runs one request of 100 + 256 tokens so that the gr
 decode step (a context of ~355 tokens), then for each variant sets its module constants (`module.NAME=value`,
 modules of photoninfer.kernels or photoninfer.model; several joined by ","; values are Python literals, tuples
 included), captures the `--rows`-row decode graph again and times 5 x 200 back-to-back replays (the median).
-Variants run in the order given and then once more in reverse, so drift shows. `--prefill N` times the lone-prefill graph of N tokens instead (its static inputs then hold
-the last real prefill). `--trace N` prints, per variant, the first N kernels of a replay (CUPTI: start and
-duration in us, from the step's first kernel; with PDL a kernel starts before the one before it ends).
+Variants run in the order given and then once more in reverse, so drift shows. `--prefill N` times the
+lone-prefill graph of N tokens instead (its static inputs then hold the last real prefill). `--trace N` prints, per
+variant, the first N kernels of a replay (CUPTI: start and duration in us, from the step's first kernel; with PDL
+a kernel starts before the one before it ends).
 """
 
 from __future__ import annotations
