@@ -158,6 +158,9 @@ def small_vocab_llm(make_tiny_model):
     ([5, 6, 7], SamplingParams(stop_token_ids=[3, 49152], min_tokens=2), "stop_token_ids"),
     ([5, 6, 7], SamplingParams(stop_token_ids=[10**12]), "stop_token_ids"),
     ([5, 6, 49152], SamplingParams(), "prompt"),
+    ([5, True, 7], SamplingParams(), "prompt"),  # not integers, whatever their value
+    ([5, 6.0, 7], SamplingParams(), "prompt"),
+    ([-1, 6, 7], SamplingParams(), "prompt"),
 ])
 def test_token_ids_outside_the_vocabulary_are_rejected_at_admission(llm, prompt, params, param):
     with pytest.raises(InvalidRequestError, match="49152") as err:
