@@ -514,16 +514,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 @triton.jit
 def _paged_prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr, tiles_ptr,
     qk_scale, group, block_size,
     q_st, q_sh, o_st, o_sh,
     kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, bt_stride,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, TILED: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    first_row = tl.program_id(1) * BLOCK_M
-    head = tl.program_id(2)
+    if TILED:  # program (t, h): query tile t of the map (its sequence, or -1 for none, and its row block)
+        seq = tl.load(tiles_ptr + 2 * tl.program_id(0)).to(tl.int64)
+        first_row = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1) * BLOCK_M
+        head = tl.program_id(1)
+        if seq < 0:
+            return
+    else:
+        seq = tl.program_id(0).to(tl.int64)
+        first_row = tl.program_id(1) * BLOCK_M
+        head = tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq).to(tl.int64)
     q_len = (tl.load(query_start_ptr + seq + 1) - q_start).to(tl.int32)
     if first_row < q_len:
@@ -562,12 +569,17 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                             scale: float, out: torch.Tensor, max_query_len: int, *,
                             block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
-                            num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                            num_warps: int = 4, num_stages: int = 2,
+                            tiles: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Varlen causal attention: q [T, Hq, D] rows query_start_loc[i]:query_start_loc[i+1] of sequence i
     attend to its cached keys 0..(their position); this step's K/V must already be in the cache.
 
     max_query_len bounds every sequence's q_len (it sizes the grid). Rows outside
     [query_start_loc[0], query_start_loc[-1]) are not written.
+
+    `tiles` (int32 [N, 2], runner.batch.prefill_tiles with block_m's rows a tile): the grid is (N, Hq) instead, one
+    program per (sequence, row block) listed and none for the rest (rows -1): a CUDA graph of many short
+    sequences then launches what its steps hold, not sequences x longest query. max_query_len is unused.
     """
     block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
     group = _check_q_out(q, out, num_kv_heads, head_dim)
@@ -579,17 +591,23 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _check_tables(block_tables, seq_lens, num_seqs)
     check_power_of_two("block_m", block_m, MIN_DOT, 1024)
     check_power_of_two("block_n", block_n, MIN_DOT, 1024)
-    if num_seqs == 0 or max_query_len <= 0:
+    if num_seqs == 0 or (max_query_len <= 0 if tiles is None else tiles.shape[0] == 0):
         return out
-    grid = (num_seqs, triton.cdiv(max_query_len, block_m), q.shape[1])
+    if tiles is not None:
+        check_dtype("tiles", tiles, (torch.int32,))
+        if tiles.dim() != 2 or tiles.shape[1] != 2 or not tiles.is_contiguous():
+            raise ValueError(f"tiles must be a contiguous [N, 2] tensor, got {tuple(tiles.shape)}")
+        grid = (tiles.shape[0], q.shape[1])
+    else:
+        grid = (num_seqs, triton.cdiv(max_query_len, block_m), q.shape[1])
     _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, tiles if tiles is not None else seq_lens,
         scale * LOG2E, group, block_size,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), num_warps=num_warps,
-        num_stages=num_stages,
+        UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), TILED=tiles is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -178,6 +178,7 @@ class TritonPagedAttention:
         self.num_sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 8
         self._partials: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # the decode workspace's storage
         self._retired: list = []  # storage that captured CUDA graphs may still write to: never freed
+        self.tile_rows = paged_attention.DEFAULT_BLOCK_M  # query rows a prefill program (the mixed graphs' tiles)
 
     def decode_partitions(self, num_seqs: int, num_kv_heads: int) -> int:
         """Split a context over more programs only while (sequence, kv head) pairs leave the GPU idle: two
@@ -228,7 +229,8 @@ class TritonPagedAttention:
             self._rope.rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache,
                                          batch.slot_mapping, *norms)
             self._attention.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,
-                                                    batch.seq_lens, self.scale, out, batch.max_query_len)
+                                                    batch.seq_lens, self.scale, out, batch.max_query_len,
+                                                    block_m=self.tile_rows, tiles=batch.prefill_tiles)
         return out
 
 

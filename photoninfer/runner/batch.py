@@ -43,6 +43,8 @@ class ForwardBatch:
     seq_lens_host: np.ndarray  # [S]
     graph_size: Optional[int] = None  # a decode step laid out for the CUDA graph of this many rows
     graph_tokens: Optional[int] = None  # a one-sequence prefill laid out for the graph of this many tokens
+    graph_mixed: Optional[tuple[int, int]] = None  # any other step laid out for the graph of (tokens, sequences)
+    prefill_tiles: Optional[torch.Tensor] = None  # [N, 2] int32: the prefill attention's tile map (graph_mixed)
 
     @property
     def is_decode_only(self) -> bool:
@@ -121,6 +123,20 @@ class BlockTableRows:
             raise RuntimeError(f"more than {len(self.owner)} running sequences hold a block-table row")
 
 
+def prefill_tiles(query_start: np.ndarray, block_m: int, out: np.ndarray) -> None:
+    """The prefill attention kernel's tile map (kernels/paged_attention.py, `tiles`): out [N, 2] gets (sequence,
+    row block) for every block_m query rows of every sequence in order, then (-1, 0) for the rows left. A step of
+    T tokens over S sequences needs at most ceil(T / block_m) + S rows."""
+    counts = -(-np.diff(query_start) // block_m)
+    total = int(counts.sum())
+    if total > len(out):
+        raise ValueError(f"{total} query tiles do not fit a tile map of {len(out)}")
+    firsts = np.cumsum(counts) - counts
+    out[:total, 0] = np.repeat(np.arange(len(counts)), counts)
+    out[:total, 1] = np.arange(total) - np.repeat(firsts, counts)
+    out[total:] = (-1, 0)
+
+
 def _aligned(index: int) -> int:
     """The first int32 index at or after `index` on a 16-byte boundary."""
     return -(-index // 4) * 4
@@ -137,6 +153,8 @@ class BatchBuilder:
                  device: torch.device):
         self.graph_sizes: list[int] = []  # set by use_graphs(): decode steps are then padded for replay
         self.graph_prefill_tokens: list[int] = []  # likewise one-sequence prefills (time to first token)
+        self.graph_mixed: list[tuple[int, int]] = []  # and other steps, by (tokens, sequences), smallest first
+        self.tile_rows = 16  # query rows per tile of the mixed graphs' prefill attention (use_graphs)
         self.graph_max_context = 0
         self.block_size = block_size
         self.device = device
@@ -149,11 +167,14 @@ class BatchBuilder:
         # Steps of at most `small` tokens (every decode and graph step) lay their six int64 arrays out `small`
         # apart, so that their copy to the device is 6 * small values, not 6 * max_tokens (393 KB at 8192).
         self.small = min(max_num_tokens, max(max_num_seqs, SMALL_STEP_TOKENS))
-        # int32 region: query starts at 0, sequence lengths at `lens_at`, block tables at `tables_at`, each on a
-        # 16-byte boundary: Triton compiles a kernel per pointer alignment, and the start-up warm-up's own
-        # (fresh, aligned) tensors must meet the same variants as real steps.
+        # int32 region: query starts at 0, sequence lengths at `lens_at`, a mixed graph's tile map at `tiles_at`
+        # (room for tiles of 16 rows, the smallest), block tables at `tables_at`, each on a 16-byte boundary:
+        # Triton compiles a kernel per pointer alignment, and the start-up warm-up's own (fresh, aligned) tensors
+        # must meet the same variants as real steps.
         self.lens_at = _aligned(max_num_seqs + 1)
-        self.tables_at = _aligned(self.lens_at + max_num_seqs)
+        self.tiles_at = _aligned(self.lens_at + max_num_seqs)
+        self.max_tiles = -(-max_num_tokens // 16) + max_num_seqs
+        self.tables_at = _aligned(self.tiles_at + 2 * self.max_tiles)
         self.on_host = device.type == "cpu"  # the staging buffers are the batch itself: no copy
         # int64 region: ids, positions, slots, logits indices, pending dst, pending src (`stride` apart: small
         # or max_tokens); the int32 region as above
@@ -167,14 +188,22 @@ class BatchBuilder:
             self.device64 = torch.empty_like(self.staging[0][0], device=device)
             self.device32 = torch.empty_like(self.staging[0][1], device=device)
 
-    def use_graphs(self, sizes: list[int], prefill_tokens: list[int]) -> None:
+    def use_graphs(self, sizes: list[int], prefill_tokens: list[int], mixed: list[tuple[int, int]] = (),
+                   tile_rows: int = 16) -> None:
         """Lay decode steps of up to sizes[-1] sequences (and one-sequence prefills of up to prefill_tokens[-1]
         tokens) within graph_max_context tokens out exactly as the captured graphs read them: padded to the
         next size, block tables `graph_width` wide. The graphs' static inputs are these very device buffers,
-        so a replay needs no copy besides the staging one."""
+        so a replay needs no copy besides the staging one. `mixed`: (tokens, sequences) of the graphs for other
+        steps (several prompts, prompts beside decodes), laid out in the large layout with a tile map of
+        `tile_rows` query rows a tile."""
         if max(sizes + prefill_tokens, default=0) > self.small:
             raise ValueError(f"graph steps must fit the small-step layout of {self.small} tokens")
+        mixed = sorted(mixed)
+        if any(t > self.max_tokens or s > self.max_seqs for t, s in mixed) or tile_rows < 16:
+            raise ValueError(f"mixed graphs {mixed} must fit {self.max_tokens} tokens and {self.max_seqs} sequences, "
+                             f"in tiles of at least 16 rows")
         self.graph_sizes, self.graph_prefill_tokens = sizes, prefill_tokens
+        self.graph_mixed, self.tile_rows = mixed, tile_rows
 
     @property
     def graph_width(self) -> int:
@@ -182,10 +211,11 @@ class BatchBuilder:
 
     def clear_graph_rows(self) -> None:
         """Before capture: every row reads token 0 at position 0, writes no K/V and has an empty context."""
-        G = self.small  # graph steps are small steps
+        G, L = self.small, self.max_tokens  # decode and lone-prefill graphs: small steps; mixed graphs: large
         self.device64.zero_()
         self.device32.zero_()
         self.device64[2 * G:3 * G].fill_(-1)
+        self.device64[2 * L:3 * L].fill_(-1)
 
     def graph_batch(self, size: int) -> ForwardBatch:
         """The static decode batch of `size` rows: views of the device buffers that the graphs read."""
@@ -209,6 +239,29 @@ class BatchBuilder:
             num_tokens=tokens, num_seqs=1, max_query_len=tokens, max_seq_len=self.graph_max_context,
             query_start_host=np.array([0, tokens]), seq_lens_host=np.array([tokens]), graph_tokens=tokens)
 
+    def mixed_graph_batch(self, tokens: int, seqs: int) -> ForwardBatch:
+        """The static step of a mixed graph: `tokens` rows over `seqs` sequences in the large layout, their tile map
+        and `seqs` logits rows (the sampling sequences' first, the rest padding)."""
+        T, L, B, W = self.max_tokens, self.lens_at, self.tables_at, self.graph_width
+        d64, d32, tiles = self.device64, self.device32, self._tiles(tokens, seqs)
+        return ForwardBatch(
+            input_ids=d64[:tokens], positions=d64[T:T + tokens], slot_mapping=d64[2 * T:2 * T + tokens],
+            logits_indices=d64[3 * T:3 * T + seqs], pending_dst=None, pending_src=None,
+            query_start_loc=d32[:seqs + 1], seq_lens=d32[L:L + seqs], block_tables=d32[B:B + seqs * W].view(seqs, W),
+            num_tokens=tokens, num_seqs=seqs, max_query_len=tokens, max_seq_len=self.graph_max_context,
+            query_start_host=np.zeros(seqs + 1, dtype=np.int64), seq_lens_host=np.zeros(seqs, dtype=np.int64),
+            graph_mixed=(tokens, seqs), prefill_tiles=d32[self.tiles_at:self.tiles_at + 2 * tiles].view(tiles, 2))
+
+    def _tiles(self, tokens: int, seqs: int) -> int:
+        """Rows of the tile map of a mixed graph of `tokens` and `seqs`: every sequence's last tile may be partial."""
+        return -(-tokens // self.tile_rows) + seqs
+
+    def _mixed_layout(self, num_seqs: int, num_tokens: int, max_seq_len: int) -> Optional[tuple[int, int]]:
+        """The smallest mixed graph (tokens, sequences) that holds this step, or None."""
+        if max_seq_len > self.graph_max_context:
+            return None
+        return next(((t, s) for t, s in self.graph_mixed if t >= num_tokens and s >= num_seqs), None)
+
     def _graph_layout(self, num_seqs: int, num_tokens: int, max_seq_len: int, all_sample: bool,
                       prefill_graphs: bool) -> tuple[Optional[int], Optional[int]]:
         """(decode graph size, prefill graph tokens) this step can replay; (None, None) runs it eagerly."""
@@ -227,15 +280,15 @@ class BatchBuilder:
         host64, host32 = pair[0].numpy(), pair[1].numpy()
         return host64, host32, {T: tuple(host64[i * T:(i + 1) * T] for i in range(6)) for T in (self.small, self.max_tokens)}
 
-    def _views(self, n: int, num_logits: int, num_pending: int, rows_out: int, width: int) -> tuple:
+    def _views(self, n: int, num_logits: int, num_pending: int, rows_out: int, width: int, stride: int) -> tuple:
         """The device-buffer views that a batch of this shape reads, made once per shape: slicing a tensor
         costs over a microsecond, and a decode step's shape seldom changes from one step to the next."""
-        key = (n, num_logits, num_pending, rows_out, width)
+        key = (n, num_logits, num_pending, rows_out, width, stride)
         views = self._device_views.get(key)
         if views is None:
             if len(self._device_views) >= 1024:  # shapes seen long ago are unlikely to come back
                 self._device_views.clear()
-            T = self._stride(n)
+            T = stride
             L, B, d64, d32 = self.lens_at, self.tables_at, self.device64, self.device32
             views = (d64[:n], d64[T:T + n], d64[2 * T:2 * T + n], d64[3 * T:3 * T + num_logits],
                      d64[4 * T:4 * T + num_pending] if num_pending else None,
@@ -268,7 +321,13 @@ class BatchBuilder:
         if num_tokens > self.max_tokens or num_seqs > self.max_seqs:
             raise ValueError(f"step of {num_tokens} tokens / {num_seqs} sequences exceeds the runner's buffers")
         staging64, staging32 = self.staging[self.turn]
-        stride = self._stride(num_tokens)  # padding for a graph stays within the small layout
+        max_seq_len = max(end_list) if num_seqs else 0
+        mixed = None  # a step no decode or lone-prefill graph takes may fit a mixed graph
+        if prefill_graphs and self.graph_mixed and self._graph_layout(num_seqs, num_tokens, max_seq_len, True,
+                                                                      True) == (None, None):
+            mixed = self._mixed_layout(num_seqs, num_tokens, max_seq_len)
+        # padding for a decode or lone-prefill graph stays within the small layout; mixed graphs read the large one
+        stride = self.max_tokens if mixed else self._stride(num_tokens)
         host64, host32, regions = self.host_views[self.turn]
         ids, pos, slots, logit_rows, pending_dst, pending_src = regions[stride]
         self.turn = (self.turn + 1) % len(self.staging)
@@ -307,36 +366,43 @@ class BatchBuilder:
             logit_rows[:num_logits] = query_start[1:][samples] - 1
         else:  # every sequence samples (no index list to apply)
             logit_rows[:num_logits] = self._arange[:num_seqs] if num_tokens == num_seqs else query_start[1:] - 1
-        max_seq_len = max(end_list) if num_seqs else 0
-        graph_size, graph_tokens = self._graph_layout(num_seqs, num_tokens, max_seq_len,
-                                                      len(sampling_seqs) == num_seqs, prefill_graphs)
-        rows_out = graph_size or num_seqs
-        width = self.graph_width if graph_size or graph_tokens else max(1, -(-max_seq_len // bs))
+        graph_size, graph_tokens = (None, None) if mixed else self._graph_layout(
+            num_seqs, num_tokens, max_seq_len, len(sampling_seqs) == num_seqs, prefill_graphs)
+        rows_out = graph_size or (mixed[1] if mixed else num_seqs)
+        width = self.graph_width if graph_size or graph_tokens or mixed else max(1, -(-max_seq_len // bs))
         L, B = self.lens_at, self.tables_at
         host32[:num_seqs + 1] = self._arange32[:num_seqs + 1] if num_tokens == num_seqs else query_start
         host32[L:L + num_seqs] = seq_lens
         n32 = B + rows_out * width
         tables = host32[B:n32].reshape(rows_out, width)
         tables[:num_seqs] = self.rows.table[rows, :width]
-        padded = graph_tokens or graph_size or num_tokens
+        padded = graph_tokens or graph_size or (mixed[0] if mixed else num_tokens)
         if padded > num_tokens:  # padding rows: no K/V write, no context
             ids[num_tokens:padded], pos[num_tokens:padded], slots[num_tokens:padded] = 0, 0, -1
-        if graph_size and graph_size > num_seqs:  # padding sequences: empty context
-            host32[num_seqs + 1:graph_size + 1] = num_tokens
-            host32[L + num_seqs:L + graph_size] = 0
+        if rows_out > num_seqs:  # padding sequences: empty context
+            host32[num_seqs + 1:rows_out + 1] = num_tokens
+            host32[L + num_seqs:L + rows_out] = 0
             tables[num_seqs:] = 0
         if graph_tokens:  # the graph always reads one logits row: keep it in bounds
             logit_rows[0] = num_tokens - 1
+        tiles = None
+        if mixed:  # the graph reads `seqs` logits rows (padding ones in bounds) and the tile map
+            logit_rows[num_logits:mixed[1]] = 0
+            tiles = self._tiles(*mixed)
+            prefill_tiles(host32[:rows_out + 1], self.tile_rows,
+                          host32[self.tiles_at:self.tiles_at + 2 * tiles].reshape(tiles, 2))
         if not self.on_host:
             self.device64[:6 * stride].copy_(staging64[:6 * stride], non_blocking=True)
             self.device32[:n32].copy_(staging32[:n32], non_blocking=True)
-        views = self._views(padded, num_logits, num_pending, rows_out, width)
+        views = self._views(padded, num_logits, num_pending, rows_out, width, stride)
         batch = ForwardBatch(
             input_ids=views[0], positions=views[1], slot_mapping=views[2], logits_indices=views[3],
             pending_dst=views[4], pending_src=views[5], query_start_loc=views[6], seq_lens=views[7],
             block_tables=views[8], num_tokens=num_tokens, num_seqs=num_seqs,
             max_query_len=max_query_len, max_seq_len=max_seq_len,
             query_start_host=query_start, seq_lens_host=seq_lens, graph_size=graph_size, graph_tokens=graph_tokens,
+            graph_mixed=mixed,
+            prefill_tiles=self.device32[self.tiles_at:self.tiles_at + 2 * tiles].view(tiles, 2) if tiles else None,
         )
         return batch, sampling_seqs
 

@@ -20,7 +20,7 @@ from photoninfer.model.loader import Checkpoint, build_model
 from photoninfer.runner.attention import make_attention_backend, triton_available
 from photoninfer.runner.batch import BatchBuilder, ForwardBatch
 from photoninfer.runner.cpu_kv_memory import lazy_zeros, prefault_in_background
-from photoninfer.runner.cuda_graph import StepGraphs
+from photoninfer.runner.cuda_graph import StepGraphs, mixed_buckets
 from photoninfer.runner.prompt_logprobs import (PromptLogprobsChunk, PromptLogprobsWanted, prompt_rows,
                                                 prompt_token_logprobs)
 from photoninfer.runner.sampler import SampledTokens, SampleResult, Sampler, SamplingRow
@@ -139,6 +139,10 @@ class ModelRunner:
         activations = tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4
         logits = config.max_num_seqs * cfg.vocab_size * 4 * 3
         graphs = 0 if config.enforce_eager else logits + config.max_num_seqs * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4
+        mixed = [] if config.enforce_eager else mixed_buckets(tokens, config.max_num_seqs, tokens)
+        if mixed:  # the largest mixed graph's activations and logits stay in the graphs' pool
+            graphs += (max(t for t, _ in mixed) * (4 * cfg.hidden_size + 3 * cfg.intermediate_size)
+                       + max(s for _, s in mixed) * cfg.vocab_size) * 4
         reserve = activations + logits + graphs + 256 * 2**20
         allowed = total * config.gpu_memory_utilization - torch.cuda.memory_allocated(self.device)
         return max(min(allowed, free) - reserve, 0)
@@ -174,7 +178,7 @@ class ModelRunner:
         if batch.pending_dst is not None:
             batch.input_ids[batch.pending_dst] = previous.sampled.token_ids[batch.pending_src]
         chunks, greedy_ids = {}, None
-        if batch.graph_size is not None or batch.graph_tokens is not None:
+        if batch.graph_size is not None or batch.graph_tokens is not None or batch.graph_mixed is not None:
             logits, greedy_ids = self.graphs.run(batch)
         else:
             meta = self.model.attention.prepare(batch)

@@ -64,6 +64,11 @@ class EagerReplay:
         self.replays = []  # (rows, padded size) of each decode step
 
     def run(self, batch):
+        if batch.graph_mixed is not None:
+            self.replays.append(("mixed", batch.num_tokens, batch.num_seqs, batch.graph_mixed))
+            logits, greedy = self.graphs._forward(("mixed", batch.graph_mixed))
+            rows = batch.logits_indices.shape[0]
+            return logits[:rows], greedy[:rows]
         if batch.graph_size is not None:
             self.replays.append(("decode", batch.num_seqs, batch.graph_size))
             logits, greedy = self.graphs._forward(("decode", batch.graph_size))
@@ -82,7 +87,7 @@ def replay_eagerly(runner, max_num_seqs: int, max_context: int) -> EagerReplay:
     graphs = StepGraphs(model, runner.kv_caches, model.attention, runner.batch_builder, max_num_seqs, max_context,
                         argmax_rows)
     runner.batch_builder.clear_graph_rows()
-    runner.batch_builder.use_graphs(graphs.sizes, graphs.prefill_tokens)
+    runner.batch_builder.use_graphs(graphs.sizes, graphs.prefill_tokens, graphs.mixed, model.attention.tile_rows)
     runner.graphs = EagerReplay(graphs)
     return runner.graphs
 
@@ -118,6 +123,37 @@ def test_steps_laid_out_for_graphs_give_the_reference_tokens(make_tiny_model, de
     # the lone 30-token prompt again: its first block comes from the prefix cache, the other 14 tokens ran
     # padded to the graph of 16 over that cached prefix
     assert ("prefill", 14, 16) in replays
+
+
+def test_mixed_steps_laid_out_for_graphs_give_the_reference_tokens(make_tiny_model, device, monkeypatch):
+    """Several prompts in one step, and prompt chunks beside decodes (a token budget of 64), laid out for the mixed
+    graphs: padded to their (tokens, sequences), the prefill attention over the tile map (16-row tiles, so that
+    longer chunks take several), inputs in the large layout, tokens taken from the previous step on the device."""
+    from photoninfer.runner import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "MIXED_TOKENS", (32, 64))
+    monkeypatch.setattr(cuda_graph, "MIXED_SEQS", (2, 8))
+    path = make_tiny_model("llama3")
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 30, 7, 12, 50, 21)]
+    options = dict(dtype="float32", device=str(device), max_num_seqs=8, enforce_eager=True, async_scheduling=True,
+                   max_num_batched_tokens=64)
+    reference = LLM(path, **options)
+    expected_tokens, expected_logprobs = generate(reference, prompts)
+    del reference
+    fast = LLM(path, **options)
+    on_kernels(fast)
+    runner = fast.engine.runner
+    runner.model.attention.tile_rows = 16
+    replays = replay_eagerly(runner, 8, 96).replays
+    assert runner.graphs.graphs.mixed == [(32, 2), (32, 8), (64, 2), (64, 8)]
+    tokens, logprobs = generate(fast, prompts)
+    assert tokens == expected_tokens
+    assert max(abs(a - b) for row, ref in zip(logprobs, expected_logprobs) for a, b in zip(row, ref)) < 1e-4
+    mixed = [r for r in replays if r[0] == "mixed"]
+    # the first step: five prompts' first 64 tokens (the fifth's a chunk); the second: the rest of that one and the
+    # sixth prompt beside four decodes, padded both ways
+    assert mixed == [("mixed", 64, 5, (64, 8)), ("mixed", 63, 6, (64, 8))]
 
 
 def prompt_logprobs(llm, prompts):

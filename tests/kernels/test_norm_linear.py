@@ -4,8 +4,6 @@ import pytest
 import torch
 from ulp import assert_close_ulps, ulps_for
 
-from conftest import ON_GPU
-
 from photoninfer.kernels import norm_linear
 from photoninfer.kernels.norm_linear import (L2_PREFETCH_BUDGET, NEXT_ROWS_BUDGET, NormLinearConfig, decode_linear,
                                              default_config, fused_mlp, fused_norm_linear, fused_norm_linear_reference,
@@ -205,7 +203,8 @@ def test_o_prefetches_the_mlps_row_starts_only_where_its_own_weights_leave_room(
     assert next_rows_bytes(qwen_gate_up, -1) == 0
 
 
-@pytest.mark.skipif(not ON_GPU, reason="the L2 prefetches are PTX: compiled kernels only (the interpreter has no PDL)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the L2 prefetches are PTX: compiled kernels only (the interpreter has no PDL)")
 def test_row_start_prefetches_leave_the_results_as_they_were(device):
     """The prefetches are cache hints: o's output with the MLP's row starts prefetched is bit for bit the same, and
     the fused MLP with its own row starts prefetched matches it without (to float32 atomics' order)."""

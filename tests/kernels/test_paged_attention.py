@@ -116,6 +116,31 @@ def test_prefill_tile_shapes_do_not_change_the_result(device):
         torch.testing.assert_close(out, batch.expected, **tolerance(torch.float32))
 
 
+def test_prefill_over_a_tile_map_matches_the_full_grid(device):
+    """The grid a CUDA graph of many sequences launches: one program per listed (sequence, row block), rows of -1
+    doing nothing; a padding sequence of no rows and tokens past the last sequence are left alone."""
+    import numpy as np
+
+    from photoninfer.runner.batch import prefill_tiles
+
+    seq_lens, q_lens = [20, 45, 33, 50], [20, 17, 1, 18]
+    batch = make_paged_batch(seq_lens, q_lens, 4, 2, 64, 16, torch.float32, seed=8, device=device)
+    query_start = np.concatenate([batch.query_start_loc.cpu().numpy(), [56]])  # a padding sequence, no rows
+    tiles = np.zeros((10, 2), dtype=np.int32)
+    prefill_tiles(query_start, 16, tiles)
+    assert tiles[:6].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [3, 0]] and (tiles[7:] == (-1, 0)).all()
+    q = torch.cat([batch.q, torch.randn(3, 4, 64, device=device)])  # three tokens of padding past the batch
+    out = poisoned(tuple(q.shape), torch.float32, device)
+    tables = torch.cat([batch.block_tables, torch.zeros_like(batch.block_tables[:1])])
+    paged_prefill_attention(q, batch.k_cache, batch.v_cache, tables, torch.tensor(query_start, dtype=torch.int32,
+                            device=device), torch.cat([batch.seq_lens, batch.seq_lens[:1] * 0]), batch.scale, out,
+                            0, block_m=16, block_n=16, tiles=torch.tensor(tiles, device=device))
+    torch.testing.assert_close(out[:56], batch.expected, **tolerance(torch.float32))
+    assert out[56:].isnan().all()  # no program wrote the padding tokens
+    with pytest.raises(ValueError, match="do not fit"):
+        prefill_tiles(query_start, 16, np.zeros((5, 2), dtype=np.int32))
+
+
 def test_prefill_sequence_with_empty_context_gets_zeros(device):
     """A graph-padding sequence (one query row, seq_len 0, block table of zeros) reads nothing."""
     batch = make_paged_batch([30], [3], 2, 2, 64, 16, torch.float32, seed=2, device=device)

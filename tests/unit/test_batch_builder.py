@@ -4,6 +4,7 @@ batch) lay every step out exactly as a plain rebuild from the schedule does."""
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from photoninfer import LLM, SamplingParams
@@ -158,3 +159,16 @@ def test_small_steps_lay_their_arrays_out_close_together():
         check_batch(batch, sampling, sched, None, 16)
         assert batch.positions.storage_offset() == stride
         assert batch.slot_mapping.storage_offset() == 2 * stride
+
+
+def test_mixed_graphs_must_fit_the_builders_buffers():
+    """The mixed graphs' (tokens, sequences) lie within the large layout, the sequence rows and the tile map."""
+    builder = BatchBuilder(64, 8, 16, 16, torch.device("cpu"))
+    for mixed, tile_rows in (([(128, 4)], 16), ([(64, 16)], 16), ([(64, 4)], 8)):
+        with pytest.raises(ValueError, match="must fit 64 tokens and 8 sequences, in tiles of at least 16 rows"):
+            builder.use_graphs([1, 2], [16], mixed, tile_rows)
+    builder.use_graphs([1, 2], [16], [(64, 8), (32, 4)], 16)
+    builder.graph_max_context = 96
+    assert builder.graph_mixed == [(32, 4), (64, 8)]  # the smallest that holds a step is taken
+    assert builder._mixed_layout(3, 40, 20) == (64, 8) and builder._mixed_layout(3, 20, 20) == (32, 4)
+    assert builder._mixed_layout(9, 40, 20) is None and builder._mixed_layout(3, 40, 97) is None  # too long
