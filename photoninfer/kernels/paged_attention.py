@@ -522,18 +522,18 @@ def _paged_prefill_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, TILED: tl.constexpr,
 ):
     if TILED:  # program (t, h): query tile t of the map (its sequence, or -1 for none, and its row block)
-        seq = tl.load(tiles_ptr + 2 * tl.program_id(0)).to(tl.int64)
+        listed_seq = tl.load(tiles_ptr + 2 * tl.program_id(0))
+        seq = tl.maximum(listed_seq, 0).to(tl.int64)
         first_row = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1) * BLOCK_M
         head = tl.program_id(1)
-        if seq < 0:
-            return
     else:
-        seq = tl.program_id(0).to(tl.int64)
+        listed_seq = tl.program_id(0)
+        seq = listed_seq.to(tl.int64)
         first_row = tl.program_id(1) * BLOCK_M
         head = tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq).to(tl.int64)
     q_len = (tl.load(query_start_ptr + seq + 1) - q_start).to(tl.int32)
-    if first_row < q_len:
+    if (listed_seq >= 0) & (first_row < q_len):
         seq_len = tl.load(seq_lens_ptr + seq)
         rows = first_row + tl.arange(0, BLOCK_M)
         row_mask = rows < q_len
