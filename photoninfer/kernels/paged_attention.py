@@ -527,13 +527,14 @@ def _paged_prefill_kernel(
         first_row = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1) * BLOCK_M
         head = tl.program_id(1)
     else:
-        listed_seq = tl.program_id(0)
-        seq = listed_seq.to(tl.int64)
+        seq = tl.program_id(0).to(tl.int64)
         first_row = tl.program_id(1) * BLOCK_M
         head = tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq).to(tl.int64)
     q_len = (tl.load(query_start_ptr + seq + 1) - q_start).to(tl.int32)
-    if (listed_seq >= 0) & (first_row < q_len):
+    if TILED:
+        q_len = tl.where(listed_seq >= 0, q_len, 0)  # an unlisted tile computes nothing
+    if first_row < q_len:
         seq_len = tl.load(seq_lens_ptr + seq)
         rows = first_row + tl.arange(0, BLOCK_M)
         row_mask = rows < q_len
