@@ -424,10 +424,15 @@ def _launch(x, norm_weight, eps, weight, bias, residual, h, gated, config, down=
 def _row_start_bytes(weight: torch.Tensor, nbytes: int) -> int:
     """nbytes at the start of each row, at most the row, in 16-byte units; 0 where the rows are not each one 16-byte
     aligned run (what a bulk prefetch needs)."""
-    row_bytes = weight.shape[1] * weight.element_size()
-    if weight.stride(1) != 1 or weight.data_ptr() % 16 or (weight.stride(0) * weight.element_size()) % 16:
+    if not _rows_bulk_aligned(weight):
         return 0
-    return min(nbytes, row_bytes) // 16 * 16
+    return min(nbytes, weight.shape[1] * weight.element_size()) // 16 * 16
+
+
+def _rows_bulk_aligned(weight: torch.Tensor) -> bool:
+    """Every row of `weight` starts on a 16-byte boundary and runs contiguously: what a bulk prefetch of it needs."""
+    row_stride_bytes = weight.stride(0) * weight.element_size()
+    return weight.stride(1) == 1 and weight.data_ptr() % 16 == 0 and row_stride_bytes % 16 == 0
 
 
 def next_rows_bytes(weight: Optional[torch.Tensor], budget: int) -> int:
@@ -447,8 +452,7 @@ def prefetch_bytes(weight: torch.Tensor, block_n: int) -> int:
     weight's rows are not one contiguous, 16-byte aligned run (what a bulk prefetch needs). (Whether a launch
     prefetches at all: pdl.prefetches.)"""
     row_bytes = weight.shape[1] * weight.element_size()
-    if (not weight.is_contiguous() or weight.data_ptr() % 16 or row_bytes % 16
-            or weight.shape[0] * row_bytes > L2_PREFETCH_BUDGET):
+    if not weight.is_contiguous() or not _rows_bulk_aligned(weight) or weight.shape[0] * row_bytes > L2_PREFETCH_BUDGET:
         return 0
     return block_n * row_bytes
 

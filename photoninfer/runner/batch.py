@@ -242,19 +242,22 @@ class BatchBuilder:
     def mixed_graph_batch(self, tokens: int, seqs: int) -> ForwardBatch:
         """The static step of a mixed graph: `tokens` rows over `seqs` sequences in the large layout, their tile map
         and `seqs` logits rows (the sampling sequences' first, the rest padding)."""
-        T, L, B, W = self.max_tokens, self.lens_at, self.tables_at, self.graph_width
-        d64, d32, tiles = self.device64, self.device32, self._tiles(tokens, seqs)
+        ids, pos, slots, logits, _, _, query_start, seq_lens, tables = self._views(tokens, seqs, 0, seqs,
+                                                                                  self.graph_width, self.max_tokens)
         return ForwardBatch(
-            input_ids=d64[:tokens], positions=d64[T:T + tokens], slot_mapping=d64[2 * T:2 * T + tokens],
-            logits_indices=d64[3 * T:3 * T + seqs], pending_dst=None, pending_src=None,
-            query_start_loc=d32[:seqs + 1], seq_lens=d32[L:L + seqs], block_tables=d32[B:B + seqs * W].view(seqs, W),
+            input_ids=ids, positions=pos, slot_mapping=slots, logits_indices=logits, pending_dst=None,
+            pending_src=None, query_start_loc=query_start, seq_lens=seq_lens, block_tables=tables,
             num_tokens=tokens, num_seqs=seqs, max_query_len=tokens, max_seq_len=self.graph_max_context,
             query_start_host=np.zeros(seqs + 1, dtype=np.int64), seq_lens_host=np.zeros(seqs, dtype=np.int64),
-            graph_mixed=(tokens, seqs), prefill_tiles=d32[self.tiles_at:self.tiles_at + 2 * tiles].view(tiles, 2))
+            graph_mixed=(tokens, seqs), prefill_tiles=self._tile_map(self.device32, self._tiles(tokens, seqs)))
 
     def _tiles(self, tokens: int, seqs: int) -> int:
         """Rows of the tile map of a mixed graph of `tokens` and `seqs`: every sequence's last tile may be partial."""
         return -(-tokens // self.tile_rows) + seqs
+
+    def _tile_map(self, region32, tiles: int):
+        """[tiles, 2] view of the tile map in an int32 region (a host staging array or the device buffer)."""
+        return region32[self.tiles_at:self.tiles_at + 2 * tiles].reshape(tiles, 2)
 
     def _mixed_layout(self, num_seqs: int, num_tokens: int, max_seq_len: int) -> Optional[tuple[int, int]]:
         """The smallest mixed graph (tokens, sequences) that holds this step, or None."""
@@ -322,9 +325,11 @@ class BatchBuilder:
             raise ValueError(f"step of {num_tokens} tokens / {num_seqs} sequences exceeds the runner's buffers")
         staging64, staging32 = self.staging[self.turn]
         max_seq_len = max(end_list) if num_seqs else 0
+        samples = [i for i, item in enumerate(items) if item.samples]
+        graph_size, graph_tokens = self._graph_layout(num_seqs, num_tokens, max_seq_len, len(samples) == num_seqs,
+                                                      prefill_graphs)
         mixed = None  # a step no decode or lone-prefill graph takes may fit a mixed graph
-        if prefill_graphs and self.graph_mixed and self._graph_layout(num_seqs, num_tokens, max_seq_len, True,
-                                                                      True) == (None, None):
+        if prefill_graphs and graph_size is None and graph_tokens is None:
             mixed = self._mixed_layout(num_seqs, num_tokens, max_seq_len)
         # padding for a decode or lone-prefill graph stays within the small layout; mixed graphs read the large one
         stride = self.max_tokens if mixed else self._stride(num_tokens)
@@ -359,15 +364,12 @@ class BatchBuilder:
                 slots[t:t + n] = table[rows[i], p // bs].astype(np.int64) * bs + p % bs
             max_query_len = int(np.diff(query_start).max())
         num_pending = self._pending_rows(ids[:num_tokens], query_start, seqs, previous_seqs, pending_dst, pending_src)
-        samples = [i for i, item in enumerate(items) if item.samples]
         sampling_seqs = seqs if len(samples) == num_seqs else [seqs[i] for i in samples]
         num_logits = len(samples)
         if num_logits < num_seqs:
             logit_rows[:num_logits] = query_start[1:][samples] - 1
         else:  # every sequence samples (no index list to apply)
             logit_rows[:num_logits] = self._arange[:num_seqs] if num_tokens == num_seqs else query_start[1:] - 1
-        graph_size, graph_tokens = (None, None) if mixed else self._graph_layout(
-            num_seqs, num_tokens, max_seq_len, len(sampling_seqs) == num_seqs, prefill_graphs)
         rows_out = graph_size or (mixed[1] if mixed else num_seqs)
         width = self.graph_width if graph_size or graph_tokens or mixed else max(1, -(-max_seq_len // bs))
         L, B = self.lens_at, self.tables_at
@@ -389,8 +391,7 @@ class BatchBuilder:
         if mixed:  # the graph reads `seqs` logits rows (padding ones in bounds) and the tile map
             logit_rows[num_logits:mixed[1]] = 0
             tiles = self._tiles(*mixed)
-            prefill_tiles(host32[:rows_out + 1], self.tile_rows,
-                          host32[self.tiles_at:self.tiles_at + 2 * tiles].reshape(tiles, 2))
+            prefill_tiles(host32[:rows_out + 1], self.tile_rows, self._tile_map(host32, tiles))
         if not self.on_host:
             self.device64[:6 * stride].copy_(staging64[:6 * stride], non_blocking=True)
             self.device32[:n32].copy_(staging32[:n32], non_blocking=True)
@@ -402,7 +403,7 @@ class BatchBuilder:
             max_query_len=max_query_len, max_seq_len=max_seq_len,
             query_start_host=query_start, seq_lens_host=seq_lens, graph_size=graph_size, graph_tokens=graph_tokens,
             graph_mixed=mixed,
-            prefill_tiles=self.device32[self.tiles_at:self.tiles_at + 2 * tiles].view(tiles, 2) if tiles else None,
+            prefill_tiles=self._tile_map(self.device32, tiles) if tiles else None,
         )
         return batch, sampling_seqs
 

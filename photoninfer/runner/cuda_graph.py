@@ -104,18 +104,13 @@ class StepGraphs:
     def run(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (the LM head's dtype) and their arg-max for a step the builder laid out for a graph:
         [S, vocab] and [S] for a decode step of S sequences, [1, vocab] and [1] (its last token) for a
-        lone prefill."""
+        lone prefill, one row per sampling sequence for a mixed step."""
         if batch.graph_size is not None:
-            key = ("decode", batch.graph_size)
-            self.graphs[key].replay()
-            logits, greedy = self.outputs[key]
-            return logits[:batch.num_seqs], greedy[:batch.num_seqs]
-        if batch.graph_mixed is not None:  # the sampling sequences' rows come first
-            key = ("mixed", batch.graph_mixed)
-            self.graphs[key].replay()
-            logits, greedy = self.outputs[key]
-            rows = batch.logits_indices.shape[0]
-            return logits[:rows], greedy[:rows]
-        key = ("prefill", batch.graph_tokens)
+            key, rows = ("decode", batch.graph_size), batch.num_seqs
+        elif batch.graph_mixed is not None:  # the sampling sequences' rows come first
+            key, rows = ("mixed", batch.graph_mixed), batch.logits_indices.shape[0]
+        else:
+            key, rows = ("prefill", batch.graph_tokens), 1
         self.graphs[key].replay()
-        return self.outputs[key]
+        logits, greedy = self.outputs[key]
+        return logits[:rows], greedy[:rows]
