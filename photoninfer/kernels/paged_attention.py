@@ -25,7 +25,9 @@ arguments, so a CUDA graph (hint = max_model_len) replays one grid. Programs pas
 nothing. A program that holds a whole context (P == 1, or a context of one span) writes the output
 directly, with no partials. Given the step's unrotated q, k, v (`NewTokens`), the kernel also does the
 RoPE kernel's work (saving a launch per layer): every program rotates its q heads, and the program whose
-span ends the context rotates k and stores K/V into the cache before it reads its tiles. For a lone sequence
+span ends the context rotates k and stores K/V into the cache, and uses them from its registers for the context's
+last token. So nothing the kernel before this one writes is in the cache tiles a program reads, and (heads up to
+PRELOAD_MAX_HEAD_DIM) each program loads its first tile before its PDL wait, while q/k/v finish. For a lone sequence
 (pdl.prefetches) the kv-head-0 programs first ask L2 for their span's cache blocks, before the PDL wait.
 
 Prefill: grid (S, ceil(max_query_len / BLOCK_M), Hq). Program (i, m, h) takes query rows
@@ -63,6 +65,14 @@ DEFAULT_PARTITION = 64
 DECODE_TARGET_PROGRAMS = 1024
 # FP8 caches: from this many (sequence, kv head) programs on, decode programs take 128-key tiles (decode_tiles)
 FP8_WIDE_TILES_MIN_PROGRAMS = 512
+# Decode with the step's new tokens (NewTokens), heads up to PRELOAD_MAX_HEAD_DIM wide: each program loads the first
+# K/V tile of its span before its PDL wait, with the step's inputs (seq_lens, block table, positions, slots), and takes
+# the new token's K/V from its registers rather than from the cache it writes them to (no barrier, no reload). H100
+# decode graphs (scripts/decode_graph_ab.py, twice each in one process): Llama-3.2-1B at 1 / 4 / 16 rows 1,077-1,080 ->
+# 1,075-1,079 / 1,163 -> 1,127-1,137 / 1,260 -> 1,219-1,229 us a step, SmolLM2-135M at 1 row 580 -> 567-571. Qwen3-0.6B's
+# 128-wide heads hold twice the registers waiting: at 16 rows 1,373 -> 1,506 us, so they load after the wait.
+PRELOAD_FIRST_TILE = True
+PRELOAD_MAX_HEAD_DIM = 64
 DEFAULT_BLOCK_N = 64  # keys per tile (prefill; decode picks its own: decode_tiles)
 DEFAULT_BLOCK_M = 64  # query rows per prefill program
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU
@@ -89,6 +99,20 @@ def _online_softmax_step(s, m_i, l_i, acc, v, UPCAST: tl.constexpr, PRECISION: t
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_tile(q, k, v, toks, valid, new_tok, k_new, v_new, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """One decode tile: k, v [N, D] as stored in the cache for tokens `toks` (those not `valid` masked), token
+    `new_tok` (-1: none) taken from k_new, v_new [D] instead (this step's, written by this program), folded into
+    the running softmax."""
+    is_new = (toks == new_tok)[:, None]
+    k = tl.where(is_new, k_new.to(q.dtype)[None, :], k.to(q.dtype))
+    v = tl.where(is_new, v_new.to(q.dtype)[None, :], v.to(q.dtype))
+    s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), UPCAST, PRECISION) * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    return _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
 
 
 @triton.jit
@@ -162,7 +186,7 @@ def _paged_decode_kernel(
     kn_sb, kn_sh, vn_sb, vn_sh, cos_stride, sin_stride,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
     DIRECT: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, DOT_F16: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PRELOAD: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -171,33 +195,48 @@ def _paged_decode_kernel(
         if kv_head == 0:
             _prefetch_span(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * bt_stride, tl.load(seq_lens_ptr + seq),
                            split, num_splits, block_size, kc_sb, vc_sb, PARTITION)
-    pdl_begin(PDL)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    span, start, end = _program_span(seq_len, split, num_splits, PARTITION)
-
     g = tl.arange(0, BLOCK_G)
     heads = kv_head * group + g
     g_mask = g < group
     d = tl.arange(0, HEAD_DIM)
     q_rows = q_ptr + seq * q_sb + heads[:, None] * q_sh
     block_table_row = block_tables_ptr + seq * bt_stride
-    if ROPE:  # q and the new k arrive unrotated; this step's K/V are written here, not by the RoPE kernel
+    if PRELOAD:  # before the wait: the step's inputs and the span's first tile of earlier tokens (see the docstring)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        span, start, end = _program_span(seq_len, split, num_splits, PARTITION)
+        first_toks = start + tl.arange(0, BLOCK_N)
+        first_valid = first_toks < end
+        first_k = _load_kv_tile(k_cache_ptr, block_table_row, first_toks, first_valid, kv_head, block_size, kc_sb,
+                                kc_so, kc_sh, HEAD_DIM)
+        first_v = _load_kv_tile(v_cache_ptr, block_table_row, first_toks, first_valid, kv_head, block_size, vc_sb,
+                                vc_so, vc_sh, HEAD_DIM)
+    if ROPE:  # positions, slots and the rotary tables are step inputs too
         pos = tl.load(pos_ptr + seq).to(tl.int64)
         cos = tl.load(cos_ptr + pos * cos_stride + d % (HEAD_DIM // 2))
         sin = tl.load(sin_ptr + pos * sin_stride + d % (HEAD_DIM // 2)) * tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
+        slot = tl.load(slot_ptr + seq)
+    pdl_begin(PDL)
+    if not PRELOAD:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        span, start, end = _program_span(seq_len, split, num_splits, PARTITION)
+
+    new_tok = -1  # the context's last token, whose K/V this program holds in registers (ROPE), else none
+    k_new = tl.zeros([HEAD_DIM], q_ptr.dtype.element_ty)  # as the cache holds them, in q's dtype
+    v_new = tl.zeros([HEAD_DIM], q_ptr.dtype.element_ty)
+    if ROPE:  # q and the new k arrive unrotated; this step's K/V are written here, not by the RoPE kernel
         q = _rotated(q_rows, d[None, :], cos[None, :], sin[None, :], g_mask[:, None], q_norm_ptr, norm_eps, HEAD_DIM,
                      QK_NORM)
-        slot = tl.load(slot_ptr + seq)
         if (start < seq_len) & (seq_len <= start + span) & (slot >= 0):  # this program's span ends the context
             k = _rotated(k_new_ptr + seq * kn_sb + kv_head * kn_sh, d, cos, sin, d < HEAD_DIM, k_norm_ptr, norm_eps,
-                         HEAD_DIM, QK_NORM)
-            v = tl.load(v_new_ptr + seq * vn_sb + kv_head * vn_sh + d)
+                         HEAD_DIM, QK_NORM).to(k_cache_ptr.dtype.element_ty)
+            v = tl.load(v_new_ptr + seq * vn_sb + kv_head * vn_sh + d).to(v_cache_ptr.dtype.element_ty)
             block, offset = slot // block_size, slot % block_size
-            tl.store(k_cache_ptr + block * kc_sb + offset * kc_so + kv_head * kc_sh + d,
-                     k.to(k_cache_ptr.dtype.element_ty))
-            tl.store(v_cache_ptr + block * vc_sb + offset * vc_so + kv_head * vc_sh + d,
-                     v.to(v_cache_ptr.dtype.element_ty))
-        tl.debug_barrier()  # the block's threads see the new K/V before they load the tiles holding it
+            tl.store(k_cache_ptr + block * kc_sb + offset * kc_so + kv_head * kc_sh + d, k)
+            tl.store(v_cache_ptr + block * vc_sb + offset * vc_so + kv_head * vc_sh + d, v)
+            k_new, v_new, new_tok = k.to(k_new.dtype), v.to(v_new.dtype), seq_len - 1
+        if not PRELOAD:
+            tl.debug_barrier()  # the block's threads see the new K/V before they load the tiles holding it
+            new_tok = -1
     else:
         q = tl.load(q_rows + d[None, :], mask=g_mask[:, None], other=0.0)
     if DOT_F16:  # FP8 K/V widen to float16 in one instruction (to bf16 in several, with twice the registers)
@@ -206,17 +245,20 @@ def _paged_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):  # every tile holds at least one valid key
+    loop_start = start
+    if PRELOAD:
+        m_i, l_i, acc = _attend_tile(q, first_k, first_v, first_toks, first_valid, new_tok, k_new, v_new, m_i, l_i,
+                                     acc, qk_scale, UPCAST, PRECISION)
+        loop_start = start + BLOCK_N
+    for n0 in range(loop_start, end, BLOCK_N):  # every tile holds at least one valid key
         toks = n0 + tl.arange(0, BLOCK_N)
         valid = toks < end
         k = _load_kv_tile(k_cache_ptr, block_table_row, toks, valid, kv_head, block_size, kc_sb, kc_so, kc_sh,
                           HEAD_DIM)
-        s = _dot(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST,
-                 PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
         v = _load_kv_tile(v_cache_ptr, block_table_row, toks, valid, kv_head, block_size, vc_sb, vc_so, vc_sh,
-                          HEAD_DIM).to(q.dtype)
-        m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, UPCAST, PRECISION)
+                          HEAD_DIM)
+        m_i, l_i, acc = _attend_tile(q, k, v, toks, valid, new_tok, k_new, v_new, m_i, l_i, acc, qk_scale, UPCAST,
+                                     PRECISION)
 
     pdl_end(PDL)
     result = _normalized(acc, l_i)
@@ -506,6 +548,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
         ROPE=new_tokens is not None, QK_NORM=qk_norm, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
         UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=pdl, PREFETCH=prefetch,
+        PRELOAD=PRELOAD_FIRST_TILE and new_tokens is not None and head_dim <= PRELOAD_MAX_HEAD_DIM,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl > 0,
         **({"maxnreg": max_registers} if max_registers else {}),
     )

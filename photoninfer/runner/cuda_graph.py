@@ -10,6 +10,7 @@ pool, so the ladder costs about as much memory as its largest member.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -29,8 +30,9 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 PREFILL_TOKENS = (16, 32, 64, 128, 256, 512)  # one-sequence prefills (a lone prompt's TTFT) up to 512 tokens
 # Other steps (several prompts, prompts beside decodes) by (tokens, sequences): an eager step of many short kernels
 # is host-bound (H100, Llama-3.2-1B, 16 prompts of 100 tokens: 8.7-13 ms of host time for 5.7 ms of kernels).
-# Empty, so none, until measured on the H100: MIXED_TOKENS x MIXED_SEQS within the runner's limits when set.
-MIXED_TOKENS: tuple = ()
+# Empty, so none, until measured on the H100: MIXED_TOKENS x MIXED_SEQS within the runner's limits when set
+# ($PHOTONINFER_MIXED_GRAPH_TOKENS, e.g. "256,512,1024,2048", sets them for a comparison).
+MIXED_TOKENS: tuple = tuple(int(t) for t in os.environ.get("PHOTONINFER_MIXED_GRAPH_TOKENS", "").split(",") if t)
 MIXED_SEQS = (4, 16, 64)
 
 

@@ -169,9 +169,14 @@ def test_decode_tiles_follow_how_full_the_batch_keeps_the_gpu():
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                                (torch.bfloat16, torch.float8_e4m3fn)], ids=["f32", "bf16", "fp8"])
 @pytest.mark.parametrize("hint,cap", [(128, None), (128, 1), (128, 3)], ids=["split", "direct", "spans"])
-def test_decode_with_new_tokens_does_the_rope_kernels_work(dtype, cache_dtype, hint, cap, device):
+@pytest.mark.parametrize("preload", [True, False], ids=["preloaded", "loaded-after-wait"])
+def test_decode_with_new_tokens_does_the_rope_kernels_work(dtype, cache_dtype, hint, cap, preload, device,
+                                                            monkeypatch):
     """Unrotated q, k, v given to the decode kernel: the same output and cache as rope_and_cache_kv followed
-    by the decode kernel, whichever program's span holds the new token; a padding row writes nothing."""
+    by the decode kernel, whichever program's span holds the new token; a padding row writes nothing. Whether
+    the first tile loads before the new token is written (PRELOAD_FIRST_TILE: its stale slot must not count) or
+    after."""
+    monkeypatch.setattr(paged_attention, "PRELOAD_FIRST_TILE", preload)
     check_new_tokens(dtype, cache_dtype, hint, cap, device, qk_norm=False)
 
 
