@@ -26,8 +26,8 @@ nothing. A program that holds a whole context (P == 1, or a context of one span)
 directly, with no partials. Given the step's unrotated q, k, v (`NewTokens`), the kernel also does the
 RoPE kernel's work (saving a launch per layer): every program rotates its q heads, and the program whose
 span ends the context rotates k and stores K/V into the cache, and uses them from its registers for the context's
-last token. So nothing the kernel before this one writes is in the cache tiles a program reads, and (heads up to
-PRELOAD_MAX_HEAD_DIM) each program loads its first tile before its PDL wait, while q/k/v finish. For a lone sequence
+last token. So nothing the kernel before this one writes is in the cache tiles a program reads, and (`preloads`:
+small batches, heads up to 64 wide) each program loads its first tile before its PDL wait, while q/k/v finish. For a lone sequence
 (pdl.prefetches) the kv-head-0 programs first ask L2 for their span's cache blocks, before the PDL wait.
 
 Prefill: grid (S, ceil(max_query_len / BLOCK_M), Hq). Program (i, m, h) takes query rows
@@ -65,7 +65,8 @@ DEFAULT_PARTITION = 64
 DECODE_TARGET_PROGRAMS = 1024
 # FP8 caches: from this many (sequence, kv head) programs on, decode programs take 128-key tiles (decode_tiles)
 FP8_WIDE_TILES_MIN_PROGRAMS = 512
-# Decode with the step's new tokens (NewTokens), heads up to PRELOAD_MAX_HEAD_DIM wide: each program loads the first
+# Decode with the step's new tokens (NewTokens), up to PRELOAD_MAX_ROWS sequences (the PDL launches, where it was
+# measured) and heads up to PRELOAD_MAX_HEAD_DIM wide: each program loads the first
 # K/V tile of its span before its PDL wait, with the step's inputs (seq_lens, block table, positions, slots), and takes
 # the new token's K/V from its registers rather than from the cache it writes them to (no barrier, no reload). H100
 # decode graphs (scripts/decode_graph_ab.py, twice each in one process): Llama-3.2-1B at 1 / 4 / 16 rows 1,077-1,080 ->
@@ -73,6 +74,7 @@ FP8_WIDE_TILES_MIN_PROGRAMS = 512
 # 128-wide heads hold twice the registers waiting: at 16 rows 1,373 -> 1,506 us, so they load after the wait.
 PRELOAD_FIRST_TILE = True
 PRELOAD_MAX_HEAD_DIM = 64
+PRELOAD_MAX_ROWS = 16
 DEFAULT_BLOCK_N = 64  # keys per tile (prefill; decode picks its own: decode_tiles)
 DEFAULT_BLOCK_M = 64  # query rows per prefill program
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU
@@ -425,6 +427,11 @@ def _dot_precision(*dtypes: torch.dtype) -> str:
     return "ieee" if torch.float32 in dtypes else "tf32"
 
 
+def preloads(new_tokens: bool, batch: int, head_dim: int) -> bool:
+    """Whether the decode kernel loads each program's first K/V tile before its PDL wait (PRELOAD_FIRST_TILE)."""
+    return PRELOAD_FIRST_TILE and new_tokens and batch <= PRELOAD_MAX_ROWS and head_dim <= PRELOAD_MAX_HEAD_DIM
+
+
 def decode_splits(max_seq_len_hint: int, partition_size: int = DEFAULT_PARTITION,
                   max_num_partitions: Optional[int] = None) -> int:
     """Programs per (sequence, kv head): one per partition of the longest context, at most max_num_partitions."""
@@ -548,7 +555,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=block_n, PARTITION=partition_size, DIRECT=direct,
         ROPE=new_tokens is not None, QK_NORM=qk_norm, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
         UPCAST=interpreting(), PRECISION=_dot_precision(q.dtype, k_cache.dtype), PDL=pdl, PREFETCH=prefetch,
-        PRELOAD=PRELOAD_FIRST_TILE and new_tokens is not None and head_dim <= PRELOAD_MAX_HEAD_DIM,
+        PRELOAD=preloads(new_tokens is not None, batch, head_dim),
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl > 0,
         **({"maxnreg": max_registers} if max_registers else {}),
     )

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode-only steps, lone prefills and (MIXED_TOKENS) other steps.
+"""CUDA graphs for decode-only steps, lone prefills and other (mixed, multi-prompt) steps.
 
 A graph replays a fixed sequence of kernels over fixed addresses: its inputs (token ids, positions, slot
 mapping, sequence lengths, block tables) are the batch builder's device buffers, laid out at a fixed width,
@@ -28,12 +28,17 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 PREFILL_TOKENS = (16, 32, 64, 128, 256, 512)  # one-sequence prefills (a lone prompt's TTFT) up to 512 tokens
-# Other steps (several prompts, prompts beside decodes) by (tokens, sequences): an eager step of many short kernels
-# is host-bound (H100, Llama-3.2-1B, 16 prompts of 100 tokens: 8.7-13 ms of host time for 5.7 ms of kernels).
-# Empty, so none, until measured on the H100: MIXED_TOKENS x MIXED_SEQS within the runner's limits when set
-# ($PHOTONINFER_MIXED_GRAPH_TOKENS, e.g. "256,512,1024,2048", sets them for a comparison).
-MIXED_TOKENS: tuple = tuple(int(t) for t in os.environ.get("PHOTONINFER_MIXED_GRAPH_TOKENS", "").split(",") if t)
+# Other steps (several prompts, prompts beside decodes) by (tokens, sequences), MIXED_TOKENS x MIXED_SEQS within the
+# runner's limits: an eager step of many short kernels is host-bound (H100, Llama-3.2-1B, 16 prompts of 100 tokens:
+# 8.7-13 ms of host time for 5.7 ms of kernels). H100, twelfth session (docs/benchmarks.md): 12 more graphs, 84 MiB
+# and about a second of start-up; the nano-vllm workload on the Qwen3-0.6B shape 17,259 -> 17,512 tok/s, the
+# 1 / 16-stream bench within its spread between processes. $PHOTONINFER_MIXED_GRAPH_TOKENS sets the token sizes
+# ("256,512"; "none": no mixed graphs, for comparison).
+MIXED_TOKENS: tuple = (256, 512, 1024, 2048)
 MIXED_SEQS = (4, 16, 64)
+_MIXED_ENV = os.environ.get("PHOTONINFER_MIXED_GRAPH_TOKENS")
+if _MIXED_ENV is not None:
+    MIXED_TOKENS = () if _MIXED_ENV.strip() in ("", "none") else tuple(int(t) for t in _MIXED_ENV.split(","))
 
 
 def mixed_buckets(max_tokens: int, max_seqs: int, max_context: int) -> list[tuple[int, int]]:

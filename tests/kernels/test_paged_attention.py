@@ -166,6 +166,15 @@ def test_decode_tiles_follow_how_full_the_batch_keeps_the_gpu():
     assert decode_tiles(63, 8, fp8_cache=True) == decode_tiles(16, 8, fp8_cache=True) == (64, 4, 2, None)
 
 
+def test_only_small_batches_of_narrow_heads_with_new_tokens_load_a_tile_before_the_wait():
+    from photoninfer.kernels.paged_attention import preloads
+
+    assert preloads(True, 1, 64) and preloads(True, 16, 64)  # Llama-3.2-1B, SmolLM2-135M decode under PDL
+    assert not preloads(True, 16, 128)  # Qwen3's 128-wide heads: twice the registers held waiting
+    assert not preloads(True, 17, 64)  # no PDL wait to overlap
+    assert not preloads(False, 1, 64)  # the cache's last token comes from the kernel before: read it after the wait
+
+
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                                (torch.bfloat16, torch.float8_e4m3fn)], ids=["f32", "bf16", "fp8"])
 @pytest.mark.parametrize("hint,cap", [(128, None), (128, 1), (128, 3)], ids=["split", "direct", "spans"])
