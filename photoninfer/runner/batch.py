@@ -45,6 +45,9 @@ class ForwardBatch:
     graph_tokens: Optional[int] = None  # a one-sequence prefill laid out for the graph of this many tokens
     graph_mixed: Optional[tuple[int, int]] = None  # any other step laid out for the graph of (tokens, sequences)
     prefill_tiles: Optional[torch.Tensor] = None  # [N, 2] int32: the prefill attention's tile map (graph_mixed)
+    # the pending rows are the first rows, each taking the previous step's sampled id of its own row (dst = src =
+    # 0..n-1: a decode step of the previous step's sequences, the steady state), so one copy serves
+    pending_in_order: bool = False
 
     @property
     def is_decode_only(self) -> bool:
@@ -363,7 +366,8 @@ class BatchBuilder:
                 pos[t:t + n] = p
                 slots[t:t + n] = table[rows[i], p // bs].astype(np.int64) * bs + p % bs
             max_query_len = int(np.diff(query_start).max())
-        num_pending = self._pending_rows(ids[:num_tokens], query_start, seqs, previous_seqs, pending_dst, pending_src)
+        num_pending, pending_in_order = self._pending_rows(ids[:num_tokens], query_start, seqs, previous_seqs,
+                                                           pending_dst, pending_src)
         sampling_seqs = seqs if len(samples) == num_seqs else [seqs[i] for i in samples]
         num_logits = len(samples)
         if num_logits < num_seqs:
@@ -402,19 +406,20 @@ class BatchBuilder:
             block_tables=views[8], num_tokens=num_tokens, num_seqs=num_seqs,
             max_query_len=max_query_len, max_seq_len=max_seq_len,
             query_start_host=query_start, seq_lens_host=seq_lens, graph_size=graph_size, graph_tokens=graph_tokens,
-            graph_mixed=mixed,
+            graph_mixed=mixed, pending_in_order=pending_in_order,
             prefill_tiles=self._tile_map(self.device32, tiles) if tiles else None,
         )
         return batch, sampling_seqs
 
     def _pending_rows(self, ids: np.ndarray, query_start: np.ndarray, seqs: list, previous_seqs: Optional[list],
-                      pending_dst: np.ndarray, pending_src: np.ndarray) -> int:
+                      pending_dst: np.ndarray, pending_src: np.ndarray) -> tuple[int, bool]:
         """Input rows whose token the previous step sampled and the host has not read yet (taken on the device):
-        writes their rows and their places in the previous step's sampled ids; returns how many there are."""
+        writes their rows and their places in the previous step's sampled ids; returns how many there are, and
+        whether row i takes sampled id i for each of them (ForwardBatch.pending_in_order)."""
         pending = (ids == PLACEHOLDER).nonzero()[0]
         num_pending = len(pending)
         if not num_pending:
-            return 0
+            return 0, False
         if len(ids) == len(seqs):  # one token per sequence: row i is sequence i
             seq_of_row = pending
         else:
@@ -425,7 +430,7 @@ class BatchBuilder:
         waiting = seqs if num_pending == len(seqs) else [seqs[i] for i in seq_of_row.tolist()]
         if waiting == previous_seqs:  # the steady state: the same sequences in the same order
             pending_src[:num_pending] = self._arange[:num_pending]
-        else:
-            index = {seq.seq_id: i for i, seq in enumerate(previous_seqs)}
-            pending_src[:num_pending] = [index[seq.seq_id] for seq in waiting]
-        return num_pending
+            return num_pending, num_pending == len(ids)  # every row pending: dst is 0..n-1 too
+        index = {seq.seq_id: i for i, seq in enumerate(previous_seqs)}
+        pending_src[:num_pending] = [index[seq.seq_id] for seq in waiting]
+        return num_pending, False

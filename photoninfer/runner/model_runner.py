@@ -175,7 +175,10 @@ class ModelRunner:
         previous_seqs = previous.sampling_seqs if previous is not None else None
         # a prompt-logprob step needs every row's hidden state: no lone-prefill graph (decode steps have no prompt rows)
         batch, sampling_seqs = self.batch_builder.build(sched, previous_seqs, prefill_graphs=not prompt_logprobs)
-        if batch.pending_dst is not None:
+        if batch.pending_in_order:  # one copy instead of a gather and a scatter (two kernels, ~45 us of host time)
+            pending = batch.pending_dst.shape[0]
+            batch.input_ids[:pending].copy_(previous.sampled.token_ids[:pending])
+        elif batch.pending_dst is not None:
             batch.input_ids[batch.pending_dst] = previous.sampled.token_ids[batch.pending_src]
         chunks, greedy_ids = {}, None
         if batch.graph_size is not None or batch.graph_tokens is not None or batch.graph_mixed is not None:

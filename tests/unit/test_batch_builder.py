@@ -57,7 +57,7 @@ def test_engine_batches_equal_a_plain_rebuild_through_joins_finishes_and_preempt
     llm = LLM(make_tiny_model("llama3"), dtype="float32", device="cpu", async_scheduling=True, num_kv_blocks=90,
               block_size=8, max_num_batched_tokens=64, max_num_seqs=32)
     engine, builder = llm.engine, llm.engine.runner.batch_builder
-    seen = {"steps": 0, "decode_sizes": set(), "pending_shuffled": 0, "pending_steady": 0}
+    seen = {"steps": 0, "decode_sizes": set(), "pending_shuffled": 0, "pending_steady": 0, "pending_in_order": 0}
     real_build = builder.build
 
     def checked_build(sched, previous_seqs=None, prefill_graphs=True):
@@ -70,6 +70,10 @@ def test_engine_batches_equal_a_plain_rebuild_through_joins_finishes_and_preempt
             decode = batch.num_tokens == batch.num_seqs
             pending = [sched.scheduled[i].seq for i in batch.pending_dst.tolist()] if decode else None
             seen["pending_steady" if pending == previous_seqs else "pending_shuffled"] += 1
+        if batch.pending_in_order:  # one copy of the first rows serves: dst and src are both 0..n-1
+            rows = list(range(batch.num_tokens))
+            assert batch.pending_dst.tolist() == batch.pending_src.tolist() == rows
+            seen["pending_in_order"] += 1
         return batch, sampling_seqs
 
     builder.build = checked_build
@@ -90,7 +94,7 @@ def test_engine_batches_equal_a_plain_rebuild_through_joins_finishes_and_preempt
             add(f"late-{step}")
     assert seen["steps"] > 30 and engine.stats().num_preemptions > 0
     assert min(seen["decode_sizes"]) <= 16 < max(seen["decode_sizes"])  # both ways of computing slots
-    assert seen["pending_steady"] and seen["pending_shuffled"]
+    assert seen["pending_steady"] and seen["pending_shuffled"] and seen["pending_in_order"]
     assert engine.stats().kv_blocks_used == 0
 
 
