@@ -25,9 +25,10 @@ arguments, so a CUDA graph (hint = max_model_len) replays one grid. Programs pas
 nothing. A program that holds a whole context (P == 1, or a context of one span) writes the output
 directly, with no partials. Given the step's unrotated q, k, v (`NewTokens`), the kernel also does the
 RoPE kernel's work (saving a launch per layer): every program rotates its q heads, and the program whose
-span ends the context rotates k and stores K/V into the cache, and uses them from its registers for the context's
-last token. So nothing the kernel before this one writes is in the cache tiles a program reads, and (`preloads`:
-small batches, heads up to 64 wide) each program loads its first tile before its PDL wait, while q/k/v finish. For a lone sequence
+span ends the context rotates k and stores K/V into the cache. Where it `preloads` (small batches, heads up to 64
+wide) that program takes the context's last token from its registers, so no tile a program reads holds anything
+the kernel before this one writes, and each program loads its first tile before its PDL wait, while q/k/v still
+run; otherwise the tiles are loaded after the wait (and a barrier) as they are. For a lone sequence
 (pdl.prefetches) the kv-head-0 programs first ask L2 for their span's cache blocks, before the PDL wait.
 
 Prefill: grid (S, ceil(max_query_len / BLOCK_M), Hq). Program (i, m, h) takes query rows
@@ -66,12 +67,13 @@ DECODE_TARGET_PROGRAMS = 1024
 # FP8 caches: from this many (sequence, kv head) programs on, decode programs take 128-key tiles (decode_tiles)
 FP8_WIDE_TILES_MIN_PROGRAMS = 512
 # Decode with the step's new tokens (NewTokens), up to PRELOAD_MAX_ROWS sequences (the PDL launches, where it was
-# measured) and heads up to PRELOAD_MAX_HEAD_DIM wide: each program loads the first
-# K/V tile of its span before its PDL wait, with the step's inputs (seq_lens, block table, positions, slots), and takes
-# the new token's K/V from its registers rather than from the cache it writes them to (no barrier, no reload). H100
+# measured) and heads up to PRELOAD_MAX_HEAD_DIM wide: each program loads the first K/V tile of its span before its PDL
+# wait, with the step's inputs (seq_lens, block table, positions, slots), and takes the new token's K/V from its
+# registers rather than from the cache it writes them to (no barrier, no reload). H100
 # decode graphs (scripts/decode_graph_ab.py, twice each in one process): Llama-3.2-1B at 1 / 4 / 16 rows 1,077-1,080 ->
-# 1,075-1,079 / 1,163 -> 1,127-1,137 / 1,260 -> 1,219-1,229 us a step, SmolLM2-135M at 1 row 580 -> 567-571. Qwen3-0.6B's
-# 128-wide heads hold twice the registers waiting: at 16 rows 1,373 -> 1,506 us, so they load after the wait.
+# 1,075-1,079 / 1,163 -> 1,127-1,137 / 1,260 -> 1,219-1,229 us a step, SmolLM2-135M at 1 / 16 rows 580 -> 567-571 /
+# 750 -> 693-720. Qwen3-0.6B's 128-wide heads hold twice the registers waiting: at 16 rows 1,373 -> 1,506 us, so they
+# load after the wait.
 PRELOAD_FIRST_TILE = True
 PRELOAD_MAX_HEAD_DIM = 64
 PRELOAD_MAX_ROWS = 16

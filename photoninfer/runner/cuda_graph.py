@@ -31,9 +31,10 @@ PREFILL_TOKENS = (16, 32, 64, 128, 256, 512)  # one-sequence prefills (a lone pr
 # Other steps (several prompts, prompts beside decodes) by (tokens, sequences), MIXED_TOKENS x MIXED_SEQS within the
 # runner's limits: an eager step of many short kernels is host-bound (H100, Llama-3.2-1B, 16 prompts of 100 tokens:
 # 8.7-13 ms of host time for 5.7 ms of kernels). H100, twelfth session (docs/benchmarks.md): 12 more graphs, 84 MiB
-# and about a second of start-up; Llama-3.2-1B's 16-stream bench (its 16 prompts one step) 10,879-11,162 -> 12,644-12,727
-# tok/s on a slower host (within the spread on a fast one), the nano-vllm workload on the Qwen3-0.6B shape 17,259 ->
-# 17,512. $PHOTONINFER_MIXED_GRAPH_TOKENS sets the token sizes ("256,512"; "none": no mixed graphs, for comparison).
+# and about a second of start-up; Llama-3.2-1B's 16-stream bench (its 16 prompts one step) 10,879-11,162 ->
+# 12,644-12,727 tok/s on a slower host (within the spread on a fast one), the nano-vllm workload on the Qwen3-0.6B
+# shape 17,259 -> 17,512. $PHOTONINFER_MIXED_GRAPH_TOKENS sets the token sizes ("256,512"; "none": no mixed graphs,
+# for comparison).
 MIXED_TOKENS: tuple = (256, 512, 1024, 2048)
 MIXED_SEQS = (4, 16, 64)
 _MIXED_ENV = os.environ.get("PHOTONINFER_MIXED_GRAPH_TOKENS")
