@@ -35,11 +35,25 @@ PREFILL_TOKENS = (16, 32, 64, 128, 256, 512)  # one-sequence prefills (a lone pr
 # 12,644-12,727 tok/s on a slower host (within the spread on a fast one), the nano-vllm workload on the Qwen3-0.6B
 # shape 17,259 -> 17,512. $PHOTONINFER_MIXED_GRAPH_TOKENS sets the token sizes ("256,512"; "none": no mixed graphs,
 # for comparison).
-MIXED_TOKENS: tuple = (256, 512, 1024, 2048)
+MIXED_TOKENS_ENV = "PHOTONINFER_MIXED_GRAPH_TOKENS"
+
+
+def parse_mixed_tokens(text: str) -> tuple:
+    """$PHOTONINFER_MIXED_GRAPH_TOKENS: comma-separated positive token counts, or "none" (or empty) for none."""
+    if text.strip() in ("", "none"):
+        return ()
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) <= 0:
+        raise ValueError(f"{MIXED_TOKENS_ENV} must be positive token counts joined by commas (e.g. 256,512) or "
+                         f"'none', got {text!r}")
+    return sizes
+
+
+MIXED_TOKENS: tuple = parse_mixed_tokens(os.environ.get(MIXED_TOKENS_ENV, "256,512,1024,2048"))
 MIXED_SEQS = (4, 16, 64)
-_MIXED_ENV = os.environ.get("PHOTONINFER_MIXED_GRAPH_TOKENS")
-if _MIXED_ENV is not None:
-    MIXED_TOKENS = () if _MIXED_ENV.strip() in ("", "none") else tuple(int(t) for t in _MIXED_ENV.split(","))
 
 
 def mixed_buckets(max_tokens: int, max_seqs: int, max_context: int) -> list[tuple[int, int]]:

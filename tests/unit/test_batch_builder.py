@@ -176,3 +176,13 @@ def test_mixed_graphs_must_fit_the_builders_buffers():
     assert builder.graph_mixed == [(32, 4), (64, 8)]  # the smallest that holds a step is taken
     assert builder._mixed_layout(3, 40, 20) == (64, 8) and builder._mixed_layout(3, 20, 20) == (32, 4)
     assert builder._mixed_layout(9, 40, 20) is None and builder._mixed_layout(3, 40, 97) is None  # too long
+
+
+def test_mixed_graph_sizes_from_the_environment_are_checked():
+    from photoninfer.runner.cuda_graph import parse_mixed_tokens
+
+    assert parse_mixed_tokens("256,512") == (256, 512)
+    assert parse_mixed_tokens("none") == parse_mixed_tokens("") == ()
+    for bad in ("256,abc", "0", "256,-512", ","):
+        with pytest.raises(ValueError, match="PHOTONINFER_MIXED_GRAPH_TOKENS"):
+            parse_mixed_tokens(bad)
