@@ -71,6 +71,9 @@ class DecoderLayer(nn.Module):
         # the MLP as one norm_linear.fused_mlp kernel for up to FUSED_MLP_MAX_M rows: its float32 output goes to the
         # next layer's norm (or the final one), which rounds it to the model dtype (use_kernels)
         self.fused_mlp = False
+        # kernels/decode_gemv.py (use_kernels) for one-row steps: q/k/v with the input norm inside, and o, their
+        # weights loaded into registers while the kernels before them run; None where q/k/v keeps a norm kernel
+        self.decode_gemv = None
 
     def forward(self, x, residual, positions, rope, kv_cache, backend, meta):
         if _fuses_norms(self.norm_linear, x, residual):
@@ -91,12 +94,18 @@ class DecoderLayer(nn.Module):
         that follows, and SiLU·mul inside gate/up: up to 3 kernels fewer per layer (kernels/norm_linear.py;
         q/k/v only for short rows, where it pays). With `decode_linears` the other projections run on the
         same kernel family, so the whole layer is PDL kernels (kernels/pdl.py); with `fused_mlp`, up to
-        FUSED_MLP_MAX_M rows, gate/up and down are one kernel whose float32 output the next norm takes."""
+        FUSED_MLP_MAX_M rows, gate/up and down are one kernel whose float32 output the next norm takes. With
+        `decode_gemv`, a one-row step runs q/k/v (the input norm inside) and o on kernels/decode_gemv.py."""
         kernels, attn, mlp = self.norm_linear, self.self_attn, self.mlp
         fused = kernels.fused_norm_linear
         linear = _decode_linear if self.decode_linears else _module_linear
         norm = self.input_layernorm
-        if x.shape[-1] <= kernels.FUSE_QKV_MAX_K:
+        gemv = self.decode_gemv
+        one_row = gemv is not None and gemv.takes(attn.qkv_proj.weight, x.shape[0], x.device)
+        if one_row:
+            qkv, residual = gemv.decode_gemv(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm.weight,
+                                             eps=norm.eps, residual=residual)
+        elif x.shape[-1] <= kernels.FUSE_QKV_MAX_K:
             qkv, residual = fused(x, norm.weight, norm.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
                                   residual=residual)
         else:
@@ -106,8 +115,11 @@ class DecoderLayer(nn.Module):
         norm = self.post_attention_layernorm
         if self.fused_mlp and x.shape[0] <= kernels.FUSED_MLP_MAX_M:
             out = torch.empty((x.shape[0], attn.o_proj.weight.shape[0]), dtype=torch.float32, device=x.device)
-            x = kernels.decode_linear(x, attn.o_proj.weight, weights_ahead=True, zero=out,
-                                      next_weight=mlp.gate_up_proj.weight)
+            if one_row and gemv.takes(attn.o_proj.weight, x.shape[0], x.device):
+                x = gemv.decode_gemv(x, attn.o_proj.weight, attn.o_proj.bias, zero=out)
+            else:
+                x = kernels.decode_linear(x, attn.o_proj.weight, weights_ahead=True, zero=out,
+                                          next_weight=mlp.gate_up_proj.weight)
             return kernels.fused_mlp(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight, out,
                                      residual)
         x = linear(kernels, attn.o_proj, x, weights_ahead=True)  # o's weights load while attention runs
@@ -156,7 +168,7 @@ class CausalLM(nn.Module):
 
     def use_kernels(self) -> None:
         """Fused Triton kernels for the norms and SiLU·mul (CUDA); the torch code stays their reference."""
-        from photoninfer.kernels import norm_linear
+        from photoninfer.kernels import decode_gemv, norm_linear
         from photoninfer.kernels.pdl import use_pdl
         from photoninfer.kernels.activation import silu_and_mul as silu_and_mul_kernel
 
@@ -173,6 +185,9 @@ class CausalLM(nn.Module):
                 module.decode_linears = decode_linears and _dense(module.self_attn.o_proj, module.mlp.down_proj)
                 # o, on decode_linear, zeroes fused_mlp's accumulator
                 module.fused_mlp = norm_linear.FUSED_MLP and module.decode_linears
+                # where q/k/v would otherwise wait on a norm kernel (rows wider than FUSE_QKV_MAX_K)
+                wide = module.self_attn.qkv_proj.weight.shape[1] > norm_linear.FUSE_QKV_MAX_K
+                module.decode_gemv = decode_gemv if module.decode_linears and wide else None
         if self.lm_head is None or _dense(self.lm_head):
             self.norm_linear = norm_linear
 

@@ -64,6 +64,38 @@ def test_bfloat16_runs_and_follows_hf(make_tiny_model):
     assert first_agree >= len(prompts) - 1, (outputs, expected)
 
 
+def test_bfloat16_one_row_kernels_follow_hf(make_tiny_model):
+    """Rows 2,048 wide: one-row steps run q/k/v (the input norm inside) and o on kernels/decode_gemv.py where PDL
+    runs (Hopper), in graphs and eagerly; they follow HF, and eagerly the tokens of the same engine without them."""
+    path = make_tiny_model("llama3", hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
+                           initializer_range=0.02)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    prompts = prompts_for(hf.config.vocab_size)
+    with torch.no_grad():
+        expected = hf_greedy(hf, prompts)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    results = {}
+    for enforce_eager in (False, True):
+        llm = LLM(path, device="cuda", enforce_eager=enforce_eager)
+        layers = llm.engine.runner.model.layers
+        assert all((layer.decode_gemv is not None) == hopper for layer in layers)
+        results[enforce_eager] = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]  # one row
+        if enforce_eager:  # the same engine without decode_gemv (graphs would keep what they captured)
+            for layer in layers:
+                layer.decode_gemv = None
+            results["plain"] = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
+        del llm, layers  # each engine takes most of the card: free it before the next one
+    agree = {name: _common_prefix(outputs, expected) for name, outputs in results.items()}
+    same = _common_prefix(results[True], results["plain"])
+    # a wrong kernel breaks every decode token (agreement ~1 token a prompt); bf16 sums in another order flip a few
+    assert same >= 0.75 * NEW_TOKENS * len(prompts) and min(agree.values()) >= 0.5 * agree["plain"], (same, agree)
+
+
+def _common_prefix(outputs, reference) -> int:
+    """Tokens each output shares with its reference before the first difference, summed."""
+    return sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(outputs, reference))
+
+
 def test_seeded_sampling_on_the_gpu_is_batch_independent(make_tiny_model):
     llm = LLM(make_tiny_model("qwen3"), device="cuda", dtype="float32")
     seeded = SamplingParams(temperature=0.8, top_k=50, seed=3, max_tokens=12, ignore_eos=True)

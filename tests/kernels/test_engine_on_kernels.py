@@ -324,3 +324,39 @@ def test_lone_prefill_graph_norms_only_its_last_row_inside_the_lm_head(make_tiny
         assert a.token_ids == b.token_ids
         la, lb = (next(iter(o.logprobs[0].values())).logprob for o in (a, b))
         assert abs(la - lb) < 0.15, (la, lb)  # bf16 roundings apart
+
+
+def test_one_row_decode_steps_run_qkv_and_o_on_decode_gemv(make_tiny_model, device, monkeypatch):
+    """bf16 decode steps of one row with decode_gemv on (as use_kernels sets it on Hopper for rows wider than
+    FUSE_QKV_MAX_K): every layer runs q/k/v with its input norm inside, and o (clearing the fused MLP's
+    accumulator), on kernels/decode_gemv.py; the tokens and logprobs are those of norm_linear's kernels."""
+    from photoninfer.kernels import decode_gemv, norm_linear
+
+    path = make_tiny_model("llama3")
+    prompts = [[417]]  # one token: its prefill is a one-row step too (the interpreter is slow: one prompt)
+    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=0)
+    llm = LLM(path, dtype="bfloat16", device=str(device), max_num_seqs=4, enforce_eager=True, num_kv_blocks=64)
+    on_kernels(llm)
+    layers = llm.engine.runner.model.layers
+    monkeypatch.setattr(norm_linear, "FUSE_QKV_MAX_K", 0)  # q/k/v after the norm kernel, as for Llama-3.2-1B
+    for layer in layers:
+        layer.decode_linears, layer.fused_mlp = True, True
+    separate = [llm.generate([p], params)[0].outputs[0] for p in prompts]
+    calls = []
+    original = decode_gemv.decode_gemv
+
+    def counted(x, weight, *args, **kwargs):
+        calls.append("qkv" if kwargs.get("norm_weight") is not None else "o")
+        return original(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(decode_gemv, "decode_gemv", counted)
+    monkeypatch.setattr(decode_gemv, "takes", lambda weight, rows, device: rows == 1)  # the interpreter has no PDL
+    for layer in layers:
+        layer.decode_gemv = decode_gemv
+    fused = [llm.generate([p], params)[0].outputs[0] for p in prompts]
+    # the prefill and two decode steps: q/k/v and o in every layer
+    assert calls == ["qkv", "o"] * len(layers) * 3
+    for a, b in zip(fused, separate):
+        assert a.token_ids[:2] == b.token_ids[:2]
+        la, lb = (next(iter(o.logprobs[1].values())).logprob for o in (a, b))  # a decode step's token
+        assert abs(la - lb) < 0.1, (la, lb)  # bf16 roundings apart (float32 sums in another order)
