@@ -28,7 +28,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from photoninfer.kernels import activation, argmax, gemv, norm_linear, paged_attention, pdl, rmsnorm, rope  # noqa: E402
+from photoninfer.kernels import (activation, argmax, decode_gemv, gemv, norm_linear, paged_attention, pdl,  # noqa: E402
+                                  rmsnorm, rope)
 
 PDL_MODE = pdl.mode()  # the trigger placement compiled ($PHOTONINFER_PDL_TRIGGER)
 
@@ -100,9 +101,9 @@ def record_launches() -> list:
                (rope, "_rope_and_cache_kv_kernel"), (paged_attention, "_paged_decode_kernel"),
                (paged_attention, "_paged_prefill_kernel"), (gemv, "_gemv_kernel"), (gemv, "_gemv_reduce_kernel"),
                (argmax, "_chunk_argmax_kernel"), (argmax, "_pick_chunk_kernel"),
-               (norm_linear, "_norm_linear_kernel")]
+               (norm_linear, "_norm_linear_kernel"), (decode_gemv, "_decode_gemv_kernel")]
     # on the GPU these launch with programmatic dependent launch (kernels/pdl.py): compile that variant
-    kernels += [(module, "use_pdl") for module in (rmsnorm, paged_attention, argmax, norm_linear)]
+    kernels += [(module, "use_pdl") for module in (rmsnorm, paged_attention, argmax, norm_linear, decode_gemv)]
     originals = [(module, name, getattr(module, name)) for module, name in kernels]
     for module, name, fn in originals:
         setattr(module, name, (lambda device, rows=1: PDL_MODE) if name == "use_pdl" else Recorder(fn, launches))
@@ -174,6 +175,11 @@ def record_launches() -> list:
                     norm_linear.fused_norm_linear(acc, e(hidden), 1e-5, e(128256, hidden), residual=e(m, hidden))
                     norm_linear.fused_mlp(e(m, 576), e(576), 1e-5, e(3072, 576), e(576, 1536),
                                           torch.empty(m, 576), e(m, 576))  # SmolLM2's narrow tiles
+                if m == 1:  # one row: q/k/v with the norm inside (the first layer's, a later one's), and o
+                    decode_gemv.decode_gemv(x, e(3072, hidden), norm_weight=e(hidden), eps=1e-5)
+                    decode_gemv.decode_gemv(torch.empty(1, hidden), e(3072, hidden), norm_weight=e(hidden), eps=1e-5,
+                                            residual=x)
+                    decode_gemv.decode_gemv(x, e(hidden, hidden), zero=torch.empty(1, hidden))
     finally:
         for module, name, fn in originals:
             setattr(module, name, fn)
