@@ -44,3 +44,9 @@ def check_dtype(name: str, t: torch.Tensor, dtypes) -> None:
 def check_power_of_two(name: str, value: int, low: int, high: int) -> None:
     if value < low or value > high or value & (value - 1):
         raise ValueError(f"{name} must be a power of two in [{low}, {high}], got {value}")
+
+
+def check_accumulator(name: str, t: torch.Tensor, rows: int, cols: int) -> None:
+    """A float32 [rows, cols] buffer that kernels add into (or clear) by flat index: contiguous, exactly that shape."""
+    if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != (rows, cols):
+        raise ValueError(f"{name} must be a contiguous float32 [{rows}, {cols}] tensor, got {t.dtype} {tuple(t.shape)}")

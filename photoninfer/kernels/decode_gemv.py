@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_shape
+from photoninfer.kernels._checks import check_accumulator, check_dim, check_last_contiguous, check_shape
 from photoninfer.kernels.pdl import begin as pdl_begin, use_pdl
 
 MAX_K = 2048  # BLOCK_ROWS x MAX_K bf16 weights = 64 KB of registers a program (256 bytes a thread over 8 warps)
@@ -131,8 +131,8 @@ def _check(x, weight, bias, norm_weight, residual, zero) -> None:
                 raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {t.dtype}")
     if residual is not None and norm_weight is None:
         raise ValueError("decode_gemv adds a residual only in front of its norm")
-    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous() or tuple(zero.shape) != (1, n)):
-        raise ValueError(f"zero must be a contiguous float32 [1, {n}] tensor, got {zero.dtype} {tuple(zero.shape)}")
+    if zero is not None:
+        check_accumulator("zero", zero, 1, n)
 
 
 def decode_gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,

@@ -61,7 +61,8 @@ import triton.language as tl
 from photoninfer.kernels import interpreting
 from photoninfer.kernels.pdl import (begin as pdl_begin, end as pdl_end, prefetch_l2, prefetch_l2_each, prefetches,
                                      use_pdl)
-from photoninfer.kernels._checks import check_dim, check_last_contiguous, check_power_of_two, check_shape
+from photoninfer.kernels._checks import (check_accumulator, check_dim, check_last_contiguous, check_power_of_two,
+                                         check_shape)
 
 MAX_M = 16  # tl.dot's smallest tile; the rows are padded to it
 # The input norm fused into q/k/v pays for rows up to 1024 wide: on an H100 at 1 / 16 rows, SmolLM2 (576)
@@ -349,10 +350,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     way: the accumulator that the fused_mlp after o adds into. `next_weight` (the fused_mlp's gate/up): the
     start of each of its rows is asked of L2 with this kernel's own weights (next_rows_bytes), a cache hint only."""
     _check(x, None, weight, bias, None, False)
-    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()
-                             or tuple(zero.shape) != (x.shape[0], weight.shape[0])):
-        raise ValueError(f"zero must be a contiguous float32 [{x.shape[0]}, {weight.shape[0]}] tensor, got "
-                         f"{zero.dtype} {tuple(zero.shape)}")
+    if zero is not None:
+        check_accumulator("zero", zero, x.shape[0], weight.shape[0])
     config = config or default_config(weight.shape[0], x.shape[1], False, x.shape[0], norm=False,
                                       weights_ahead=weights_ahead)
     return _launch(x, None, 0.0, weight, bias, None, x, False, config, zero=zero, next_weight=next_weight)
@@ -375,8 +374,7 @@ def fused_mlp(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: t
     check_last_contiguous("down", down)
     if down.dtype != x.dtype:
         raise TypeError(f"down must have x's dtype {x.dtype}, got {down.dtype}")
-    if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (m, hidden):
-        raise ValueError(f"out must be a contiguous float32 [{m}, {hidden}] tensor, got {out.dtype} {tuple(out.shape)}")
+    check_accumulator("out", out, m, hidden)
     h = torch.empty_like(residual)
     _launch(x, norm_weight, eps, gate_up, None, residual, h, True, fused_mlp_config(down.shape[1]), down=down,
             out=out, row_prefetch=MLP_ROW_PREFETCH)
