@@ -96,21 +96,40 @@ class DecoderLayer(nn.Module):
         same kernel family, so the whole layer is PDL kernels (kernels/pdl.py); with `fused_mlp`, up to
         FUSED_MLP_MAX_M rows, gate/up and down are one kernel whose float32 output the next norm takes. With
         `decode_gemv`, a one-row step runs q/k/v (the input norm inside) and o on kernels/decode_gemv.py."""
-        kernels, attn, mlp = self.norm_linear, self.self_attn, self.mlp
-        fused = kernels.fused_norm_linear
-        linear = _decode_linear if self.decode_linears else _module_linear
-        norm = self.input_layernorm
-        gemv = self.decode_gemv
+        kernels, attn, norm, gemv = self.norm_linear, self.self_attn, self.input_layernorm, self.decode_gemv
         one_row = gemv is not None and gemv.takes(attn.qkv_proj.weight, x.shape[0], x.device)
         if one_row:
             qkv, residual = gemv.decode_gemv(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm.weight,
                                              eps=norm.eps, residual=residual)
         elif x.shape[-1] <= kernels.FUSE_QKV_MAX_K:
-            qkv, residual = fused(x, norm.weight, norm.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                                  residual=residual)
+            qkv, residual = kernels.fused_norm_linear(x, norm.weight, norm.eps, attn.qkv_proj.weight,
+                                                      attn.qkv_proj.bias, residual=residual)
         else:
             x, residual = self._input_norm(x, residual)
-            qkv = linear(kernels, attn.qkv_proj, x)
+            qkv = self._linear(attn.qkv_proj, x)
+        return self._after_qkv(qkv, residual, one_row, positions, rope, kv_cache, backend, meta)
+
+    def gathers_embedding(self, embedding: torch.Tensor, input_ids: torch.Tensor) -> bool:
+        """Whether this (first) layer takes the step's token ids instead of their embedding rows
+        (forward_from_ids): a one-row step that decode_gemv runs."""
+        weight = self.self_attn.qkv_proj.weight  # takes() checks its dtype: the embedding's must match
+        gemv = self.decode_gemv
+        return (gemv is not None and gemv.GATHER_EMBEDDING and input_ids.shape[0] == 1
+                and embedding.dtype == weight.dtype and embedding.is_contiguous()
+                and gemv.takes(weight, 1, embedding.device))
+
+    def forward_from_ids(self, embedding, input_ids, positions, rope, kv_cache, backend, meta):
+        """forward(embedding[input_ids], None, ...) where gathers_embedding: q/k/v's kernel reads the token's row
+        itself, so no gather kernel opens the step (one kernel less, and q/k/v's weights load from the step's
+        start)."""
+        attn, norm = self.self_attn, self.input_layernorm
+        qkv, residual = self.decode_gemv.decode_gemv(embedding, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                                                     norm_weight=norm.weight, eps=norm.eps, token_ids=input_ids)
+        return self._after_qkv(qkv, residual, True, positions, rope, kv_cache, backend, meta)
+
+    def _after_qkv(self, qkv, residual, one_row, positions, rope, kv_cache, backend, meta):
+        """Attention, o and the MLP of _forward_fused_norms, from q/k/v's output."""
+        kernels, attn, mlp, gemv = self.norm_linear, self.self_attn, self.mlp, self.decode_gemv
         x = attn.attention(qkv, positions, rope, kv_cache, backend, meta)
         norm = self.post_attention_layernorm
         if self.fused_mlp and x.shape[0] <= kernels.FUSED_MLP_MAX_M:
@@ -122,18 +141,17 @@ class DecoderLayer(nn.Module):
                                           next_weight=mlp.gate_up_proj.weight)
             return kernels.fused_mlp(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight, out,
                                      residual)
-        x = linear(kernels, attn.o_proj, x, weights_ahead=True)  # o's weights load while attention runs
-        act, residual = fused(x, norm.weight, norm.eps, mlp.gate_up_proj.weight, residual=residual, gated=True)
-        return linear(kernels, mlp.down_proj, act), residual
+        x = self._linear(attn.o_proj, x, weights_ahead=True)  # o's weights load while attention runs
+        act, residual = kernels.fused_norm_linear(x, norm.weight, norm.eps, mlp.gate_up_proj.weight,
+                                                  residual=residual, gated=True)
+        return self._linear(mlp.down_proj, act), residual
 
-
-def _decode_linear(kernels, layer: Linear, x, weights_ahead: bool = False):
-    """`weights_ahead` after a latency-bound kernel (attention): the weights load while it runs."""
-    return kernels.decode_linear(x, layer.weight, layer.bias, weights_ahead=weights_ahead)
-
-
-def _module_linear(kernels, layer, x, weights_ahead: bool = False):
-    return layer(x)
+    def _linear(self, layer: Linear, x, weights_ahead: bool = False):
+        """The layer on norm_linear.decode_linear where decode_linears, else its own forward. `weights_ahead` after
+        a latency-bound kernel (attention): the weights load while it runs."""
+        if self.decode_linears:
+            return self.norm_linear.decode_linear(x, layer.weight, layer.bias, weights_ahead=weights_ahead)
+        return layer(x)
 
 
 def _fuses_norms(kernels, x, residual=None) -> bool:
@@ -211,8 +229,14 @@ class CausalLM(nn.Module):
 
     def _decoder(self, input_ids, positions, kv_caches, meta):
         """(x, residual) after the last layer: the final norm of their sum is what forward returns."""
-        x, residual = self.embed_tokens.weight[input_ids], None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        table, first = self.embed_tokens.weight, self.layers[0]
+        if first.gathers_embedding(table, input_ids):
+            x, residual = first.forward_from_ids(table, input_ids, positions, self.rope, kv_caches[0], self.attention,
+                                                 meta)
+            start = 1
+        else:
+            x, residual, start = table[input_ids], None, 0
+        for layer, kv_cache in zip(self.layers[start:], kv_caches[start:]):
             x, residual = layer(x, residual, positions, self.rope, kv_cache, self.attention, meta)
         return x, residual
 

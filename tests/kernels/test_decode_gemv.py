@@ -66,6 +66,42 @@ def test_norm_in_front_rounds_as_norm_linear_does(dtype, device):
     close(y, ref_y, dtype, ulps=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_first_layer_gathers_its_token_row_from_the_embedding_table(dtype, id_dtype, device):
+    """token_ids: the kernel reads row `id` of the table itself; h is that row, y as for the gathered row."""
+    vocab, n, k = 50, 48, 192
+    _, _, g, w, b = make(n, k, dtype, device, seed=9)
+    table = torch.randn(vocab, k, generator=torch.Generator().manual_seed(10)).to(dtype).to(device)
+    for token in (0, 37, vocab - 1):  # the last row: ids index rows of K, not of a padded width
+        ids = torch.tensor([token], dtype=id_dtype, device=device)
+        y, h = decode_gemv(table, w, b, norm_weight=g, eps=EPS, token_ids=ids)
+        assert torch.equal(h, table[token:token + 1])
+        ref_y, ref_h = decode_gemv_reference(table, w, b, norm_weight=g, eps=EPS, token_ids=ids)
+        assert torch.equal(ref_h, h)
+        close(y, ref_y, dtype, ulps=4)
+        y_row, _ = decode_gemv(table[token:token + 1].clone(), w, b, norm_weight=g, eps=EPS)
+        assert torch.equal(y, y_row)  # the same kernel on the same row
+
+
+def test_gather_rejects_what_it_does_not_handle(device):
+    _, res, g, w, _ = make(32, 64, torch.bfloat16, device, seed=2)
+    table = torch.zeros(10, 64, dtype=torch.bfloat16, device=device)
+    ids = torch.tensor([3], device=device)
+    with pytest.raises(ValueError, match="first layer"):
+        decode_gemv(table, w, token_ids=ids)
+    with pytest.raises(ValueError, match="first layer"):
+        decode_gemv(table, w, norm_weight=g, residual=res, token_ids=ids)
+    with pytest.raises(ValueError, match="embedding table"):
+        decode_gemv(torch.zeros(10, 32, dtype=torch.bfloat16, device=device), w, norm_weight=g, token_ids=ids)
+    with pytest.raises(ValueError, match="embedding table"):
+        decode_gemv(torch.zeros(20, 64, dtype=torch.bfloat16, device=device)[::2], w, norm_weight=g, token_ids=ids)
+    with pytest.raises(ValueError, match="token_ids"):
+        decode_gemv(table, w, norm_weight=g, token_ids=torch.tensor([3, 4], device=device))
+    with pytest.raises(TypeError, match="int32/int64"):
+        decode_gemv(table, w, norm_weight=g, token_ids=torch.tensor([3.0], device=device))
+
+
 def test_rejects_what_it_does_not_handle(device):
     x, res, g, w, b = make(32, 64, torch.bfloat16, device, seed=1)
     with pytest.raises(ValueError, match="one row"):

@@ -329,7 +329,8 @@ def test_lone_prefill_graph_norms_only_its_last_row_inside_the_lm_head(make_tiny
 def test_one_row_decode_steps_run_qkv_and_o_on_decode_gemv(make_tiny_model, device, monkeypatch):
     """bf16 decode steps of one row with decode_gemv on (as use_kernels sets it on Hopper for rows wider than
     FUSE_QKV_MAX_K): every layer runs q/k/v with its input norm inside, and o (clearing the fused MLP's
-    accumulator), on kernels/decode_gemv.py; the tokens and logprobs are those of norm_linear's kernels."""
+    accumulator), on kernels/decode_gemv.py, the first layer gathering its token's embedding row itself; the
+    tokens and logprobs are those of norm_linear's kernels."""
     from photoninfer.kernels import decode_gemv, norm_linear
 
     path = make_tiny_model("llama3")
@@ -346,7 +347,8 @@ def test_one_row_decode_steps_run_qkv_and_o_on_decode_gemv(make_tiny_model, devi
     original = decode_gemv.decode_gemv
 
     def counted(x, weight, *args, **kwargs):
-        calls.append("qkv" if kwargs.get("norm_weight") is not None else "o")
+        kind = "o" if kwargs.get("norm_weight") is None else "qkv"
+        calls.append(kind + (" from ids" if kwargs.get("token_ids") is not None else ""))
         return original(x, weight, *args, **kwargs)
 
     monkeypatch.setattr(decode_gemv, "decode_gemv", counted)
@@ -354,8 +356,8 @@ def test_one_row_decode_steps_run_qkv_and_o_on_decode_gemv(make_tiny_model, devi
     for layer in layers:
         layer.decode_gemv = decode_gemv
     fused = [llm.generate([p], params)[0].outputs[0] for p in prompts]
-    # the prefill and two decode steps: q/k/v and o in every layer
-    assert calls == ["qkv", "o"] * len(layers) * 3
+    # the prefill and two decode steps: q/k/v and o in every layer, the first layer's q/k/v gathering its embedding
+    assert calls == (["qkv from ids", "o"] + ["qkv", "o"] * (len(layers) - 1)) * 3
     for a, b in zip(fused, separate):
         assert a.token_ids[:2] == b.token_ids[:2]
         la, lb = (next(iter(o.logprobs[1].values())).logprob for o in (a, b))  # a decode step's token
