@@ -145,8 +145,9 @@ def record_launches() -> list:
                                                                  torch.empty(full, dtype=torch.long), rotary, rotary,
                                                                  torch.empty(full, dtype=torch.long)))
                     qsl = torch.empty(17, dtype=torch.int32)
-                    paged_attention.paged_prefill_attention(q, cache, cache, tables, qsl, lens, 0.125,
-                                                            e(16, hq, head_dim), 100)
+                    for max_query_len in (100, 512):  # the short-prefill tiles (where they apply), and the default
+                        paged_attention.paged_prefill_attention(q, cache, cache, tables, qsl, lens, 0.125,
+                                                                e(16, hq, head_dim), max_query_len)
         for dtype in (torch.bfloat16, torch.float32):
             argmax.argmax_rows(torch.empty(16, 128256, dtype=dtype))
         for m in (1, 16):

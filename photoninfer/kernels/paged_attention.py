@@ -79,6 +79,14 @@ PRELOAD_MAX_HEAD_DIM = 64
 PRELOAD_MAX_ROWS = 16
 DEFAULT_BLOCK_N = 64  # keys per tile (prefill; decode picks its own: decode_tiles)
 DEFAULT_BLOCK_M = 64  # query rows per prefill program
+# a prefill of up to SHORT_PREFILL_ROWS query rows a sequence and no tile map (a lone prompt's graph) is latency-bound:
+# more programs of fewer rows, each taking 128 keys a tile (Llama-3.2-1B's 128-token prefill graph on an H100:
+# 1,633 -> 1,564 us a step; 32 x 128: 1,582; 16 x 256: 1,580; docs/benchmarks.md, fourteenth session). Only where
+# a key tile stays within SHORT_PREFILL_TILE_BYTES (measured: 64-wide bf16 heads; wider ones keep the default)
+SHORT_PREFILL_ROWS = 128
+SHORT_PREFILL_BLOCK_M = 16
+SHORT_PREFILL_BLOCK_N = 128
+SHORT_PREFILL_TILE_BYTES = 16 << 10
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU
 
 
@@ -618,10 +626,17 @@ def _paged_prefill_kernel(
                  result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
+def short_prefill_tiles(mapped: bool, max_query_len: int, head_dim: int, cache_itemsize: int) -> bool:
+    """Whether a prefill takes the short-prefill tiles: no tile map, queries of at most SHORT_PREFILL_ROWS, and a
+    key tile of SHORT_PREFILL_BLOCK_N within SHORT_PREFILL_TILE_BYTES."""
+    return (not mapped and max_query_len <= SHORT_PREFILL_ROWS
+            and SHORT_PREFILL_BLOCK_N * head_dim * cache_itemsize <= SHORT_PREFILL_TILE_BYTES)
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                             scale: float, out: torch.Tensor, max_query_len: int, *,
-                            block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
+                            block_m: Optional[int] = None, block_n: Optional[int] = None,
                             num_warps: int = 4, num_stages: int = 2,
                             tiles: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Varlen causal attention: q [T, Hq, D] rows query_start_loc[i]:query_start_loc[i+1] of sequence i
@@ -632,8 +647,15 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     `tiles` (int32 [N, 2], runner.batch.prefill_tiles with block_m's rows a tile): the grid is (N, Hq) instead, one
     program per (sequence, row block) listed and none for the rest (rows -1): a CUDA graph of many short
-    sequences then launches what its steps hold, not sequences x longest query. max_query_len is unused.
+    sequences then launches what its steps hold, not sequences x longest query. max_query_len is unused, and
+    block_m must be the map's rows a tile.
+
+    block_m and block_n default to SHORT_PREFILL_BLOCK_M x SHORT_PREFILL_BLOCK_N (short_prefill_tiles), else to
+    DEFAULT_BLOCK_M x DEFAULT_BLOCK_N.
     """
+    short = short_prefill_tiles(tiles is not None, max_query_len, q.shape[-1], k_cache.element_size())
+    block_m = block_m or (SHORT_PREFILL_BLOCK_M if short else DEFAULT_BLOCK_M)
+    block_n = block_n or (SHORT_PREFILL_BLOCK_N if short else DEFAULT_BLOCK_N)
     block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
     group = _check_q_out(q, out, num_kv_heads, head_dim)
     check_dim("query_start_loc", query_start_loc, 1)

@@ -228,9 +228,10 @@ class TritonPagedAttention:
         else:  # the RoPE kernel normalizes (Qwen3), rotates q and k in place and writes K/V
             self._rope.rope_and_cache_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache,
                                          batch.slot_mapping, *norms)
+            tiles = batch.prefill_tiles  # a mixed graph's map, of tile_rows rows a tile
             self._attention.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,
                                                     batch.seq_lens, self.scale, out, batch.max_query_len,
-                                                    block_m=self.tile_rows, tiles=batch.prefill_tiles)
+                                                    block_m=self.tile_rows if tiles is not None else None, tiles=tiles)
         return out
 
 

@@ -116,6 +116,40 @@ def test_prefill_tile_shapes_do_not_change_the_result(device):
         torch.testing.assert_close(out, batch.expected, **tolerance(torch.float32))
 
 
+def test_short_prefill_tiles_match_the_reference(device, monkeypatch):
+    """Without block sizes a short prefill takes SHORT_PREFILL_BLOCK_M x SHORT_PREFILL_BLOCK_N (a lone prompt's
+    graph): a fresh prompt and a chunk after a cached prefix longer than one key tile. Tiles held small (16 x 32)
+    so that the interpreter runs several key tiles a program."""
+    monkeypatch.setattr(paged_attention, "SHORT_PREFILL_BLOCK_N", 32)
+    assert paged_attention.short_prefill_tiles(False, 100, 64, 2)
+    assert not paged_attention.short_prefill_tiles(True, 100, 64, 2)  # a mixed graph's map: its own rows
+    assert not paged_attention.short_prefill_tiles(False, 129, 64, 2)
+    monkeypatch.setattr(paged_attention, "SHORT_PREFILL_TILE_BYTES", 32 * 64 * 2)
+    assert not paged_attention.short_prefill_tiles(False, 100, 128, 2)  # a wider head keeps the default tiles
+    batch = make_paged_batch([37, 90], [37, 21], 4, 2, 64, 16, torch.bfloat16, seed=12, device=device)
+    calls = []
+    original = paged_attention._paged_prefill_kernel
+    monkeypatch.setattr(paged_attention, "_paged_prefill_kernel", Recorded(original, calls))
+    out = poisoned(tuple(batch.q.shape), batch.q.dtype, batch.q.device)
+    paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.query_start_loc,
+                            batch.seq_lens, batch.scale, out, batch.max_query_len)
+    assert calls == [(16, 32)]
+    torch.testing.assert_close(out, batch.expected, **tolerance(torch.bfloat16))
+
+
+class Recorded:
+    """A jitted kernel whose launches record their (BLOCK_M, BLOCK_N)."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 def test_prefill_over_a_tile_map_matches_the_full_grid(device):
     """The grid a CUDA graph of many sequences launches: one program per listed (sequence, row block), rows of -1
     doing nothing; a padding sequence of no rows and tokens past the last sequence are left alone."""
