@@ -229,14 +229,13 @@ class CausalLM(nn.Module):
 
     def _decoder(self, input_ids, positions, kv_caches, meta):
         """(x, residual) after the last layer: the final norm of their sum is what forward returns."""
-        table, first = self.embed_tokens.weight, self.layers[0]
+        table, steps = self.embed_tokens.weight, zip(self.layers, kv_caches)
+        first, kv_cache = next(steps)
         if first.gathers_embedding(table, input_ids):
-            x, residual = first.forward_from_ids(table, input_ids, positions, self.rope, kv_caches[0], self.attention,
-                                                 meta)
-            start = 1
+            x, residual = first.forward_from_ids(table, input_ids, positions, self.rope, kv_cache, self.attention, meta)
         else:
-            x, residual, start = table[input_ids], None, 0
-        for layer, kv_cache in zip(self.layers[start:], kv_caches[start:]):
+            x, residual = first(table[input_ids], None, positions, self.rope, kv_cache, self.attention, meta)
+        for layer, kv_cache in steps:
             x, residual = layer(x, residual, positions, self.rope, kv_cache, self.attention, meta)
         return x, residual
 
